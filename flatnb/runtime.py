@@ -1,0 +1,87 @@
+"""Where and how a chapter runs: profile, device, cache folder, provenance.
+
+Nothing here is global state: every function takes what it needs and returns a
+value, so a chapter's parameters cell decides everything explicitly.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+PROFILES = ("quick", "full")
+
+
+def resolve_profile(profile: str, device: torch.device | str | None = None) -> str:
+    """Map ``"auto" | "quick" | "full"`` to a concrete profile.
+
+    ``auto`` means ``full`` on a CUDA device and ``quick`` elsewhere, so that a
+    Colab GPU runtime gets paper scale and a laptop or CI gets minutes.
+    """
+    if profile == "auto":
+        dev = torch.device(device) if device is not None else default_device()
+        return "full" if dev.type == "cuda" else "quick"
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be 'auto', 'quick' or 'full', got {profile!r}")
+    return profile
+
+
+def default_device() -> torch.device:
+    """The first CUDA device if there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` or ``"auto"`` picks :func:`default_device`; anything else is taken as is."""
+    if device is None or device == "auto":
+        return default_device()
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"device {device!r} was asked for but CUDA is not available; "
+            "use device='cpu' or device='auto'"
+        )
+    return dev
+
+
+def cache_dir() -> Path:
+    """Folder for decoded datasets and trained checkpoints.
+
+    ``FLATNB_CACHE`` overrides the default ``~/.cache/flatnb``; the folder is
+    shared by all chapters so that each model is trained once.
+    """
+    path = Path(os.environ.get("FLATNB_CACHE", Path.home() / ".cache" / "flatnb")).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def describe_device(device: torch.device | str) -> str:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(dev)})"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def provenance(start_time: float, profile: str, device: torch.device | str) -> str:
+    """One block of text that says how a chapter's numbers were produced."""
+    import numpy
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
+    for name in ("torchvision", "sympy", "matplotlib"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    from flatnb import __version__
+
+    versions["flatnb"] = __version__
+    lines = [
+        f"device:    {describe_device(device)}",
+        f"profile:   {profile}",
+        f"wall time: {time.time() - start_time:.1f} s",
+        "versions:  " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,65 @@
+"""Execute every chapter of ``_toc.yml`` headless with papermill, in the quick profile.
+
+Executed copies go to ``_build/executed/`` (never into ``book/``), so a failed
+run can be read there. Each chapter gets ``FLATNB_CHAPTER_CELL_TIMEOUT`` seconds
+per cell (default 1200). Set ``FLATNB_SKIP_CHAPTERS=1`` to run the unit tests only.
+"""
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from flatnb import book
+
+ROOT = book.ROOT
+OUT = ROOT / "_build" / "executed"
+CHAPTERS = book.chapters()
+
+pytestmark = [
+    pytest.mark.chapters,
+    pytest.mark.skipif(os.environ.get("FLATNB_SKIP_CHAPTERS") == "1", reason="FLATNB_SKIP_CHAPTERS=1"),
+]
+
+
+def test_toc_lists_chapters_and_each_has_a_parameters_cell():
+    assert CHAPTERS, "_toc.yml lists no notebook"
+    for chapter in CHAPTERS:
+        nb = json.loads(chapter.read_text())
+        tagged = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+        assert len(tagged) == 1, f"{chapter.name}: needs exactly one cell tagged 'parameters'"
+        assert "profile" in "".join(tagged[0]["source"]), f"{chapter.name}: parameters cell must set `profile`"
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.stem for c in CHAPTERS])
+def test_chapter_executes_in_quick_profile(chapter: Path):
+    timeout = int(os.environ.get("FLATNB_CHAPTER_CELL_TIMEOUT", "1200"))
+    output = OUT / chapter.name
+    try:
+        seconds = book.execute(chapter, output, {"profile": "quick"}, cell_timeout=timeout)
+    except book.ChapterFailure as failure:
+        pytest.fail(str(failure), pytrace=False)
+    print(f"{chapter.name}: {seconds:.0f} s")
+    executed = json.loads(output.read_text())
+    injected = [c for c in executed["cells"] if "injected-parameters" in c.get("metadata", {}).get("tags", [])]
+    assert injected and "quick" in "".join(injected[0]["source"])
+
+
+def test_a_failing_chapter_is_reported_with_its_cell_and_error(tmp_path):
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    nb = new_notebook(cells=[
+        new_code_cell('profile = "auto"', metadata={"tags": ["parameters"]}),
+        new_code_cell("x = 1"),
+        new_code_cell("assert x == 2, 'the maths broke'"),
+    ])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    src = tmp_path / "broken.ipynb"
+    nbformat.write(nb, src)
+    with pytest.raises(book.ChapterFailure) as info:
+        book.execute(src, tmp_path / "out" / "broken.ipynb", {"profile": "quick"}, cell_timeout=120)
+    message = str(info.value)
+    assert "broken.ipynb" in message and "AssertionError: the maths broke" in message
+    # the executed copy numbers cells after papermill's injected-parameters cell
+    assert "cell In [4]" in message
