@@ -1,0 +1,185 @@
+"""Benchmark of flatnb.attacks against torchattacks, side by side in one run.
+
+    python benchmarks/attacks.py --device cpu --n 64 --width 16 --repeats 5
+
+Rows (same model, same inputs, PGD-ℓ∞ eps 8/255, step 2/255, 10 steps, no random start):
+  torchattacks PGD (attack only, and attack + the forward pass that robust accuracy needs),
+  flatnb pgd (its result already holds success/robust accuracy), flatnb pgd with
+  record=True, and on CUDA flatnb pgd with bf16 autocast + channels_last.
+Targets (issue 6): flatnb/torchattacks images/s >= 1.0 on the CPU and >= 2 with
+bf16 + channels_last on a GPU, bf16 robust accuracy within 0.5 points of fp32,
+recording <= 1.05x the time of plain PGD.  Methods are interleaved within every
+repeat (after a warm-up) and the median is reported, so load from other jobs
+hits all rows alike.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flatnb import attacks  # noqa: E402
+from flatnb.runtime import describe_device, resolve_device  # noqa: E402
+
+
+class _LocalResNet(nn.Module):
+    """Fallback ResNet-like model following the flatnb contract (used only if flatnb.models is missing)."""
+
+    def __init__(self, width: int, k: int = 10):
+        super().__init__()
+
+        def block(i, o, s):
+            return nn.Sequential(nn.Conv2d(i, o, 3, s, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU())
+
+        self.body = nn.Sequential(block(3, width, 1), block(width, width, 1), block(width, 2 * width, 2),
+                                  block(2 * width, 4 * width, 2), block(4 * width, 8 * width, 2),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(8 * width, k)
+
+    def features(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def load_model(width: int):
+    try:
+        from flatnb import models
+
+        return models.build("resnet18", 10, width=width), f"flatnb.models resnet18 width={width} (random init)"
+    except (ImportError, AttributeError) as e:
+        return _LocalResNet(width), f"FALLBACK local ResNet-like width={width} (random init; {e})"
+
+
+def load_inputs(n: int):
+    try:
+        from flatnb import data
+
+        ds = data.load("cifar10", "test")
+        return ds.images[:n].float() / 255, ds.labels[:n].clone(), f"CIFAR-10 test, first {n}"
+    except Exception as e:  # noqa: BLE001 - any failure falls back, labelled in the table
+        g = torch.Generator().manual_seed(0)
+        return (torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g),
+                f"FALLBACK random inputs n={n} ({type(e).__name__}: {e})")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=64, help="number of images")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--width", type=int, default=16, help="ResNet-18 base width (paper: 64)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads (shared machine: keep it small)")
+    args = ap.parse_args(argv)
+
+    import torchattacks
+
+    dev = resolve_device(args.device)
+    if dev.type == "cpu":
+        torch.set_num_threads(args.threads)
+    eps, alpha, steps = 8 / 255, 2 / 255, args.steps
+    model, model_desc = load_model(args.width)
+    model = model.to(dev).eval()
+    x, y, data_desc = load_inputs(args.n)
+    x, y = x.to(dev), y.to(dev)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    ta = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=False)
+    out = {}
+
+    def run_ta():
+        out["ta"] = ta(x, y)
+
+    def run_ta_eval():
+        xa = ta(x, y)
+        with torch.no_grad():
+            out["ta_acc"] = (model(xa).argmax(1) == y).float().mean()  # stays on the device
+
+    def run_ours():
+        out["ours"] = attacks.pgd(model, x, y, eps, steps, alpha, warn=False)
+
+    def run_rec():
+        out["rec"] = attacks.pgd(model, x, y, eps, steps, alpha, record=True, warn=False)
+
+    methods = {
+        "torchattacks PGD (attack only)": run_ta,
+        "torchattacks PGD + robust-acc forward": run_ta_eval,
+        "flatnb pgd fp32": run_ours,
+        "flatnb pgd fp32 record=True": run_rec,
+    }
+    if dev.type == "cuda":
+        model_cl = model.to(memory_format=torch.channels_last)  # same parameters (in place)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+
+        def run_bf16():
+            out["bf16"] = attacks.pgd(model_cl, x_cl, y, eps, steps, alpha, autocast_dtype=torch.bfloat16, warn=False)
+
+        methods["flatnb pgd bf16 + channels_last"] = run_bf16
+
+    times = {k: [] for k in methods}
+    for fn in methods.values():  # warm-up (allocator, cuDNN/oneDNN kernel choice)
+        fn()
+        sync()
+    for _ in range(args.repeats):
+        for name, fn in methods.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+
+    # correctness side by side: same iterates as torchattacks, recording changes nothing
+    diff = (out["ours"].x_last - out["ta"]).abs().max().item()
+    rec_same = torch.equal(out["ours"].x_adv, out["rec"].x_adv)
+    acc = {
+        "torchattacks PGD + robust-acc forward": float(out["ta_acc"]) * 100,
+        "flatnb pgd fp32": out["ours"].robust_accuracy() * 100,
+        "flatnb pgd fp32 record=True": out["rec"].robust_accuracy() * 100,
+    }
+    if "bf16" in out:
+        acc["flatnb pgd bf16 + channels_last"] = out["bf16"].robust_accuracy() * 100
+
+    print(f"device: {describe_device(dev)}   torch {torch.__version__}   torchattacks {torchattacks.__version__}")
+    print(f"model:  {model_desc}")
+    print(f"inputs: {data_desc}")
+    print(f"attack: PGD-linf eps=8/255 step=2/255 steps={steps}, no random start; "
+          f"median of {args.repeats} repeats after warm-up")
+    print(f"clean accuracy: {out['ours'].clean_accuracy() * 100:.1f} %")
+    print()
+    print(f"{'method':42s} {'median s':>9s} {'images/s':>9s} {'robust acc %':>13s}")
+    for name in methods:
+        a = f"{acc[name]:.1f}" if name in acc else "-"
+        print(f"{name:42s} {med[name]:9.4f} {args.n / med[name]:9.1f} {a:>13s}")
+    print()
+    base = med["torchattacks PGD (attack only)"]
+    base_eval = med["torchattacks PGD + robust-acc forward"]
+    ours = med["flatnb pgd fp32"]
+    print("ratios (side by side, this run)")
+    print(f"  flatnb/torchattacks images/s, attack only      {base / ours:6.3f}x   (target >= 1.0 on CPU)")
+    print(f"  flatnb/torchattacks images/s, with robust acc  {base_eval / ours:6.3f}x")
+    print(f"  record=True time / plain flatnb time           {med['flatnb pgd fp32 record=True'] / ours:6.3f}x   "
+          "(target <= 1.05)")
+    if "bf16" in out:
+        bf = med["flatnb pgd bf16 + channels_last"]
+        print(f"  bf16+channels_last vs torchattacks images/s    {base / bf:6.3f}x   (target >= 2)")
+        print(f"  bf16 - fp32 robust accuracy (points)           "
+              f"{acc['flatnb pgd bf16 + channels_last'] - acc['flatnb pgd fp32']:+6.2f}   (target |.| <= 0.5)")
+    print(f"  max |x_last(flatnb) - x(torchattacks)|         {diff:.2e}")
+    print(f"  record=True gives the same x_adv               {rec_same}")
+
+
+if __name__ == "__main__":
+    main()
