@@ -1,0 +1,356 @@
+"""The paper's theory made executable: the lemma, Lipschitz constants, the local bound.
+
+PAPER.md §4.2-4.4.  Notation: ``phi`` (N, m) features, ``w`` (k, m) last-layer
+weight, ``p = softmax(w phi + b)``, ``L`` a Lipschitz constant of ``phi`` on the
+ball ``B_delta(x)``, ``r = ||phi(x)||``.
+
+* :func:`householder_lemma` - ``phi(xi) = phi(x) + Delta A phi(x)`` with ``A`` an
+  orthogonal Householder reflection (§4.2), so an input perturbation *is* a
+  last-layer weight perturbation ``w -> w + Delta w A``.
+* :func:`local_lipschitz` / :func:`global_lipschitz` - estimates of ``L``.
+* :func:`bound_coefficients`, :func:`local_bound`, :func:`robust_radius` - the
+  fully explicit bound of §4.3 [D] (first, second and third order terms) and the
+  largest radius it certifies; :func:`quadratic_radius` and :func:`cubic_cap` are
+  the two regimes of §4.4.
+* :func:`reported_bound` - the form reported for the paper with its
+  **unconfirmed constants** ([S] in PAPER.md); for comparison only.
+
+The bound is explanatory, not a certificate for realistic ``L`` (PAPER.md §6.11).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from flatnb.flatness import kappa_layerwise, kappa_neuronwise
+
+Tensor = torch.Tensor
+
+
+# ---------------------------------------------------------------------------
+# Lemma (§4.2)
+# ---------------------------------------------------------------------------
+
+
+class Lemma(NamedTuple):
+    """``delta`` (N,) and Householder vectors ``u`` (N, m) with ``A = I - 2 u u^T``.
+
+    ``u`` is a unit vector, or zero where ``A = I`` already works.
+    """
+
+    delta: Tensor
+    u: Tensor
+
+
+def householder_lemma(phi_x: Tensor, phi_xi: Tensor) -> Lemma:
+    """Scale ``Delta`` and reflection ``A`` with ``phi(xi) = phi(x) + Delta A phi(x)``.
+
+    ``v = phi(xi) - phi(x)``, ``Delta = ||v|| / ||phi(x)||`` and ``A`` maps the unit
+    vector of ``phi(x)`` to the unit vector of ``v`` (``u`` along their difference).
+    Batched over rows; a single vector (m,) is accepted too.  ``phi(x) = 0``
+    raises: the lemma needs ``||phi(x)|| >= r > 0``.
+    """
+    single = phi_x.dim() == 1
+    px, pxi = (phi_x.unsqueeze(0), phi_xi.unsqueeze(0)) if single else (phi_x, phi_xi)
+    if px.dim() != 2 or px.shape != pxi.shape:
+        raise ValueError(f"phi_x and phi_xi must both have shape (N, m) or (m,), got {tuple(phi_x.shape)} and {tuple(phi_xi.shape)}")
+    norm_x = px.norm(dim=1)
+    if not bool((norm_x > 0).all()):
+        raise ValueError("phi(x) = 0 for some sample: the lemma needs ||phi(x)|| >= r > 0")
+    v = pxi - px
+    norm_v = v.norm(dim=1)
+    delta = norm_v / norm_x
+    phi_hat = px / norm_x[:, None]
+    v_hat = torch.where(norm_v[:, None] > 0, v / norm_v.clamp_min(torch.finfo(v.dtype).tiny)[:, None], phi_hat)
+    diff = phi_hat - v_hat
+    dn = diff.norm(dim=1, keepdim=True)
+    # phi_hat == v_hat (to rounding): A = I is exact up to that rounding
+    u = torch.where(dn > 64 * torch.finfo(v.dtype).eps, diff / dn.clamp_min(torch.finfo(v.dtype).tiny), torch.zeros_like(diff))
+    if single:
+        return Lemma(delta[0], u[0])
+    return Lemma(delta, u)
+
+
+def apply_householder(u: Tensor, v: Tensor) -> Tensor:
+    """``A v = v - 2 u (u . v)`` row by row, without forming ``A`` (O(m) per sample)."""
+    return v - 2 * u * (u * v).sum(-1, keepdim=True)
+
+
+def householder_matrix(u: Tensor) -> Tensor:
+    """Dense ``A = I - 2 u u^T``, (N, m, m) or (m, m); only for small ``m``."""
+    eye = torch.eye(u.shape[-1], dtype=u.dtype, device=u.device)
+    return eye - 2 * u.unsqueeze(-1) * u.unsqueeze(-2)
+
+
+# ---------------------------------------------------------------------------
+# Lipschitz constants of phi
+# ---------------------------------------------------------------------------
+
+
+def local_lipschitz(fn, x: Tensor, n_iter: int = 50, generator: torch.Generator | None = None) -> Tensor:
+    """Per-sample ``||J_phi(x)||_2`` by power iteration on ``J^T J`` (jvp then vjp), (N,).
+
+    ``fn`` maps a batch (N, ...) to (N, m) with samples independent (eval mode).
+    This is the local Lipschitz constant at ``x`` (for piecewise-linear ``phi``:
+    on ``x``'s linear region); it converges from below.
+    """
+    x = x.detach()
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    v = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+    v = v / v.flatten(1).norm(dim=1).view(shape)
+    _, vjp_fn = torch.func.vjp(fn, x)
+    sigma = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
+    tiny = torch.finfo(x.dtype).tiny
+    for _ in range(n_iter):
+        jv = torch.func.jvp(fn, (x,), (v,))[1]
+        sigma = jv.flatten(1).norm(dim=1)
+        (w,) = vjp_fn(jv)
+        v = w / w.flatten(1).norm(dim=1).clamp_min(tiny).view(shape)
+    return sigma
+
+
+_ONE_LIPSCHITZ = (nn.ReLU, nn.Tanh, nn.Identity, nn.Flatten, nn.ELU, nn.Hardtanh, nn.ReLU6, nn.Softsign)
+_HANDLED = (
+    "nn.Sequential (nested) of: Linear, Conv1d/Conv2d (zero padding), BatchNorm1d/2d in eval mode, "
+    "ReLU, ReLU6, LeakyReLU, ELU (alpha<=1), Tanh, Sigmoid, Hardtanh, Softsign, Identity, Flatten, "
+    "Dropout (eval), MaxPool2d, AvgPool2d, AdaptiveAvgPool2d"
+)
+
+
+def _operator_norm(op, x_shape, like: Tensor, n_iter: int, generator) -> Tensor:
+    """``||op||_2`` of a linear map by power iteration on ``op^T op`` (adjoint via vjp)."""
+    v = torch.randn((1, *x_shape), device=like.device, dtype=like.dtype, generator=generator)
+    v = v / v.norm()
+    # op is linear: one graph, replayed backwards, is its adjoint
+    v0 = torch.zeros_like(v).requires_grad_(True)
+    with torch.enable_grad():
+        out0 = op(v0)
+    sigma = torch.zeros((), device=like.device, dtype=like.dtype)
+    for _ in range(n_iter):
+        out = op(v)
+        sigma = out.norm()
+        (w,) = torch.autograd.grad(out0, v0, out, retain_graph=True)
+        v = w / w.norm().clamp_min(torch.finfo(like.dtype).tiny)
+    return sigma
+
+
+def _pool_windows(kernel, stride) -> int:
+    k = nn.modules.utils._pair(kernel)
+    s = nn.modules.utils._pair(stride if stride is not None else kernel)
+    return math.ceil(k[0] / s[0]) * math.ceil(k[1] / s[1])
+
+
+def global_lipschitz(
+    module: nn.Module, input_shape, n_iter: int = 100, generator: torch.Generator | None = None
+) -> Tensor:
+    """Upper bound on the l2 Lipschitz constant: the product of the layers' constants (0-dim tensor).
+
+    ``module`` must be an ``nn.Sequential`` (nested allowed) of the layers in
+    ``_HANDLED``; anything else (residual blocks, attention, custom modules) raises
+    ``TypeError`` because a product of layer norms is then not a bound.
+    ``input_shape`` is one sample's shape (no batch dim), needed for convolutions.
+    Linear layers use the exact spectral norm; convolutions a power iteration on
+    the conv operator (``n_iter`` steps; it converges from below, so use enough).
+    """
+    like = next(module.parameters(), torch.zeros(()))
+    x = torch.zeros((1, *input_shape), device=like.device, dtype=like.dtype)
+    total = torch.ones((), device=like.device, dtype=like.dtype)
+
+    def layers(mod, prefix):
+        if isinstance(mod, nn.Sequential):
+            for name, child in mod.named_children():
+                yield from layers(child, f"{prefix}.{name}" if prefix else name)
+        else:
+            yield prefix, mod
+
+    with torch.no_grad():
+        for name, layer in layers(module, ""):
+            if isinstance(layer, nn.Linear):
+                c = torch.linalg.matrix_norm(layer.weight.detach(), ord=2)
+            elif isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+                if layer.padding_mode != "zeros":
+                    raise TypeError(f"layer {name}: only zero padding is handled, got {layer.padding_mode!r}")
+                conv = F.conv1d if isinstance(layer, nn.Conv1d) else F.conv2d
+                weight = layer.weight.detach()
+
+                def op(v, conv=conv, layer=layer, weight=weight):
+                    return conv(v, weight, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+                with torch.enable_grad():
+                    c = _operator_norm(op, x.shape[1:], like, n_iter, generator)
+            elif isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                if layer.training or layer.running_var is None:
+                    raise ValueError(f"layer {name}: BatchNorm must be in eval mode with running stats (model.eval())")
+                scale = 1 / torch.sqrt(layer.running_var + layer.eps)
+                if layer.weight is not None:
+                    scale = scale * layer.weight.detach()
+                c = scale.abs().max()
+            elif isinstance(layer, nn.ELU) and layer.alpha > 1:
+                c = torch.tensor(float(layer.alpha))
+            elif isinstance(layer, _ONE_LIPSCHITZ) or (isinstance(layer, nn.modules.dropout._DropoutNd) and not layer.training):
+                c = torch.ones(())
+            elif isinstance(layer, nn.LeakyReLU):
+                c = torch.tensor(max(1.0, abs(layer.negative_slope)))
+            elif isinstance(layer, nn.Sigmoid):
+                c = torch.tensor(0.25)
+            elif isinstance(layer, nn.MaxPool2d):
+                if layer.dilation not in (1, (1, 1)):
+                    raise TypeError(f"layer {name}: dilated max pooling is not handled")
+                # each input lies in at most c windows: ||maxpool(a)-maxpool(b)||^2 <= c ||a-b||^2
+                c = torch.tensor(math.sqrt(_pool_windows(layer.kernel_size, layer.stride)))
+            elif isinstance(layer, nn.AvgPool2d):
+                ks = nn.modules.utils._pair(layer.kernel_size)
+                c = torch.tensor(math.sqrt(_pool_windows(layer.kernel_size, layer.stride) / (ks[0] * ks[1])))
+            elif isinstance(layer, nn.AdaptiveAvgPool2d):
+                c = torch.ones(())  # averaging over (possibly overlapping) windows; 1 is a safe bound
+            else:
+                raise TypeError(
+                    f"layer {name or '<root>'} ({type(layer).__name__}) is not handled by global_lipschitz; "
+                    f"handled: {_HANDLED}"
+                )
+            total = total * c.to(total)
+            x = layer(x)
+    return total
+
+
+# ---------------------------------------------------------------------------
+# The explicit local bound (§4.3) and the robust radius (§4.4)
+# ---------------------------------------------------------------------------
+
+_C3 = math.sqrt(2) / 12  # third-order constant: |kappa_3| <= range^3 / 4, range <= sqrt(2) ||u||
+
+
+class BoundCoefficients(NamedTuple):
+    """Per-sample coefficients (N,) of ``delta``, ``delta^2``, ``delta^3`` in the explicit bound."""
+
+    first: Tensor  # sqrt(2) (1 - p_y) ||w||_op L
+    second: Tensor  # L^2 kappa / (2 r^2)
+    third: Tensor  # sqrt(2)/12 ||w||_op^3 L^3
+
+
+class BoundTerms(NamedTuple):
+    """The bound at one radius: each term (N,) and their sum."""
+
+    first: Tensor
+    second: Tensor
+    third: Tensor
+    total: Tensor
+
+
+def _one_minus_py(probs: Tensor, labels: Tensor) -> Tensor:
+    # sum of the other classes' probabilities: no cancellation when p_y -> 1
+    return probs.scatter(1, labels[:, None], 0.0).sum(1)
+
+
+def bound_coefficients(
+    phi: Tensor,
+    logits: Tensor,
+    labels: Tensor,
+    weight: Tensor,
+    lipschitz,
+    r: Tensor | None = None,
+    kappa: str = "neuron",
+) -> BoundCoefficients:
+    """Coefficients of the explicit local bound of PAPER.md §4.3 [D], per sample.
+
+    For ``||xi - x|| <= delta`` and ``phi`` ``L``-Lipschitz on that ball:
+    ``loss(xi) - loss(x) <= first*delta + second*delta^2 + third*delta^3`` with
+    ``first = sqrt2 (1-p_y) ||w||_op L``, ``second = L^2 kappa(w;x) / (2 r^2)``,
+    ``third = sqrt2/12 ||w||_op^3 L^3``.  No local-minimum assumption.
+    ``kappa``: ``"neuron"`` (``kappa^phi_Tr``, tighter) or ``"layer"`` (``||w||_F^2 Tr H``);
+    both are valid.  ``r`` defaults to ``||phi(x)||`` (the tightest); a given ``r``
+    must not exceed it.  ``lipschitz``: scalar or (N,) tensor (e.g. a global bound).
+    """
+    if phi.dim() != 2 or logits.dim() != 2 or logits.shape[0] != phi.shape[0]:
+        raise ValueError(f"phi must be (N, m) and logits (N, k) with the same N, got {tuple(phi.shape)} and {tuple(logits.shape)}")
+    if labels.shape != (phi.shape[0],):
+        raise ValueError(f"labels must have shape ({phi.shape[0]},), got {tuple(labels.shape)}")
+    if weight.shape != (logits.shape[1], phi.shape[1]):
+        raise ValueError(f"weight must have shape (k, m) = {(logits.shape[1], phi.shape[1])}, got {tuple(weight.shape)}")
+    if not bool(torch.isfinite(logits).all()):
+        raise FloatingPointError("logits contain NaN or inf; the bound would be NaN")
+    probs = torch.softmax(logits, dim=1)
+    phi_norm = phi.norm(dim=1)
+    if r is None:
+        r = phi_norm
+    else:
+        r = torch.as_tensor(r, dtype=phi.dtype, device=phi.device)
+        if bool((r > phi_norm * (1 + 1e-12)).any()):
+            raise ValueError("r must satisfy r <= ||phi(x)|| for every sample")
+    if not bool((r > 0).all()):
+        raise ValueError("r must be > 0 (the lemma needs ||phi(x)|| >= r > 0)")
+    if kappa == "neuron":
+        kap = kappa_neuronwise(phi, probs, weight)
+    elif kappa == "layer":
+        kap = kappa_layerwise(phi, probs, weight, squared=True)
+    else:
+        raise ValueError(f"kappa must be 'neuron' or 'layer', got {kappa!r}")
+    lip = torch.as_tensor(lipschitz, dtype=phi.dtype, device=phi.device)
+    w_op = torch.linalg.matrix_norm(weight.to(phi.dtype), ord=2)
+    return BoundCoefficients(
+        first=math.sqrt(2) * _one_minus_py(probs, labels) * w_op * lip,
+        second=lip**2 * kap / (2 * r**2),
+        third=(_C3 * (w_op * lip) ** 3).expand(phi.shape[0]).clone() if lip.dim() == 0 else _C3 * (w_op * lip) ** 3,
+    )
+
+
+def local_bound(coeffs: BoundCoefficients, delta) -> BoundTerms:
+    """The bound's three terms and their sum at radius ``delta`` (scalar or (N,))."""
+    d = torch.as_tensor(delta, dtype=coeffs.first.dtype, device=coeffs.first.device)
+    if bool((d < 0).any()):
+        raise ValueError("delta must be >= 0")
+    a, b, c = coeffs.first * d, coeffs.second * d**2, coeffs.third * d**3
+    return BoundTerms(first=a, second=b, third=c, total=a + b + c)
+
+
+def robust_radius(coeffs: BoundCoefficients, eps, n_iter: int = 200) -> Tensor:
+    """Largest ``delta`` with bound(delta) <= eps, per sample (N,): the positive root of
+    ``third d^3 + second d^2 + first d = eps`` (the left side increases in ``d``).
+
+    Solved by bisection on the device (no host sync); ``inf`` where all coefficients are 0.
+    """
+    eps_t = torch.as_tensor(eps, dtype=coeffs.first.dtype, device=coeffs.first.device)
+    if bool((eps_t <= 0).any()):
+        raise ValueError("eps must be > 0")
+    a, b, c = coeffs
+    # each nonzero term alone caps the root: bound(d) <= eps needs a d <= eps, b d^2 <= eps, c d^3 <= eps
+    inf = torch.full_like(a, float("inf"))
+    hi = torch.minimum(torch.where(a > 0, eps_t / a, inf), torch.where(b > 0, (eps_t / b).sqrt(), inf))
+    hi = torch.minimum(hi, torch.where(c > 0, (eps_t / c) ** (1 / 3), inf))
+    lo = torch.zeros_like(hi)
+    top = torch.where(torch.isfinite(hi), hi, torch.zeros_like(hi))
+    for _ in range(n_iter):
+        mid = (lo + top) / 2
+        ok = a * mid + b * mid**2 + c * mid**3 <= eps_t
+        lo = torch.where(ok, mid, lo)
+        top = torch.where(ok, top, mid)
+    return torch.where(torch.isfinite(hi), lo, hi)
+
+
+def quadratic_radius(kappa: Tensor, lipschitz, r: Tensor, eps) -> Tensor:
+    """``r sqrt(2 eps) / (L sqrt(kappa))``: the radius when the quadratic term dominates (§4.4)."""
+    return r * math.sqrt(2 * eps) / (torch.as_tensor(lipschitz, dtype=kappa.dtype, device=kappa.device) * kappa.sqrt())
+
+
+def cubic_cap(weight: Tensor, lipschitz, eps) -> Tensor:
+    """``(12 eps / (sqrt2 ||w||_op^3 L^3))^(1/3)``: the cap from the cubic term, independent of kappa (§4.4)."""
+    w_op = torch.linalg.matrix_norm(weight, ord=2)
+    lip = torch.as_tensor(lipschitz, dtype=weight.dtype, device=weight.device)
+    return (12 * eps / (math.sqrt(2) * w_op**3 * lip**3)) ** (1 / 3)
+
+
+def reported_bound(kappa: Tensor, lipschitz, r: Tensor, k: int, m: int, delta) -> BoundTerms:
+    """**Unconfirmed constants** ([S] in PAPER.md §4.3): the bound as reported for the paper,
+    ``delta^2 L^2 kappa / (2 r^2) + delta^3 k m L^6 / (24 r^3)``, at a local minimum
+    (no first-order term).  The ``L^6`` looks dimensionally wrong; use
+    :func:`bound_coefficients` for a proven bound.  Returned with ``first = 0``.
+    """
+    lip = torch.as_tensor(lipschitz, dtype=kappa.dtype, device=kappa.device)
+    d = torch.as_tensor(delta, dtype=kappa.dtype, device=kappa.device)
+    second = d**2 * lip**2 * kappa / (2 * r**2)
+    third = d**3 * k * m * lip**6 / (24 * r**3)
+    return BoundTerms(first=torch.zeros_like(second), second=second, third=third, total=second + third)
