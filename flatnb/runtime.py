@@ -58,6 +58,28 @@ def cache_dir() -> Path:
     return path
 
 
+def atomic_save(obj, path: Path) -> None:
+    """``torch.save`` to a temp file in the same folder, then ``os.replace``.
+
+    A reader never sees a half-written cache or checkpoint: an interrupted
+    write leaves the previous file (or none) in place.
+    """
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; caches are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def describe_device(device: torch.device | str) -> str:
     dev = torch.device(device)
     if dev.type == "cuda":

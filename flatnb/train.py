@@ -1,0 +1,419 @@
+"""Training with the paper's recipe, a shared checkpoint cache, and evaluation helpers.
+
+Recipes (PAPER §5): ``standard`` (SGD momentum 0.9, lr 0.1, weight decay 1e-4,
+cosine schedule, batch 128, crop+flip), ``pgd_at`` (ℓ∞ PGD-AT, 8/255, 10 steps of
+2/255, loss ``α·CE(clean) + (1-α)·CE(adv)``, α = 0 by default) and ``trades``
+(β = 6). Optional label smoothing and SAM (both off by default: they change
+confidence, hence κ; PAPER §6.10).
+
+Checkpoints live in ``cache_dir()/checkpoints``, keyed by a hash of the whole
+:class:`TrainConfig` plus the training data's content digest, so every chapter
+shares one trained model per configuration. A checkpoint is written atomically
+after every epoch; an interrupted run resumes from the last finished epoch and,
+on the CPU, ends bit-identical to an uninterrupted one (per-epoch seeds).
+
+On CUDA: bf16 autocast and channels_last; on the CPU: float32.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from flatnb import data as fdata
+from flatnb import models as fmodels
+from flatnb.runtime import atomic_save, cache_dir, resolve_device
+
+RECIPES = ("standard", "pgd_at", "trades")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a trained model (all of it goes into the checkpoint key)."""
+
+    arch: str = "resnet18"
+    dataset: str = "cifar10"
+    recipe: str = "standard"
+    epochs: int = 100
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+    batch_size: int = 128
+    schedule: str = "cosine"  # "cosine" (per step, after warmup) or "constant"
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    sam_rho: float = 0.0  # > 0 enables SAM (Foret et al. 2021)
+    augment: bool = True  # random crop (pad 4) + horizontal flip
+    n_train: int | None = None  # seeded random subset of the training set (None = all)
+    num_classes: int | None = None  # keep only the first k classes (Tiny ImageNet quick profile)
+    width: int | None = None  # ResNet-18 / VGG width multiplier (None = model default)
+    model_kw: tuple = ()  # extra build() kwargs as sorted (key, value) pairs
+    eps: float = 8 / 255  # adversarial training: ℓ∞ radius
+    pgd_steps: int = 10
+    pgd_step_size: float = 2 / 255
+    pgd_random_start: bool = True
+    at_alpha: float = 0.0  # pgd_at: weight of the clean loss
+    trades_beta: float = 6.0
+    seed: int = 0
+    profile: str = "custom"
+
+    def __post_init__(self):
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
+        if self.arch not in fmodels.MODELS:
+            raise ValueError(f"arch must be one of {fmodels.MODELS}, got {self.arch!r}")
+        if self.dataset not in fdata.DATASETS:
+            raise ValueError(f"dataset must be one of {fdata.DATASETS}, got {self.dataset!r}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
+
+    def key(self, data_digest: str = "") -> str:
+        """Hash of the whole configuration plus the training data's identity."""
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str) + "|" + data_digest
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def n_classes(self) -> int:
+        return self.num_classes or fdata.NUM_CLASSES[self.dataset]
+
+    @property
+    def image_size(self) -> int:
+        return 64 if self.dataset == "tinyimagenet" else 32
+
+
+# Quick profile: minutes on 2 CPU cores, clearly above chance. Measured on a shared
+# 2-core CPU: ResNet-18 width 16, 10k CIFAR-10 images, 8 epochs → see the report in
+# benchmarks/train.py. Larger batch + higher peak lr with warmup trains faster per
+# wall second on a CPU; label smoothing stays off (it changes confidence).
+_QUICK = {
+    ("standard", "cifar10"): dict(epochs=4, n_train=10_000, width=16, batch_size=128, lr=0.2, warmup_epochs=1,
+                                  weight_decay=5e-4),
+    ("standard", "cifar100"): dict(epochs=8, n_train=20_000, width=16, batch_size=128, lr=0.2, warmup_epochs=1,
+                                   weight_decay=5e-4),
+    ("standard", "tinyimagenet"): dict(epochs=6, num_classes=20, width=16, batch_size=128, lr=0.2,
+                                       warmup_epochs=1, weight_decay=5e-4),
+    ("pgd_at", "cifar10"): dict(epochs=5, n_train=5_000, width=16, batch_size=128, lr=0.1, warmup_epochs=1,
+                                weight_decay=5e-4, pgd_steps=3, pgd_step_size=3 / 255),
+    ("trades", "cifar10"): dict(epochs=5, n_train=5_000, width=16, batch_size=128, lr=0.1, warmup_epochs=1,
+                                weight_decay=5e-4, pgd_steps=3, pgd_step_size=3 / 255),
+}
+
+
+def config_for(arch: str, dataset: str, recipe: str = "standard", profile: str = "quick", seed: int = 0) -> TrainConfig:
+    """The configuration of a profile.
+
+    ``full``: the paper's recipe (100 epochs, SGD 0.9, lr 0.1, wd 1e-4, cosine,
+    batch 128, crop+flip, full width; AT: PGD-10 8/255 step 2/255; TRADES β = 6).
+    ``quick``: a few minutes on 2 CPU cores — a seeded subset, ResNet/VGG width 16,
+    a short warmup+cosine schedule and weight decay 5e-4 (helps short runs);
+    adversarial recipes use 3 PGD steps of 3/255 during training.
+    """
+    if profile == "full":
+        return TrainConfig(arch=arch, dataset=dataset, recipe=recipe, epochs=100, seed=seed, profile="full")
+    if profile != "quick":
+        raise ValueError(f"profile must be 'quick' or 'full' (resolve 'auto' with flatnb.runtime.resolve_profile), got {profile!r}")
+    kw = dict(_QUICK.get((recipe, dataset)) or _QUICK.get((recipe, "cifar10")) or _QUICK[("standard", dataset)])
+    if dataset == "tinyimagenet" and recipe != "standard":
+        kw["num_classes"] = 20
+        kw.pop("n_train", None)
+    if arch not in ("resnet18", "vgg11_bn"):
+        kw.pop("width", None)
+    if arch.startswith("vit"):
+        kw.update(lr=1e-3 * kw["batch_size"] / 128, weight_decay=0.05)  # SGD at lr 0.2 diverges for ViTs
+        kw["model_kw"] = (("depth", 6),)
+    return TrainConfig(arch=arch, dataset=dataset, recipe=recipe, seed=seed, profile="quick", **kw)
+
+
+# ----------------------------------------------------------------------------- pieces
+
+def build_model(config: TrainConfig) -> nn.Module:
+    """The untrained model of ``config`` (seeded init), normalising with the dataset's statistics."""
+    mean, std = fdata.MEAN_STD[config.dataset]
+    kw = dict(config.model_kw)
+    if config.width is not None:
+        kw["width"] = config.width
+    torch.manual_seed(config.seed)
+    return fmodels.build(config.arch, config.n_classes, image_size=config.image_size, mean=mean, std=std, **kw)
+
+
+def training_data(config: TrainConfig, root=None) -> fdata.Dataset:
+    ds = fdata.load(config.dataset, "train", root=root)
+    if config.num_classes is not None or config.n_train is not None:
+        ds = fdata.subset(ds, n=config.n_train, seed=config.seed, num_classes=config.num_classes)
+    return ds
+
+
+def test_data(config: TrainConfig, root=None) -> fdata.Dataset:
+    """The test split matching ``config`` (same class subset)."""
+    ds = fdata.load(config.dataset, "test", root=root)
+    if config.num_classes is not None:
+        ds = fdata.subset(ds, num_classes=config.num_classes)
+    return ds
+
+
+def _pgd_linf(model, x, y, eps, step, steps, random_start, generator, loss_fn=None):
+    """Minimal ℓ∞ PGD for training (private; flatnb.attacks is the public one).
+
+    Maximises ``loss_fn(model(x_adv), y)`` (default CE) by signed gradient steps,
+    projecting onto the ε-ball and [0, 1]. Model mode is left to the caller.
+    """
+    loss_fn = loss_fn or (lambda logits, t: F.cross_entropy(logits, t))
+    x_adv = x.detach().clone()
+    if random_start:
+        noise = torch.rand(x.shape, generator=generator).to(x.device) * 2 - 1
+        x_adv = (x_adv + eps * noise).clamp_(0, 1)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        loss = loss_fn(model(x_adv), y)
+        (g,) = torch.autograd.grad(loss, x_adv)
+        x_adv = x_adv.detach() + step * g.sign()
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0, 1)
+    return x_adv.detach()
+
+
+def _loss(model, x, y, config: TrainConfig, generator, autocast):
+    """Training loss and logits of the recipe (logits for the running accuracy)."""
+    if config.recipe == "standard":
+        with autocast():
+            logits = model(x)
+            return F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing), logits
+    if config.recipe == "pgd_at":
+        model.eval()  # frozen BN statistics while crafting (as in most AT code)
+        with autocast():
+            x_adv = _pgd_linf(model, x, y, config.eps, config.pgd_step_size, config.pgd_steps,
+                              config.pgd_random_start, generator)
+        model.train()
+        with autocast():
+            logits_adv = model(x_adv)
+            loss = F.cross_entropy(logits_adv.float(), y, label_smoothing=config.label_smoothing)
+            if config.at_alpha > 0:
+                loss = config.at_alpha * F.cross_entropy(model(x).float(), y) + (1 - config.at_alpha) * loss
+            return loss, logits_adv
+    # TRADES (Zhang et al. 2019): CE(clean) + β·KL(p(x) || p(x_adv)), x_adv maximises the KL
+    model.eval()
+    with autocast():
+        p_clean = F.softmax(model(x).float(), 1).detach()
+        kl = lambda logits, _t: F.kl_div(F.log_softmax(logits.float(), 1), p_clean, reduction="batchmean")
+        x0 = (x + 0.001 * torch.randn(x.shape, generator=generator).to(x.device)).clamp(0, 1)
+        x_adv = _pgd_linf(model, x0, y, config.eps, config.pgd_step_size, config.pgd_steps, False, generator, kl)
+        x_adv = torch.min(torch.max(x_adv, x - config.eps), x + config.eps)
+    model.train()
+    with autocast():
+        logits = model(x)
+        logits_adv = model(x_adv)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing) + config.trades_beta * F.kl_div(
+            F.log_softmax(logits_adv.float(), 1), F.softmax(logits.float(), 1), reduction="batchmean")
+        return loss, logits
+
+
+def _lr_lambda(config: TrainConfig, steps_per_epoch: int):
+    total = config.epochs * steps_per_epoch
+    warm = int(config.warmup_epochs * steps_per_epoch)
+
+    def f(step):
+        if step < warm:
+            return (step + 1) / warm
+        if config.schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+    return f
+
+
+def checkpoint_path(config: TrainConfig, data_digest: str) -> Path:
+    c = config
+    return cache_dir() / "checkpoints" / f"{c.arch}-{c.dataset}-{c.recipe}-{c.profile}-s{c.seed}-{c.key(data_digest)}.pt"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or inf."""
+
+
+# ----------------------------------------------------------------------------- training
+
+def train(config: TrainConfig, device=None, root=None, train_ds: fdata.Dataset | None = None,
+          callback: Callable[[int, dict], None] | None = None, progress: bool = True,
+          use_cache: bool = True, check_every: int = 25) -> nn.Module:
+    """Train ``config`` on ``device`` (resuming from its checkpoint) and return the model in eval mode.
+
+    ``train_ds`` overrides the training data (default: :func:`training_data`).
+    ``callback(epoch, metrics)`` runs after each epoch's checkpoint is written
+    (raising in it interrupts the run; the next call resumes). ``use_cache=False``
+    neither reads nor writes checkpoints. Non-finite loss raises
+    :class:`NonFiniteLossError` naming the epoch and step (checked every
+    ``check_every`` steps to avoid a host sync per step).
+    """
+    from tqdm.auto import tqdm
+
+    device = resolve_device(device)
+    ds = train_ds if train_ds is not None else training_data(config, root)
+    model = build_model(config).to(device)
+    cuda = device.type == "cuda"
+    # channels_last only on CUDA: on the CPU (torch 2.15, oneDNN) it hung or segfaulted at small widths
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]  # no weight decay on BN/LayerNorm/bias
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": config.weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}],
+                          lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
+    if config.arch.startswith("vit"):  # ViTs do not train with plain SGD in a few epochs
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    loader = fdata.Loader(ds, config.batch_size, device, shuffle=True, augment=config.augment,
+                          seed=config.seed, drop_last=len(ds) >= 2 * config.batch_size)
+    steps = len(loader)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config, steps))
+    ckpt = checkpoint_path(config, ds.digest)
+    start, history = 0, []
+    if use_cache and ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        if state.get("done"):
+            model.eval()
+            model.train_info = state.get("info", {})
+            return model
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start, history = state["epoch"] + 1, state["history"]
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+
+    for epoch in range(start, config.epochs):
+        model.train()
+        loader.set_epoch(epoch)
+        g = torch.Generator().manual_seed(config.seed * 7919 + epoch)  # attack random starts
+        losses = torch.zeros(steps, device=device)
+        correct = torch.zeros(steps, device=device)
+        seen = 0
+        bar = tqdm(loader, total=steps, desc=f"{config.arch} {config.recipe} epoch {epoch + 1}/{config.epochs}",
+                   disable=not progress, leave=False, mininterval=1.0)
+        for i, (x, y) in enumerate(bar):
+            if cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            loss, logits = _loss(model, x, y, config, g, autocast)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.sam_rho > 0:
+                _sam_second_step(model, x, y, config, g, autocast)
+            opt.step()
+            sched.step()
+            losses[i] = loss.detach()
+            correct[i] = (logits.detach().argmax(1) == y).sum()
+            seen += len(y)
+            if (i + 1) % check_every == 0 or i + 1 == steps:
+                _check_finite(losses[: i + 1], epoch, i, config)
+                if progress:
+                    bar.set_postfix(loss=f"{losses[max(0, i - check_every + 1): i + 1].mean().item():.3f}",
+                                    acc=f"{correct[: i + 1].sum().item() / seen:.3f}", refresh=False)
+        metrics = {"epoch": epoch, "loss": losses.mean().item(), "train_acc": correct.sum().item() / seen,
+                   "lr": sched.get_last_lr()[0]}
+        history.append(metrics)
+        done = epoch + 1 == config.epochs
+        info = {"config": dataclasses.asdict(config), "data_digest": ds.digest, "history": history}
+        if use_cache:
+            atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                          "epoch": epoch, "history": history, "done": done, "info": info}, ckpt)
+        if progress:
+            print(f"epoch {epoch + 1}/{config.epochs}: loss {metrics['loss']:.3f}, train acc {metrics['train_acc']:.3f}")
+        if callback is not None:
+            callback(epoch, metrics)
+    model.eval()
+    model.train_info = {"config": dataclasses.asdict(config), "data_digest": ds.digest, "history": history}
+    return model
+
+
+def _check_finite(losses: torch.Tensor, epoch: int, step: int, config: TrainConfig) -> None:
+    bad = (~torch.isfinite(losses)).nonzero()
+    if len(bad):
+        s = int(bad[0])
+        raise NonFiniteLossError(
+            f"training loss became {losses[s].item()} at epoch {epoch + 1}, step {s + 1} "
+            f"(arch {config.arch}, recipe {config.recipe}, lr {config.lr}); lower the learning rate "
+            "(or add warmup_epochs) and check the inputs are in [0, 1]")
+
+
+def _sam_second_step(model, x, y, config, generator, autocast):
+    """SAM: move to w + ρ g/‖g‖, take the gradient there, move back (the optimizer steps with it)."""
+    ps = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.norm(torch.stack([p.grad.norm() for p in ps])) + 1e-12
+    es = []
+    with torch.no_grad():
+        for p in ps:
+            e = p.grad * (config.sam_rho / norm)
+            p.add_(e)
+            es.append(e)
+    for p in ps:
+        p.grad = None
+    loss, _ = _loss(model, x, y, config, generator, autocast)
+    loss.backward()
+    with torch.no_grad():
+        for p, e in zip(ps, es):
+            p.sub_(e)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(model: nn.Module, ds: fdata.Dataset, device=None, batch_size: int = 500) -> dict:
+    """Clean metrics in float32 and eval mode: accuracy, mean confidence (max softmax),
+    mean confidence on correct / wrong points, mean loss, n."""
+    device = resolve_device(device)
+    was_training = model.training
+    model.eval()
+    n, correct, conf, conf_c, loss = 0, 0.0, 0.0, 0.0, 0.0
+    stats = torch.zeros(4, dtype=torch.float64, device=device)
+    for x, y in fdata.Loader(ds, batch_size, device):
+        if x.is_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        logits = model(x).float()
+        p = logits.softmax(1)
+        c, pred = p.max(1)
+        ok = pred == y
+        stats += torch.stack([ok.sum().double(), c.sum().double(), (c * ok).sum().double(),
+                              F.cross_entropy(logits, y, reduction="sum").double()])
+        n += len(y)
+    model.train(was_training)
+    correct, conf, conf_c, loss = stats.tolist()
+    wrong = n - correct
+    return {"accuracy": correct / n, "mean_confidence": conf / n,
+            "confidence_correct": conf_c / correct if correct else float("nan"),
+            "confidence_wrong": (conf - conf_c) / wrong if wrong else float("nan"),
+            "loss": loss / n, "n": n}
+
+
+def robust_accuracy(model: nn.Module, ds: fdata.Dataset, device=None, eps: float = 8 / 255, steps: int = 10,
+                    step_size: float = 2 / 255, batch_size: int = 250, seed: int = 0) -> float:
+    """Accuracy under the private ℓ∞ PGD (CE, random start) — a sanity check for AT models;
+    use :mod:`flatnb.attacks` for reported numbers."""
+    device = resolve_device(device)
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    correct, n = 0, 0
+    for x, y in fdata.Loader(ds, batch_size, device):
+        x_adv = _pgd_linf(model, x, y, eps, step_size, steps, True, g)
+        with torch.no_grad():
+            correct += (model(x_adv).argmax(1) == y).sum().item()
+        n += len(y)
+    return correct / n
+
+
+def trained_model(arch: str, dataset: str, recipe: str = "standard", profile: str = "quick", seed: int = 0,
+                  device=None, root=None, progress: bool = True) -> nn.Module:
+    """The model of ``config_for(arch, dataset, recipe, profile, seed)`` in eval mode on ``device``:
+    loaded from the checkpoint cache, or trained once (resuming an interrupted run)."""
+    config = config_for(arch, dataset, recipe, profile, seed)
+    return train(config, device, root=root, progress=progress)

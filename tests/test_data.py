@@ -1,0 +1,334 @@
+"""flatnb.data: every loader on synthetic data in each format, bad input, cache, batching."""
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import tarfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torchvision.io import encode_jpeg
+
+from flatnb import data
+
+CLASSES10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+@pytest.fixture(autouse=True)
+def _tmp_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLATNB_CACHE", str(tmp_path / "cache"))
+
+
+def _flat_image(colour, size) -> torch.Tensor:
+    """A constant-colour image: JPEG keeps it almost exactly, so decoded pixels are checkable."""
+    return torch.tensor(colour, dtype=torch.uint8).view(3, 1, 1).expand(3, size, size).contiguous()
+
+
+def _colour(i: int, c: int):
+    return (20 * c + 5, (37 * i) % 250, 200 - 10 * c)
+
+
+def _write_jpeg(path: Path, img: torch.Tensor) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(encode_jpeg(img, quality=100).numpy().tobytes())
+
+
+def make_cifar10_jpeg(root: Path, n_per_class=(3, 2), classes=CLASSES10[:3]) -> Path:
+    base = root / "cifar10-jpeg"
+    for split, n in zip(("train", "test"), n_per_class):
+        for c, name in enumerate(classes):
+            for i in range(n):
+                _write_jpeg(base / split / name / f"{i:04d}.jpg", _flat_image(_colour(i, c), 32))
+    return base
+
+
+def _tar(src: Path, dest: Path) -> Path:
+    with tarfile.open(dest, "w:gz") as tf:
+        tf.add(src, arcname=src.name)
+    return dest
+
+
+def _check_flat(ds: data.Dataset, size: int):
+    """Every decoded image is its constant colour (±3 levels of JPEG error), labels match."""
+    assert ds.images.dtype == torch.uint8 and ds.labels.dtype == torch.int64
+    assert ds.images.shape[1:] == (3, size, size)
+    for img, lab in zip(ds.images, ds.labels):
+        mean = img.float().mean((1, 2))
+        assert (img.float() - mean[:, None, None]).abs().max() <= 3
+        # colour encodes the class: first channel 20c + 5
+        assert abs(mean[0].item() - (20 * lab.item() + 5)) <= 3
+
+
+@pytest.mark.parametrize("fmt", ["folder", "tar.gz"])
+def test_cifar10_jpeg(tmp_path, fmt):
+    base = make_cifar10_jpeg(tmp_path / "src")
+    root = tmp_path / "root"
+    root.mkdir()
+    if fmt == "folder":
+        shutil.move(str(base), root / "cifar10-jpeg")
+    else:
+        _tar(base, root / "cifar10-jpeg.tar.gz")
+    tr = data.load("cifar10", "train", root=root)
+    te = data.load("cifar10", "test", root=root)
+    assert len(tr) == 9 and len(te) == 6
+    assert tr.classes == CLASSES10[:3]
+    assert tr.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    _check_flat(tr, 32)
+    _check_flat(te, 32)
+    assert tr.digest != te.digest
+
+
+def _write_pickle(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        pickle.dump(obj, f)
+
+
+def test_cifar100_pickle(tmp_path):
+    rng = np.random.default_rng(0)
+    base = tmp_path / "cifar-100-python"
+    names = [f"class{i:03d}" for i in range(100)]
+    arrays = {}
+    for split, n in (("train", 30), ("test", 12)):
+        arr = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        fine = rng.integers(0, 100, n).tolist()
+        arrays[split] = (arr, fine)
+        _write_pickle(base / split, {"data": arr, "fine_labels": fine, "coarse_labels": [0] * n, "filenames": []})
+    _write_pickle(base / "meta", {"fine_label_names": names, "coarse_label_names": ["x"] * 20})
+    for split in ("train", "test"):
+        ds = data.load("cifar100", split, root=tmp_path)
+        arr, fine = arrays[split]
+        assert ds.classes == names
+        assert ds.labels.tolist() == fine
+        # pickle rows are R plane, G plane, B plane of 32x32, row-major
+        expect = torch.from_numpy(arr.reshape(-1, 3, 32, 32).copy())
+        assert torch.equal(ds.images, expect)
+        assert ds.images[1, 2, 3, 4].item() == arr[1, 2 * 1024 + 3 * 32 + 4]
+
+
+def test_cifar10_pickle(tmp_path):
+    rng = np.random.default_rng(1)
+    base = tmp_path / "cifar-10-batches-py"
+    batches = []
+    for i in range(1, 6):
+        arr = rng.integers(0, 256, (4, 3072), dtype=np.uint8)
+        lab = rng.integers(0, 10, 4).tolist()
+        batches.append((arr, lab))
+        _write_pickle(base / f"data_batch_{i}", {"data": arr, "labels": lab})
+    _write_pickle(base / "test_batch", {"data": batches[0][0], "labels": batches[0][1]})
+    _write_pickle(base / "batches.meta", {"label_names": CLASSES10})
+    ds = data.load("cifar10", "train", root=tmp_path)
+    assert len(ds) == 20 and ds.classes == CLASSES10
+    assert ds.labels.tolist() == sum((b[1] for b in batches), [])
+    assert torch.equal(ds.images[4:8], torch.from_numpy(batches[1][0].reshape(-1, 3, 32, 32).copy()))
+
+
+WNIDS = ["n0001", "n0002", "n0003"]
+
+
+def make_tiny(root: Path) -> Path:
+    base = root / "tiny-imagenet-200"
+    base.mkdir(parents=True)
+    (base / "wnids.txt").write_text("\n".join(reversed(WNIDS)) + "\n")  # order in file must not matter
+    (base / "words.txt").write_text("".join(f"{w}\tthing {w}\n" for w in WNIDS))
+    for c, w in enumerate(WNIDS):
+        for i in range(2):
+            _write_jpeg(base / "train" / w / "images" / f"{w}_{i}.JPEG", _flat_image(_colour(i, c), 64))
+        (base / "train" / w / f"{w}_boxes.txt").write_text("boxes\n")
+    lines = []
+    for j, c in enumerate([2, 0, 1, 2]):
+        img = _flat_image(_colour(j, c), 64)
+        if j == 3:  # a grayscale JPEG, as Tiny ImageNet has some: must come out as 3 channels
+            img = img[:1].clone()
+            img.fill_(20 * c + 5)
+        _write_jpeg(base / "val" / "images" / f"val_{j}.JPEG", img)
+        lines.append(f"val_{j}.JPEG\t{WNIDS[c]}\t0\t0\t63\t63")
+    (base / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    _write_jpeg(base / "test" / "images" / "test_0.JPEG", _flat_image((0, 0, 0), 64))  # unlabelled: ignored
+    return base
+
+
+@pytest.mark.parametrize("fmt", ["folder", "tar.gz", "zip"])
+def test_tinyimagenet(tmp_path, fmt):
+    base = make_tiny(tmp_path / "src")
+    root = tmp_path / "root"
+    root.mkdir()
+    if fmt == "folder":
+        shutil.move(str(base), root / base.name)
+    elif fmt == "tar.gz":
+        _tar(base, root / "tiny-imagenet-200.tar.gz")
+    else:
+        with zipfile.ZipFile(root / "tiny-imagenet-200.zip", "w") as zf:
+            for p in sorted(base.rglob("*")):
+                zf.write(p, p.relative_to(base.parent).as_posix())
+    tr = data.load("tinyimagenet", "train", root=root)
+    te = data.load("tinyimagenet", "test", root=root)
+    assert tr.classes == WNIDS and te.classes == WNIDS
+    assert tr.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert sorted(te.labels.tolist()) == [0, 1, 2, 2] and len(te) == 4
+    _check_flat(tr, 64)
+    _check_flat(te, 64)
+
+
+def test_corrupt_image_names_file(tmp_path):
+    base = make_cifar10_jpeg(tmp_path)
+    bad = base / "train" / "bird" / "0001.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    with pytest.raises(ValueError, match="0001.jpg"):
+        data.load("cifar10", "train", root=tmp_path)
+
+
+def test_missing_root_and_dataset(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="FLATNB_DATA") as e:
+        data.data_root(tmp_path / "nope")
+    assert str(tmp_path / "nope") in str(e.value)
+    monkeypatch.setenv("FLATNB_DATA", str(tmp_path / "also-nope"))
+    with pytest.raises(FileNotFoundError, match="also-nope"):
+        data.load("cifar10", "train")
+    monkeypatch.setenv("FLATNB_DATA", str(tmp_path))
+    assert data.data_root() == tmp_path.resolve()
+    with pytest.raises(FileNotFoundError, match="cifar10-jpeg.tar.gz"):  # lists what it looked for
+        data.load("cifar10", "train")
+    with pytest.raises(ValueError, match="unknown dataset"):
+        data.load("mnist", "train", root=tmp_path)
+    with pytest.raises(ValueError, match="split"):
+        data.load("cifar10", "val", root=tmp_path)
+
+
+def test_cache_is_used_and_invalidated(tmp_path, monkeypatch):
+    base = make_cifar10_jpeg(tmp_path)
+    first = data.load("cifar10", "test", root=tmp_path)
+    files = list((Path(os.environ["FLATNB_CACHE"]) / "data").glob("cifar10-test-*.pt"))
+    assert len(files) == 1 and not list(files[0].parent.glob("*.tmp"))
+
+    calls = []
+    real = data._decode
+    monkeypatch.setattr(data, "_decode", lambda *a: calls.append(1) or real(*a))
+    again = data.load("cifar10", "test", root=tmp_path)
+    assert calls == [] and torch.equal(again.images, first.images) and again.digest == first.digest
+
+    # change one source image: the cache must be rebuilt, not silently reused
+    img = base / "test" / "airplane" / "0000.jpg"
+    _write_jpeg(img, _flat_image((250, 250, 250), 32))
+    st_ = img.stat()
+    os.utime(img, ns=(st_.st_atime_ns, st_.st_mtime_ns + 10**9))
+    changed = data.load("cifar10", "test", root=tmp_path)
+    assert calls == [1]
+    assert changed.digest != first.digest
+    assert changed.images[0].float().mean().item() > 245
+    assert data.load("cifar10", "test", root=tmp_path, cache=False).digest == changed.digest
+
+
+def test_tar_change_invalidates(tmp_path):
+    base = make_cifar10_jpeg(tmp_path / "src")
+    tar = _tar(base, tmp_path / "cifar10-jpeg.tar.gz")
+    a = data.load("cifar10", "train", root=tmp_path)
+    _write_jpeg(base / "train" / "cat" / "0000.jpg", _flat_image(_colour(0, 3), 32))  # a new class
+    time.sleep(0.01)
+    _tar(base, tar)
+    b = data.load("cifar10", "train", root=tmp_path)
+    assert len(b) == len(a) + 1 and b.classes == CLASSES10[:4]
+
+
+# ----------------------------------------------------------------------------- subsets and batches
+
+def _toy(n=40, k=4, size=8):
+    g = torch.Generator().manual_seed(0)
+    return data.Dataset(torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g),
+                        torch.arange(n) % k, [f"c{i}" for i in range(k)], "toy")
+
+
+def test_subset():
+    ds = _toy()
+    s = data.subset(ds, n_per_class=3, seed=1)
+    assert torch.bincount(s.labels).tolist() == [3, 3, 3, 3]
+    assert torch.equal(s.images, data.subset(ds, n_per_class=3, seed=1).images)
+    assert not torch.equal(s.images, data.subset(ds, n_per_class=3, seed=2).images)
+    r = data.subset(ds, n=7, seed=0)
+    assert len(r) == 7 and r.digest != ds.digest
+    # every subset image is one of the originals with its own label
+    for img, lab in zip(r.images, r.labels):
+        match = (ds.images == img).flatten(1).all(1).nonzero().flatten()
+        assert ds.labels[match[0]] == lab
+    c = data.subset(ds, num_classes=2)
+    assert c.classes == ["c0", "c1"] and set(c.labels.tolist()) == {0, 1} and len(c) == 20
+    with pytest.raises(ValueError):
+        data.subset(ds, n_per_class=11)
+    with pytest.raises(ValueError):
+        data.subset(ds, n=3, n_per_class=3)
+
+
+def test_loader_epoch_covers_everything():
+    ds = _toy(n=37)
+    seen = []
+    for x, y in data.batches(ds, 10, "cpu", shuffle=True, seed=3):
+        assert x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+        seen.append(y)
+    ys = torch.cat(seen)
+    assert len(ys) == 37 and torch.equal(ys.sort().values, ds.labels.sort().values)
+    xs = torch.cat([x for x, _ in data.batches(ds, 10, "cpu")])
+    assert torch.equal(xs, ds.images.float() / 255)
+    assert len(data.Loader(ds, 10, drop_last=True)) == 3
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10**6), pad=st.integers(1, 4))
+def test_augment_is_a_shifted_flipped_window(seed, pad):
+    """Each augmented image equals some crop of the zero-padded input, possibly mirrored."""
+    x = torch.rand(6, 3, 8, 8)
+    out = data.augment_batch(x, torch.Generator().manual_seed(seed), pad=pad)
+    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    for i in range(len(x)):
+        windows = [xp[i, :, dy:dy + 8, dx:dx + 8] for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)]
+        assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(-1)) for w in windows)
+
+
+def test_augmentation_deterministic_under_seed():
+    ds = _toy(n=64, size=32)
+    run = lambda seed, epoch: [x for x, _ in data.batches(ds, 16, "cpu", shuffle=True, augment=True,
+                                                           seed=seed, epoch=epoch)]
+    a, b = run(5, 0), run(5, 0)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert not all(torch.equal(u, v) for u, v in zip(a, run(6, 0)))
+    assert not all(torch.equal(u, v) for u, v in zip(a, run(5, 1)))
+    # augmentation really changes the pixels (not a no-op)
+    plain = [x for x, _ in data.batches(ds, 16, "cpu", shuffle=True, seed=5)]
+    assert not all(torch.equal(u, v) for u, v in zip(a, plain))
+
+
+# ----------------------------------------------------------------------------- real data
+
+def _real_root():
+    try:
+        return data.data_root()
+    except FileNotFoundError:
+        return None
+
+
+@pytest.mark.parametrize("name,split,n,k,size", [
+    ("cifar10", "test", 10_000, 10, 32), ("cifar10", "train", 50_000, 10, 32),
+    ("tinyimagenet", "test", 10_000, 200, 64), ("tinyimagenet", "train", 100_000, 200, 64),
+])
+def test_real_data(monkeypatch, name, split, n, k, size):
+    monkeypatch.delenv("FLATNB_CACHE")  # the normal cache, so repeated runs do not decode again
+    root = _real_root()
+    if root is None:
+        pytest.skip("no data folder: set FLATNB_DATA to the folder holding the shared tarballs")
+    try:
+        ds = data.load(name, split, root=root)
+    except FileNotFoundError as e:
+        pytest.skip(f"{name} is not present under {root}: {e}")
+    assert ds.images.shape == (n, 3, size, size) and len(ds.classes) == k
+    assert torch.bincount(ds.labels, minlength=k).tolist() == [n // k] * k
+    assert 60 < ds.images[:1000].float().mean().item() < 190  # real photos, not blank
+    t = time.perf_counter()
+    again = data.load(name, split, root=root)
+    assert again.digest == ds.digest
+    print(f"{name} {split}: cached load {time.perf_counter() - t:.3f} s")

@@ -1,0 +1,115 @@
+"""flatnb.models: the contract for every model, normalisation, ViT double backward on the CPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from flatnb import models
+
+# small sizes keep the tests fast; the default sizes are checked structurally below
+SMALL = [
+    ("resnet18", 32, dict(width=4)),
+    ("resnet18", 64, dict(width=4)),
+    ("wrn28_4", 32, dict(depth=10, widen=1)),
+    ("vgg11_bn", 32, dict(width=8)),
+    ("vgg11_bn", 64, dict(width=8)),
+    ("vit_tiny", 32, dict(dim=32, depth=2, heads=2)),
+    ("vit_small", 64, dict(dim=32, depth=1, heads=4)),
+]
+
+
+@pytest.mark.parametrize("name,size,kw", SMALL)
+def test_contract(name, size, kw):
+    torch.manual_seed(0)
+    model = models.build(name, 7, image_size=size, **kw)
+    models.check_contract(model)
+    x = torch.rand(3, 3, size, size)
+    for mode in (model.train, model.eval):
+        mode()
+        with torch.no_grad():
+            out = model(x)
+            phi = model.features(x)
+            assert phi.shape == (3, model.head.in_features)
+            assert out.shape == (3, 7)
+            assert torch.allclose(out, model.head(phi), atol=1e-5)
+    # normalisation is inside: a constant shift of the input changes the output
+    with torch.no_grad():
+        assert not torch.allclose(model(x), model((x + 0.3).clamp(0, 1)))
+
+
+@pytest.mark.parametrize("name,m", [("resnet18", 512), ("wrn28_4", 256), ("vgg11_bn", 256),
+                                    ("vit_tiny", 192), ("vit_small", 384)])
+def test_default_feature_dimension(name, m):
+    """Feature dimensions of the paper's models (PAPER §5: ResNet-18 512, WRN-28-4 256, VGG-BN 256)."""
+    with torch.device("meta"):  # structure only: no time spent initialising weights
+        model = models.build(name, 10)
+    assert models.num_features(model) == m
+    assert model.head.out_features == 10
+
+
+def test_resnet_width_multiplier():
+    with torch.device("meta"):
+        assert models.num_features(models.build("resnet18", 10, width=16)) == 128
+
+
+def test_normalize_matches_formula():
+    norm = models.Normalize((0.1, 0.2, 0.3), (0.5, 0.25, 2.0))
+    x = torch.rand(2, 3, 4, 4)
+    ref = torch.stack([(x[:, 0] - 0.1) / 0.5, (x[:, 1] - 0.2) / 0.25, (x[:, 2] - 0.3) / 2.0], 1)
+    assert torch.allclose(norm(x), ref)
+
+
+def test_check_contract_rejects():
+    with pytest.raises(TypeError, match="contract"):
+        models.check_contract(nn.Sequential(nn.Flatten(), nn.Linear(12, 3)))
+
+    class NoLinearHead(nn.Module):
+        def features(self, x):
+            return x
+
+        head = nn.Identity()
+
+    with pytest.raises(TypeError, match="head"):
+        models.check_contract(NoLinearHead())
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown model"):
+        models.build("resnet50", 10)
+    with pytest.raises(ValueError):
+        models.build("vit_tiny", 10, image_size=30)
+
+
+def test_vit_double_backward_cpu_matches_finite_differences():
+    """Curvature through attention on the CPU: Hessian-vector product w.r.t. the input
+    by double backward equals a central difference of gradients (float64)."""
+    torch.manual_seed(0)
+    model = models.build("vit_tiny", 5, image_size=8, dim=16, depth=1, heads=2).double().eval()
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    v = torch.randn_like(x)
+    y = torch.tensor([1, 3])
+
+    def grad(z, create_graph=False):
+        z = z.detach().requires_grad_(True) if not create_graph else z
+        loss = nn.functional.cross_entropy(model(z), y)
+        return torch.autograd.grad(loss, z, create_graph=create_graph)[0]
+
+    z = x.clone().requires_grad_(True)
+    g = grad(z, create_graph=True)
+    hv = torch.autograd.grad((g * v).sum(), z)[0]
+    h = 1e-5
+    fd = (grad(x + h * v) - grad(x - h * v)) / (2 * h)
+    assert torch.allclose(hv, fd, rtol=1e-5, atol=1e-8)
+    assert hv.abs().max() > 0
+
+
+def test_vit_math_attention_flag_gives_same_output():
+    torch.manual_seed(0)
+    model = models.build("vit_tiny", 5, dim=16, depth=1, heads=2).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        a = model(x)
+        model.math_attention = True
+        b = model(x)
+    assert torch.allclose(a, b, atol=1e-5)

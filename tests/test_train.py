@@ -1,0 +1,216 @@
+"""flatnb.train: configs, resume after interruption, recipes, NaN detection, evaluation."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flatnb import data, models
+from flatnb import train as T
+
+
+@pytest.fixture(autouse=True)
+def _tmp_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLATNB_CACHE", str(tmp_path / "cache"))
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def cifar_root(tmp_path) -> Path:
+    """A synthetic CIFAR-10 pickle folder: 10 classes separable by mean colour, 6 per class."""
+    rng = np.random.default_rng(0)
+    base = tmp_path / "data" / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+
+    def split(n):
+        lab = np.arange(n) % 10
+        img = rng.integers(0, 60, (n, 3, 32, 32)) + (lab * 19)[:, None, None, None]
+        return img.astype(np.uint8).reshape(n, -1), lab.tolist()
+
+    for i in range(1, 6):
+        arr, lab = split(12)
+        with open(base / f"data_batch_{i}", "wb") as f:
+            pickle.dump({"data": arr, "labels": lab}, f)
+    arr, lab = split(20)
+    with open(base / "test_batch", "wb") as f:
+        pickle.dump({"data": arr, "labels": lab}, f)
+    with open(base / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    return tmp_path / "data"
+
+
+def tiny_config(**kw) -> T.TrainConfig:
+    base = dict(arch="resnet18", dataset="cifar10", epochs=2, batch_size=16, width=4, lr=0.05, warmup_epochs=1,
+                weight_decay=5e-4)
+    return T.TrainConfig(**{**base, **kw})
+
+
+class Stop(Exception):
+    pass
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_interrupted_run_resumes_identically(cifar_root):
+    cfg = tiny_config()
+    ref = _state(T.train(cfg, "cpu", root=cifar_root, use_cache=False, progress=False))
+
+    seen = []
+
+    def stop_after_first(epoch, metrics):
+        seen.append(epoch)
+        if epoch == 0:
+            raise Stop()
+
+    with pytest.raises(Stop):
+        T.train(cfg, "cpu", root=cifar_root, callback=stop_after_first, progress=False)
+    ds = T.training_data(cfg, cifar_root)
+    ckpt = T.checkpoint_path(cfg, ds.digest)
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["epoch"] == 0 and not saved["done"] and len(saved["history"]) == 1
+    assert not list(ckpt.parent.glob("*.tmp"))
+
+    model = T.train(cfg, "cpu", root=cifar_root, callback=lambda e, m: seen.append(e), progress=False)
+    assert seen == [0, 1]  # resumed at epoch 1, did not redo epoch 0
+    got = _state(model)
+    assert got.keys() == ref.keys()
+    for k in ref:
+        assert torch.allclose(got[k].float(), ref[k].float(), atol=1e-6), k
+    assert not model.training
+    final = torch.load(ckpt, weights_only=False)
+    assert final["done"] and [h["epoch"] for h in final["history"]] == [0, 1]
+
+    # a finished checkpoint is loaded, never retrained
+    def boom(*a, **k):
+        raise AssertionError("retrained a cached model")
+
+    orig = T._loss
+    T._loss = boom
+    try:
+        again = T.train(cfg, "cpu", root=cifar_root, progress=False)
+    finally:
+        T._loss = orig
+    for k in ref:
+        assert torch.equal(_state(again)[k], got[k])
+
+
+def test_config_key_covers_every_field():
+    cfg = tiny_config()
+    assert cfg.key("d") == tiny_config().key("d")
+    assert cfg.key("d") != cfg.key("e")  # other data → other checkpoint
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, bool):
+            new = not v
+        elif isinstance(v, (int, float)) and f.name not in ("epochs", "batch_size"):
+            new = v + 1
+        else:
+            continue
+        assert dataclasses.replace(cfg, **{f.name: new}).key("d") != cfg.key("d"), f.name
+
+
+def test_config_for_profiles():
+    full = T.config_for("resnet18", "cifar10", profile="full", seed=3)
+    assert (full.epochs, full.lr, full.momentum, full.weight_decay, full.batch_size, full.schedule) == \
+        (100, 0.1, 0.9, 1e-4, 128, "cosine")
+    assert full.width is None and full.n_train is None and full.label_smoothing == 0 and full.seed == 3
+    at = T.config_for("resnet18", "cifar10", "pgd_at", profile="full")
+    assert (at.eps, at.pgd_steps, at.pgd_step_size) == (8 / 255, 10, 2 / 255)
+    assert T.config_for("resnet18", "cifar10", "trades", profile="full").trades_beta == 6.0
+    quick = T.config_for("resnet18", "cifar10")
+    assert quick.profile == "quick" and quick.width == 16 and quick.n_train == 10_000
+    assert T.config_for("resnet18", "tinyimagenet").num_classes == 20
+    assert T.config_for("wrn28_4", "cifar100").width is None
+    with pytest.raises(ValueError, match="recipe"):
+        T.config_for("resnet18", "cifar10", recipe="mixup")
+    with pytest.raises(ValueError, match="profile"):
+        T.config_for("resnet18", "cifar10", profile="auto")
+
+
+def test_nonfinite_loss_names_epoch_and_step(cifar_root, monkeypatch):
+    calls = {"n": 0}
+    orig = T._loss
+
+    def nan_on_third(*a, **k):
+        loss, logits = orig(*a, **k)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 3 else loss), logits
+
+    monkeypatch.setattr(T, "_loss", nan_on_third)
+    with pytest.raises(T.NonFiniteLossError, match=r"epoch 1, step 3.*learning rate"):
+        T.train(tiny_config(epochs=1), "cpu", root=cifar_root, progress=False, check_every=2)
+    assert calls["n"] == 3  # stopped at the check right after the bad step
+
+
+@pytest.mark.parametrize("recipe", ["pgd_at", "trades"])
+def test_adversarial_recipes_run(cifar_root, recipe):
+    cfg = tiny_config(recipe=recipe, epochs=1, n_train=32, pgd_steps=2, pgd_step_size=4 / 255)
+    model = T.train(cfg, "cpu", root=cifar_root, use_cache=False, progress=False)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_sam_runs_and_differs(cifar_root):
+    a = T.train(tiny_config(epochs=1, n_train=32), "cpu", root=cifar_root, use_cache=False, progress=False)
+    b = T.train(tiny_config(epochs=1, n_train=32, sam_rho=0.05), "cpu", root=cifar_root, use_cache=False, progress=False)
+    assert not torch.allclose(a.head.weight, b.head.weight)
+
+
+def test_private_pgd_stays_in_ball_and_raises_loss():
+    torch.manual_seed(0)
+    model = models.build("resnet18", 10, width=4).eval()
+    x = torch.rand(8, 3, 32, 32)
+    y = torch.randint(0, 10, (8,))
+    eps = 8 / 255
+    adv = T._pgd_linf(model, x, y, eps, 2 / 255, 5, True, torch.Generator().manual_seed(0))
+    assert (adv - x).abs().max() <= eps + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    with torch.no_grad():
+        assert F.cross_entropy(model(adv), y) > F.cross_entropy(model(x), y)
+
+
+def test_evaluate_against_direct_computation():
+    torch.manual_seed(0)
+    model = models.build("resnet18", 4, width=4).eval()
+    g = torch.Generator().manual_seed(1)
+    ds = data.Dataset(torch.randint(0, 256, (23, 3, 32, 32), dtype=torch.uint8, generator=g),
+                      torch.randint(0, 4, (23,), generator=g), list("abcd"), "x")
+    r = T.evaluate(model, ds, "cpu", batch_size=7)
+    with torch.no_grad():
+        p = model(ds.images.float() / 255).softmax(1)
+    ok = p.argmax(1) == ds.labels
+    assert r["n"] == 23
+    assert r["accuracy"] == pytest.approx(ok.float().mean().item())
+    assert r["mean_confidence"] == pytest.approx(p.max(1).values.mean().item(), rel=1e-5)
+    assert r["loss"] == pytest.approx(-p[torch.arange(23), ds.labels].log().mean().item(), rel=1e-4)
+    assert not model.training
+
+
+# The caller's cache, read before the autouse fixture points FLATNB_CACHE at a temp dir:
+# the real quick model is trained once and then shared with the chapters (CI sets it).
+_CALLER_CACHE = os.environ.get("FLATNB_CACHE")
+
+
+@pytest.mark.slow
+def test_quick_profile_real_cifar10(monkeypatch):
+    """The quick profile's promise on the real data: >60 % CIFAR-10 test accuracy (minutes on 2 cores)."""
+    if _CALLER_CACHE:
+        monkeypatch.setenv("FLATNB_CACHE", _CALLER_CACHE)
+    else:
+        monkeypatch.delenv("FLATNB_CACHE")
+    try:
+        test = data.load("cifar10", "test")
+    except FileNotFoundError as e:
+        pytest.skip(f"real CIFAR-10 not available (set FLATNB_DATA): {e}")
+    start = time.time()
+    model = T.trained_model("resnet18", "cifar10", profile="quick", device="cpu", progress=False)
+    acc = T.evaluate(model, test, "cpu")["accuracy"]
+    print(f"quick ResNet-18: test accuracy {acc:.4f}, {time.time() - start:.0f} s (training included unless cached)")
+    assert acc > 0.60
