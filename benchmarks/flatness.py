@@ -19,7 +19,6 @@ import math
 import time
 
 import torch
-import torch.nn.functional as F
 
 from flatnb import flatness as fl
 from flatnb import models

@@ -78,6 +78,9 @@ def execute(chapter: Path, output: Path, parameters: dict | None = None,
 
     output.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
+    # The kernel inherits our environment: no text-mode progress bars in executed chapters.
+    previous = os.environ.get("FLATNB_PROGRESS")
+    os.environ["FLATNB_PROGRESS"] = "0"
     try:
         pm.execute_notebook(
             str(chapter), str(output), parameters=parameters or None, cwd=str(chapter.parent),
@@ -88,6 +91,11 @@ def execute(chapter: Path, output: Path, parameters: dict | None = None,
                              f"{err.ename}: {err.evalue}", output) from None
     except Exception as err:  # a kernel death or a timeout is not a PapermillExecutionError
         raise ChapterFailure(chapter, "?", f"{type(err).__name__}: {err}", output) from None
+    finally:
+        if previous is None:
+            os.environ.pop("FLATNB_PROGRESS", None)
+        else:
+            os.environ["FLATNB_PROGRESS"] = previous
     return time.time() - start
 
 

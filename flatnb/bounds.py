@@ -106,9 +106,12 @@ def local_lipschitz(fn, x: Tensor, n_iter: int = 50, generator: torch.Generator 
     sigma = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
     tiny = torch.finfo(x.dtype).tiny
     for _ in range(n_iter):
-        jv = torch.func.jvp(fn, (x,), (v,))[1]
+        # detached every iteration: the parameters require grad, and an undetached
+        # iterate would chain n_iter forward/backward graphs together
+        jv = torch.func.jvp(fn, (x,), (v,))[1].detach()
         sigma = jv.flatten(1).norm(dim=1)
         (w,) = vjp_fn(jv)
+        w = w.detach()
         v = w / w.flatten(1).norm(dim=1).clamp_min(tiny).view(shape)
     return sigma
 

@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -243,7 +244,7 @@ class NonFiniteLossError(FloatingPointError):
 # ----------------------------------------------------------------------------- training
 
 def train(config: TrainConfig, device=None, root=None, train_ds: fdata.Dataset | None = None,
-          callback: Callable[[int, dict], None] | None = None, progress: bool = True,
+          callback: Callable[[int, dict], None] | None = None, progress: bool | None = None,
           use_cache: bool = True, check_every: int = 25) -> nn.Module:
     """Train ``config`` on ``device`` (resuming from its checkpoint) and return the model in eval mode.
 
@@ -253,8 +254,16 @@ def train(config: TrainConfig, device=None, root=None, train_ds: fdata.Dataset |
     neither reads nor writes checkpoints. Non-finite loss raises
     :class:`NonFiniteLossError` naming the epoch and step (checked every
     ``check_every`` steps to avoid a host sync per step).
+
+    ``progress``: ``True`` shows tqdm bars and a line per epoch, ``False`` nothing,
+    ``None`` (default) the epoch lines always and the bars unless the environment
+    sets ``FLATNB_PROGRESS=0`` (headless chapter runs do: a text-mode bar would
+    write hundreds of lines into the executed notebook).
     """
     from tqdm.auto import tqdm
+
+    bars = progress if progress is not None else os.environ.get("FLATNB_PROGRESS", "1") != "0"
+    epoch_lines = progress is not False
 
     device = resolve_device(device)
     ds = train_ds if train_ds is not None else training_data(config, root)
@@ -300,7 +309,7 @@ def train(config: TrainConfig, device=None, root=None, train_ds: fdata.Dataset |
         correct = torch.zeros(steps, device=device)
         seen = 0
         bar = tqdm(loader, total=steps, desc=f"{config.arch} {config.recipe} epoch {epoch + 1}/{config.epochs}",
-                   disable=not progress, leave=False, mininterval=1.0)
+                   disable=not bars, leave=False, mininterval=1.0)
         for i, (x, y) in enumerate(bar):
             if cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -316,7 +325,7 @@ def train(config: TrainConfig, device=None, root=None, train_ds: fdata.Dataset |
             seen += len(y)
             if (i + 1) % check_every == 0 or i + 1 == steps:
                 _check_finite(losses[: i + 1], epoch, i, config)
-                if progress:
+                if bars:
                     bar.set_postfix(loss=f"{losses[max(0, i - check_every + 1): i + 1].mean().item():.3f}",
                                     acc=f"{correct[: i + 1].sum().item() / seen:.3f}", refresh=False)
         metrics = {"epoch": epoch, "loss": losses.mean().item(), "train_acc": correct.sum().item() / seen,
@@ -327,7 +336,7 @@ def train(config: TrainConfig, device=None, root=None, train_ds: fdata.Dataset |
         if use_cache:
             atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                           "epoch": epoch, "history": history, "done": done, "info": info}, ckpt)
-        if progress:
+        if epoch_lines:
             print(f"epoch {epoch + 1}/{config.epochs}: loss {metrics['loss']:.3f}, train acc {metrics['train_acc']:.3f}")
         if callback is not None:
             callback(epoch, metrics)
@@ -412,7 +421,7 @@ def robust_accuracy(model: nn.Module, ds: fdata.Dataset, device=None, eps: float
 
 
 def trained_model(arch: str, dataset: str, recipe: str = "standard", profile: str = "quick", seed: int = 0,
-                  device=None, root=None, progress: bool = True) -> nn.Module:
+                  device=None, root=None, progress: bool | None = None) -> nn.Module:
     """The model of ``config_for(arch, dataset, recipe, profile, seed)`` in eval mode on ``device``:
     loaded from the checkpoint cache, or trained once (resuming an interrupted run)."""
     config = config_for(arch, dataset, recipe, profile, seed)
