@@ -16,6 +16,7 @@ On CUDA: bf16 autocast and channels_last; on the CPU: float32.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -243,6 +244,25 @@ class NonFiniteLossError(FloatingPointError):
 
 # ----------------------------------------------------------------------------- training
 
+@contextlib.contextmanager
+def _training_lock(ckpt: Path, enabled: bool = True):
+    """An exclusive advisory lock next to the checkpoint (POSIX; a no-op where fcntl is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        fcntl = None
+    if not enabled or fcntl is None:
+        yield
+        return
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    with open(ckpt.with_name(ckpt.name + ".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def train(config: TrainConfig, device=None, root=None, train_ds: fdata.Dataset | None = None,
           callback: Callable[[int, dict], None] | None = None, progress: bool | None = None,
           use_cache: bool = True, check_every: int = 25) -> nn.Module:
@@ -286,63 +306,66 @@ def train(config: TrainConfig, device=None, root=None, train_ds: fdata.Dataset |
     steps = len(loader)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config, steps))
     ckpt = checkpoint_path(config, ds.digest)
-    start, history = 0, []
-    if use_cache and ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        if state.get("done"):
-            model.eval()
-            model.train_info = state.get("info", {})
-            return model
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start, history = state["epoch"] + 1, state["history"]
+    # One process trains a given configuration at a time; another one waits here and then
+    # resumes from (or simply loads) what the first one wrote.
+    with _training_lock(ckpt, use_cache):
+        start, history = 0, []
+        if use_cache and ckpt.exists():
+            state = torch.load(ckpt, map_location=device, weights_only=False)
+            model.load_state_dict(state["model"])
+            if state.get("done"):
+                model.eval()
+                model.train_info = state.get("info", {})
+                return model
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            start, history = state["epoch"] + 1, state["history"]
 
-    def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+        def autocast():
+            return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
 
-    for epoch in range(start, config.epochs):
-        model.train()
-        loader.set_epoch(epoch)
-        g = torch.Generator().manual_seed(config.seed * 7919 + epoch)  # attack random starts
-        losses = torch.zeros(steps, device=device)
-        correct = torch.zeros(steps, device=device)
-        seen = 0
-        bar = tqdm(loader, total=steps, desc=f"{config.arch} {config.recipe} epoch {epoch + 1}/{config.epochs}",
-                   disable=not bars, leave=False, mininterval=1.0)
-        for i, (x, y) in enumerate(bar):
-            if cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
-            loss, logits = _loss(model, x, y, config, g, autocast)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.sam_rho > 0:
-                _sam_second_step(model, x, y, config, g, autocast)
-            opt.step()
-            sched.step()
-            losses[i] = loss.detach()
-            correct[i] = (logits.detach().argmax(1) == y).sum()
-            seen += len(y)
-            if (i + 1) % check_every == 0 or i + 1 == steps:
-                _check_finite(losses[: i + 1], epoch, i, config)
-                if bars:
-                    bar.set_postfix(loss=f"{losses[max(0, i - check_every + 1): i + 1].mean().item():.3f}",
-                                    acc=f"{correct[: i + 1].sum().item() / seen:.3f}", refresh=False)
-        metrics = {"epoch": epoch, "loss": losses.mean().item(), "train_acc": correct.sum().item() / seen,
-                   "lr": sched.get_last_lr()[0]}
-        history.append(metrics)
-        done = epoch + 1 == config.epochs
-        info = {"config": dataclasses.asdict(config), "data_digest": ds.digest, "history": history}
-        if use_cache:
-            atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                          "epoch": epoch, "history": history, "done": done, "info": info}, ckpt)
-        if epoch_lines:
-            print(f"epoch {epoch + 1}/{config.epochs}: loss {metrics['loss']:.3f}, train acc {metrics['train_acc']:.3f}")
-        if callback is not None:
-            callback(epoch, metrics)
-    model.eval()
-    model.train_info = {"config": dataclasses.asdict(config), "data_digest": ds.digest, "history": history}
-    return model
+        for epoch in range(start, config.epochs):
+            model.train()
+            loader.set_epoch(epoch)
+            g = torch.Generator().manual_seed(config.seed * 7919 + epoch)  # attack random starts
+            losses = torch.zeros(steps, device=device)
+            correct = torch.zeros(steps, device=device)
+            seen = 0
+            bar = tqdm(loader, total=steps, desc=f"{config.arch} {config.recipe} epoch {epoch + 1}/{config.epochs}",
+                       disable=not bars, leave=False, mininterval=1.0)
+            for i, (x, y) in enumerate(bar):
+                if cuda:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                loss, logits = _loss(model, x, y, config, g, autocast)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.sam_rho > 0:
+                    _sam_second_step(model, x, y, config, g, autocast)
+                opt.step()
+                sched.step()
+                losses[i] = loss.detach()
+                correct[i] = (logits.detach().argmax(1) == y).sum()
+                seen += len(y)
+                if (i + 1) % check_every == 0 or i + 1 == steps:
+                    _check_finite(losses[: i + 1], epoch, i, config)
+                    if bars:
+                        bar.set_postfix(loss=f"{losses[max(0, i - check_every + 1): i + 1].mean().item():.3f}",
+                                        acc=f"{correct[: i + 1].sum().item() / seen:.3f}", refresh=False)
+            metrics = {"epoch": epoch, "loss": losses.mean().item(), "train_acc": correct.sum().item() / seen,
+                       "lr": sched.get_last_lr()[0]}
+            history.append(metrics)
+            done = epoch + 1 == config.epochs
+            info = {"config": dataclasses.asdict(config), "data_digest": ds.digest, "history": history}
+            if use_cache:
+                atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                              "epoch": epoch, "history": history, "done": done, "info": info}, ckpt)
+            if epoch_lines:
+                print(f"epoch {epoch + 1}/{config.epochs}: loss {metrics['loss']:.3f}, train acc {metrics['train_acc']:.3f}")
+            if callback is not None:
+                callback(epoch, metrics)
+        model.eval()
+        model.train_info = {"config": dataclasses.asdict(config), "data_digest": ds.digest, "history": history}
+        return model
 
 
 def _check_finite(losses: torch.Tensor, epoch: int, step: int, config: TrainConfig) -> None:

@@ -219,3 +219,22 @@ def test_quick_profile_real_cifar10(monkeypatch):
     acc = T.evaluate(model, test, "cpu")["accuracy"]
     print(f"quick ResNet-18: test accuracy {acc:.4f}, {time.time() - start:.0f} s (training included unless cached)")
     assert acc > 0.45
+
+
+def test_a_second_process_waits_for_the_first_and_loads_its_result(cifar_root):
+    """While one run holds the training lock of a config, another waits instead of training twice."""
+    import threading
+
+    cfg = tiny_config()
+    ckpt = T.checkpoint_path(cfg, T.training_data(cfg, cifar_root).digest)
+    result = {}
+    with T._training_lock(ckpt):
+        worker = threading.Thread(target=lambda: result.update(model=T.train(cfg, "cpu", root=cifar_root,
+                                                                             progress=False)))
+        worker.start()
+        worker.join(timeout=2.0)
+        assert worker.is_alive(), "train() did not wait for the lock"
+        assert not ckpt.exists()
+    worker.join(timeout=120)
+    assert not worker.is_alive() and torch.load(ckpt, weights_only=False)["done"]
+    assert not result["model"].training
