@@ -283,6 +283,11 @@ def _forward(model: nn.Module, x: Tensor, autocast_dtype) -> tuple[Tensor, Tenso
     return phi, model.head(phi)
 
 
+def _at_least_fp32(t: Tensor) -> Tensor:
+    """bf16/fp16 logits go up to float32; float64 logits stay float64 (the float64 control needs it)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _rdims(x: Tensor) -> tuple[int, ...]:
     return tuple(range(1, x.dim()))
 
@@ -399,7 +404,7 @@ def _loss_and_grad(model, x_t, y, target, loss_fn, autocast_dtype):
     x_t = x_t.detach().requires_grad_(True)
     with torch.enable_grad():
         phi, logits = _forward(model, x_t, autocast_dtype)
-        loss = loss_fn(logits.float(), y, target)
+        loss = loss_fn(_at_least_fp32(logits), y, target)
         # sum, not mean: per-example gradients are not scaled by 1/N (no extra underflow)
         grad = torch.autograd.grad(loss.sum(), x_t)[0]
     return phi, logits, loss, grad
@@ -426,7 +431,7 @@ def _warn_zero_grad(zero: Tensor, loss: str) -> None:
 def _clean_eval(model, x, y, target, loss_fn, autocast_dtype):
     with torch.no_grad():
         phi, logits = _forward(model, x, autocast_dtype)
-        logits = logits.float()
+        logits = _at_least_fp32(logits)
         return phi, logits, loss_fn(logits, y, target)
 
 
@@ -470,7 +475,7 @@ def _pgd_run(model, x, y, target, eps, steps, step_size, norm, loss, random_star
     else:
         with torch.no_grad():
             phi, logits = _forward(model, x_t, autocast_dtype)
-            lval = loss_fn(logits.float(), y, target)
+            lval = loss_fn(_at_least_fp32(logits), y, target)
         tr.step(steps, x_t, phi, logits, lval)
     return tr, x_t, lval.detach(), zero, steps_run, clean_correct
 
@@ -757,7 +762,7 @@ def transfer(
     with _eval_mode(model_b), torch.no_grad():
         for i in range(0, x_adv.shape[0], bs):
             _, logits = _forward(model_b, x_adv[i: i + bs], autocast_dtype)
-            logits = logits.float()
+            logits = _at_least_fp32(logits)
             yb = y[i: i + bs]
             preds.append(logits.argmax(dim=1))
             losses.append(F.cross_entropy(logits, yb, reduction="none"))

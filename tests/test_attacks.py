@@ -415,3 +415,32 @@ def test_bad_inputs(untrained):
     two = TinyCNN(k=2).eval()
     with pytest.raises(ValueError, match="3 classes"):
         attacks.pgd(two, x, y % 2, 0.1, 2, loss="dlr")
+
+
+def test_float64_model_is_attacked_in_float64():
+    """A margin of ~300 underflows the CE gradient in float32 but not in float64 (PAPER §3)."""
+
+    class Linear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(4, 3)
+            with torch.no_grad():
+                self.head.weight.copy_(torch.tensor([[300.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]]))
+                self.head.bias.zero_()
+
+        def features(self, x):
+            return x.flatten(1)
+
+        def forward(self, x):
+            return self.head(self.features(x))
+
+    x = torch.tensor([[1.0, 0.5, 0.5, 0.5]])
+    y = torch.tensor([0])
+    with pytest.warns(RuntimeWarning):
+        r32 = attacks.pgd(Linear(), x, y, eps=0.1, steps=2, step_size=0.05)
+    r64 = attacks.pgd(Linear().double(), x.double(), y, eps=0.1, steps=2, step_size=0.05)
+    assert r32.n_zero_grad == 1 and r64.n_zero_grad == 0
+    # the loss value itself rounds to 0 in both precisions; its gradient p - e_y does not in float64
+    assert r64.loss_final.dtype == torch.float64
+    assert (r64.x_last - x.double()).abs().max() > 0  # the float64 attack moves, the float32 one cannot
+    assert torch.equal(r32.x_last, x)
