@@ -115,6 +115,9 @@ def run_in_place(paths: list[Path], parameters: dict | None, cell_timeout: int) 
             os.replace(tmp_path, kept)
             failure.executed_copy = kept
             raise
+        except BaseException:  # interrupted: leave no half-executed copy next to the chapters
+            tmp_path.unlink(missing_ok=True)
+            raise
         os.replace(tmp_path, chapter)
         done.append((chapter, seconds))
         print(f"  done in {seconds:.0f} s", flush=True)
