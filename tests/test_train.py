@@ -200,11 +200,8 @@ _CALLER_CACHE = os.environ.get("FLATNB_CACHE")
 
 @pytest.mark.slow
 def test_quick_profile_real_cifar10(monkeypatch):
-    """The quick profile on the real data, trained once and shared with the chapters.
-
-    The target of the data/training issue is >60 % CIFAR-10 test accuracy in about 3 minutes
-    on 2 cores; the current quick recipe reaches about 48 % (4 epochs on 10k images), so this
-    guards the level it does reach, well above chance (10 %), against regressions.
+    """The quick profile on the real data: >60 % CIFAR-10 test accuracy (64.2 % measured; about
+    5 minutes of training on 2 cores). Trained once and shared with the chapters through the cache.
     """
     if _CALLER_CACHE:
         monkeypatch.setenv("FLATNB_CACHE", _CALLER_CACHE)
@@ -218,7 +215,7 @@ def test_quick_profile_real_cifar10(monkeypatch):
     model = T.trained_model("resnet18", "cifar10", profile="quick", device="cpu", progress=False)
     acc = T.evaluate(model, test, "cpu")["accuracy"]
     print(f"quick ResNet-18: test accuracy {acc:.4f}, {time.time() - start:.0f} s (training included unless cached)")
-    assert acc > 0.45
+    assert acc > 0.60
 
 
 def test_a_second_process_waits_for_the_first_and_loads_its_result(cifar_root):
