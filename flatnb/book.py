@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -136,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cell-timeout", type=int, default=DEFAULT_CELL_TIMEOUT)
     args = parser.parse_args(argv)
 
+    # a plain `kill`/`timeout` sends SIGTERM; turn it into SystemExit so the in-place run cleans up
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     params = {k: v for k, v in (("profile", args.profile), ("device", args.device)) if v is not None}
     paths = chapters()
     if args.only:

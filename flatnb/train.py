@@ -282,9 +282,12 @@ def train(config: TrainConfig, device=None, root=None, train_ds: fdata.Dataset |
     sets ``FLATNB_PROGRESS=0`` (headless chapter runs do: a text-mode bar would
     write hundreds of lines into the executed notebook).
     """
-    from tqdm.auto import tqdm
-
     bars = progress if progress is not None else os.environ.get("FLATNB_PROGRESS", "1") != "0"
+    # tqdm.auto warns about missing ipywidgets on import in a bare kernel: only import it for bars
+    if bars:
+        from tqdm.auto import tqdm
+    else:
+        from tqdm import tqdm
     epoch_lines = progress is not False
 
     device = resolve_device(device)

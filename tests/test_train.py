@@ -127,7 +127,7 @@ def test_config_for_profiles():
     assert (at.eps, at.pgd_steps, at.pgd_step_size) == (8 / 255, 10, 2 / 255)
     assert T.config_for("resnet18", "cifar10", "trades", profile="full").trades_beta == 6.0
     quick = T.config_for("resnet18", "cifar10")
-    assert quick.profile == "quick" and quick.width == 16 and quick.n_train == 10_000
+    assert quick.profile == "quick" and quick.width == 16 and quick.n_train == 50_000 and quick.epochs == 2
     assert T.config_for("resnet18", "tinyimagenet").num_classes == 20
     assert T.config_for("wrn28_4", "cifar100").width is None
     with pytest.raises(ValueError, match="recipe"):
