@@ -44,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from flatnb.flatness import class_distances, closed_form
+from flatnb.models import check_contract
 
 Tensor = torch.Tensor
 
@@ -206,22 +207,6 @@ _LOSS_FNS = {"ce": ce_loss, "cw": cw_loss, "dlr": dlr_loss}
 # ---------------------------------------------------------------------------
 # Validation and model handling
 # ---------------------------------------------------------------------------
-
-
-def _check_contract(model: nn.Module) -> None:
-    try:  # the models module owns the contract once it exists
-        from flatnb.models import check_contract  # type: ignore[attr-defined]
-    except ImportError:
-        check_contract = None
-    if check_contract is not None:
-        check_contract(model)
-        return
-    if not callable(getattr(model, "features", None)) or not isinstance(getattr(model, "head", None), nn.Linear):
-        raise TypeError(
-            f"{type(model).__name__} does not follow the flatnb model contract: it needs "
-            "model.features(x) -> (N, m) penultimate features and model.head, the final nn.Linear, "
-            "with model(x) == model.head(model.features(x)) (see flatnb.models)"
-        )
 
 
 def _check_common(x: Tensor, y: Tensor, eps: float, norm: str, loss: str, losses: tuple, clip, target) -> None:
@@ -535,7 +520,7 @@ def pgd(
     ``early_stop`` stops once every example succeeded, checked every
     ``check_every`` steps.  ``clip=None`` lifts the [0, 1] box and its input check.
     """
-    _check_contract(model)
+    check_contract(model)
     _check_common(x, y, eps, norm, loss, LOSSES, clip, target)
     _validate_steps(steps, step_size)
     if not isinstance(restarts, int) or restarts < 1:
@@ -710,7 +695,7 @@ def apgd(
     first period compares with the starting loss, where the reference code reads
     an uninitialised 0.  ``record`` / ``record_inputs`` as in :func:`pgd`.
     """
-    _check_contract(model)
+    check_contract(model)
     _check_common(x, y, eps, norm, loss, APGD_LOSSES, clip, target)
     _validate_steps(steps, None)
     if not isinstance(restarts, int) or restarts < 1:
@@ -754,7 +739,7 @@ def transfer(
     """
     if isinstance(x_adv, AttackResult):
         x_adv = x_adv.x_adv
-    _check_contract(model_b)
+    check_contract(model_b)
     if y.dim() != 1 or x_adv.shape[0] != y.shape[0]:
         raise ValueError(f"x_adv must be (N, ...) and y (N,), got {tuple(x_adv.shape)} and {tuple(y.shape)}")
     bs = batch_size or x_adv.shape[0]

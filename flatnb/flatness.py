@@ -22,6 +22,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from flatnb.models import check_contract
+
 Tensor = torch.Tensor
 
 
@@ -247,36 +249,8 @@ def last_layer_hessian_batch_autograd(
 # The closed form on a model (one forward pass), streamed over a loader
 # ---------------------------------------------------------------------------
 
-_CONTRACT = (
-    "the flatnb model contract: `model.features(x)` returns the penultimate features (N, m) and "
-    "`model.head` is the final nn.Linear, with model(x) == model.head(model.features(x))"
-)
-
-
-def check_model_contract(model: torch.nn.Module) -> None:
-    """Raise ``TypeError`` naming the contract if ``model`` lacks ``features`` / ``head``."""
-    features = getattr(model, "features", None)
-    head = getattr(model, "head", None)
-    if not callable(features) or not isinstance(head, torch.nn.Linear):
-        missing = []
-        if not callable(features):
-            missing.append("a callable `features`")
-        if not isinstance(head, torch.nn.Linear):
-            missing.append("`head` as an nn.Linear")
-        raise TypeError(
-            f"{type(model).__name__} lacks {' and '.join(missing)}; flatness needs {_CONTRACT}. "
-            "Wrap the network so that it exposes `features` and `head` (see flatnb.models)."
-        )
-    try:  # the models module may add checks of its own
-        from flatnb.models import check_contract  # type: ignore[attr-defined]
-    except ImportError:
-        return
-    try:
-        check_contract(model)
-    except TypeError as err:
-        if "argument" in str(err):  # a different signature: our own check above is enough
-            return
-        raise
+# The model contract is owned by flatnb.models; kept under this name for callers of flatness.
+check_model_contract = check_contract
 
 
 def _require_eval(model: torch.nn.Module) -> None:
