@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from flatnb.flatness import kappa_layerwise, kappa_neuronwise
+from flatnb.runtime import draw
 
 Tensor = torch.Tensor
 
@@ -100,7 +101,7 @@ def local_lipschitz(fn, x: Tensor, n_iter: int = 50, generator: torch.Generator 
     """
     x = x.detach()
     shape = (-1,) + (1,) * (x.dim() - 1)
-    v = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+    v = draw(torch.randn, x.shape, x.device, x.dtype, generator)
     v = v / v.flatten(1).norm(dim=1).view(shape)
     _, vjp_fn = torch.func.vjp(fn, x)
     sigma = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
@@ -126,7 +127,7 @@ _HANDLED = (
 
 def _operator_norm(op, x_shape, like: Tensor, n_iter: int, generator) -> Tensor:
     """``||op||_2`` of a linear map by power iteration on ``op^T op`` (adjoint via vjp)."""
-    v = torch.randn((1, *x_shape), device=like.device, dtype=like.dtype, generator=generator)
+    v = draw(torch.randn, (1, *x_shape), like.device, like.dtype, generator)
     v = v / v.norm()
     # op is linear: one graph, replayed backwards, is its adjoint
     v0 = torch.zeros_like(v).requires_grad_(True)

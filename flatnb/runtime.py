@@ -107,3 +107,15 @@ def provenance(start_time: float, profile: str, device: torch.device | str) -> s
         "versions:  " + ", ".join(f"{k} {v}" for k, v in versions.items()),
     ]
     return "\n".join(lines)
+
+
+def draw(fn, shape, device, dtype=None, generator: torch.Generator | None = None, **kw) -> torch.Tensor:
+    """``fn(shape, ...)`` (``torch.rand``/``randn``/``randint``-like) on ``device``, drawn from ``generator``.
+
+    The numbers come from the generator's own device and are then moved, so a CPU
+    generator works with CUDA tensors (and gives the same numbers on every device).
+    """
+    gdev = generator.device if generator is not None else device
+    if dtype is not None:
+        kw["dtype"] = dtype
+    return fn(shape, generator=generator, device=gdev, **kw).to(device)

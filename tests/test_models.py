@@ -113,3 +113,40 @@ def test_vit_math_attention_flag_gives_same_output():
         model.math_attention = True
         b = model(x)
     assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,kw", [("resnet18", dict(width=8)), ("vgg11_bn", dict(width=8)),
+                                     ("wrn28_4", dict(depth=10, widen=1))])
+def test_fold_batchnorm_is_the_same_function_in_float64(name, kw):
+    torch.manual_seed(0)
+    model = models.build(name, 10, **kw).double()
+    for m in model.modules():  # non-trivial running statistics and affine parameters
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.2, 0.2)
+    model.eval()
+    folded = models.fold_batchnorm(model)
+    models.check_contract(folded)
+    x = torch.rand(4, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        ref_phi, ref = model.features(x), model(x)
+        phi, out = folded.features(x), folded(x)
+    assert torch.allclose(phi, ref_phi, rtol=1e-11, atol=1e-12)
+    assert torch.allclose(out, ref, rtol=1e-11, atol=1e-12)
+    n_bn = lambda m: sum(isinstance(mm, nn.BatchNorm2d) for mm in m.modules())  # noqa: E731
+    assert n_bn(folded) < n_bn(model)  # something was folded (WRN keeps its pre-activation BNs)
+    # the input gradient (what attacks use) agrees too
+    xg = x.clone().requires_grad_(True)
+    g_ref = torch.autograd.grad(model(xg).sum(), xg)[0]
+    g = torch.autograd.grad(folded(xg).sum(), xg)[0]
+    assert torch.allclose(g, g_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_fold_batchnorm_refuses_training_mode_and_passes_vits_through():
+    model = models.build("resnet18", 10, width=8)
+    with pytest.raises(ValueError, match="eval"):
+        models.fold_batchnorm(model.train())
+    vit = models.build("vit_tiny", 10, depth=1).eval()
+    assert models.fold_batchnorm(vit) is vit
