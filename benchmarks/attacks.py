@@ -72,8 +72,10 @@ def load_inputs(n: int):
     try:
         from flatnb import data
 
-        ds = data.load("cifar10", "test")
-        return ds.images[:n].float() / 255, ds.labels[:n].clone(), f"CIFAR-10 test, first {n}"
+        # a seeded subset over all classes: the JPEG test split is stored class by class, so its first
+        # 1000 images are all airplanes (an H100 run on those gave a random-init model 97.7 % "accuracy")
+        ds = data.subset(data.load("cifar10", "test"), n=n, seed=0)
+        return ds.images.float() / 255, ds.labels.clone(), f"CIFAR-10 test, seeded subset of {n}"
     except Exception as e:  # noqa: BLE001 - any failure falls back, labelled in the table
         g = torch.Generator().manual_seed(0)
         return (torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g),
