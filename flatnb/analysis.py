@@ -4,9 +4,13 @@
 * :func:`align_at_flip`, :func:`step_summary` — per-step curves of attack trajectories,
   by raw step or aligned at each example's flip step.
 * :func:`valley_stats` — the per-example numbers behind the "uncanny valley" shape.
-* :func:`uncanny_valley_figure` — the shared figure (later chapters call it for other models).
+* :func:`uncanny_valley_figure` — the shared figure (later chapters call it for other models;
+  ``axes=``/``label=`` overlay several models).
+* :func:`basin_width` — attack iterations before the loss takes off (PAPER §5, E2).
 * :func:`fit_stump`, :func:`cross_validate_stump` — a one-feature decision stump and its
   k-fold cross-validation (plain torch/numpy).
+* :func:`claim`, :func:`save_claims`, :func:`load_claims` — each chapter's verdicts on the paper's
+  claims, collected by the verdict chapter.
 
 Trajectories are :class:`flatnb.attacks.Trajectory` objects: (T+1, N) tensors, row 0
 the starting point.  ``flip_step`` is the first iterate whose prediction is wrong
@@ -177,11 +181,15 @@ def valley_stats(traj, kappa: str = "kappa_sq", window: int = 1, num_classes: in
 
 
 def uncanny_valley_figure(traj, title: str = "", before: int = 5, after: int = 10,
-                          quantities=("kappa_sq", "kappa_unsq", "kappa_neuron", "trace_h", "phi_sq", "loss", "p_top")):
+                          quantities=("kappa_sq", "kappa_unsq", "kappa_neuron", "trace_h", "phi_sq", "loss", "p_top"),
+                          axes=None, label: str | None = None, color: str = "C0"):
     """The shared figure: median and quartile band per step of each quantity,
     by raw attack step (top row) and aligned at each example's flip step (bottom row).
 
     Every panel's y label names its κ convention.  κ-type quantities use a log axis.
+    To overlay several models, create the figure once and pass its (2, len(quantities))
+    ``axes`` with a ``label`` and ``color`` per model: the curves are drawn into those axes
+    and the caller sets the title (``title`` is then ignored).
     Returns the matplotlib ``Figure``.
     """
     import matplotlib.pyplot as plt
@@ -190,13 +198,20 @@ def uncanny_valley_figure(traj, title: str = "", before: int = 5, after: int = 1
         if q not in QUANTITIES:
             raise ValueError(f"unknown quantity {q!r}; choose from {sorted(QUANTITIES)}")
     nq = len(quantities)
-    fig, axes = plt.subplots(2, nq, figsize=(2.9 * nq, 5.6), squeeze=False)
-    steps = np.arange(traj.loss.shape[0])
     keep = traj.flip_step >= 1
     if not bool(keep.any()):
-        plt.close(fig)
         raise ValueError("no example flips during the attack, so there is nothing to align; "
                          "use a stronger attack or more examples")
+    own = axes is None
+    if own:
+        fig, axes = plt.subplots(2, nq, figsize=(2.9 * nq, 5.6), squeeze=False)
+    else:
+        axes = np.asarray(axes, dtype=object).reshape(2, -1) if np.size(axes) == 2 * nq else None
+        if axes is None:
+            raise ValueError(f"axes must hold 2 x {nq} matplotlib axes (one column per quantity)")
+        fig = axes[0, 0].figure
+    steps = np.arange(traj.loss.shape[0])
+    name = "median" if label is None else f"{label} (n={int(keep.sum())})"
     for j, q in enumerate(quantities):
         vals = _values(traj, q)
         # raw steps: only examples that flip, so both rows describe the same examples
@@ -204,8 +219,9 @@ def uncanny_valley_figure(traj, title: str = "", before: int = 5, after: int = 1
         offsets, aligned = align_at_flip(vals, traj.flip_step, before, after)
         al = step_summary(aligned)
         for ax, x, s, xl in ((axes[0, j], steps, raw, "attack step"), (axes[1, j], offsets, al, "steps after the flip")):
-            ax.plot(x, s[0.5], color="C0", lw=1.8, label="median")
-            ax.fill_between(x, s[0.25], s[0.75], color="C0", alpha=0.25, label="quartiles")
+            ax.plot(x, s[0.5], color=color, lw=1.8, label=name)
+            ax.fill_between(x, s[0.25], s[0.75], color=color, alpha=0.25,
+                            label="quartiles" if label is None else None)
             ax.set_xlabel(xl)
             ax.set_ylabel(QUANTITIES[q], fontsize=8)
             if q.startswith("kappa") or q in ("trace_h", "gini"):
@@ -213,9 +229,50 @@ def uncanny_valley_figure(traj, title: str = "", before: int = 5, after: int = 1
             if xl.startswith("steps after"):
                 ax.axvline(0, color="k", ls=":", lw=1)
     axes[0, 0].legend(fontsize=7)
-    fig.suptitle(f"{title} (n={int(keep.sum())} examples that flip; no random start)", fontsize=10)
-    fig.tight_layout()
+    if own:
+        fig.suptitle(f"{title} (n={int(keep.sum())} examples that flip; no random start)", fontsize=10)
+        fig.tight_layout()
     return fig
+
+
+def basin_width(loss: Tensor, rise: float | None = None, fraction: float | None = None) -> Tensor:
+    """Attack iterations before the loss "takes off", per example, from (T+1, N) losses (row 0 clean).
+
+    Exactly one criterion:
+
+    * ``rise``: the first iterate ``t >= 1`` with ``loss[t] - loss[0] > rise`` (an absolute
+      threshold, e.g. ``0.1 * log k``; with ``rise = ε`` this is the first loss-change
+      adversarial example of the paper's Definition 4 along the path);
+    * ``fraction``: the first iterate with ``loss[t] - loss[0] >= fraction * R``, where
+      ``R = max_t (loss[t] - loss[0]) > 0`` is the largest rise along the path (scale-free:
+      the step by which the loss has covered that fraction of its rise).
+
+    Returns float64 (N,) iterate indices; ``inf`` where the criterion is never met within
+    the T steps (for ``fraction``: where the loss never rises above its clean value), so a
+    median of ``inf`` reads "wider than the attack is long".  With a fixed step size the
+    width times the step is the distance travelled before take-off.
+    """
+    if not isinstance(loss, Tensor) or loss.dim() != 2 or loss.shape[0] < 2:
+        raise ValueError(f"loss must be a (T+1, N) tensor with T >= 1 attack steps, got "
+                         f"{tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__}")
+    if (rise is None) == (fraction is None):
+        raise ValueError("give exactly one of rise= (absolute loss increase) or fraction= (share of the largest rise)")
+    v = loss.detach().to(torch.float64)
+    if not bool(torch.isfinite(v).all()):
+        raise ValueError("loss has NaN or inf entries; basin width is undefined there")
+    up = v[1:] - v[:1]  # rise over the clean loss at iterates 1..T
+    if rise is not None:
+        if not math.isfinite(rise) or rise < 0:
+            raise ValueError(f"rise must be a finite number >= 0, got {rise!r}")
+        hit = up > rise
+    else:
+        if not (0 < fraction <= 1):
+            raise ValueError(f"fraction must lie in (0, 1], got {fraction!r}")
+        top = up.max(dim=0).values
+        hit = (up >= fraction * top) & (top > 0)
+    steps = torch.arange(1, v.shape[0], dtype=torch.float64, device=v.device)[:, None].expand_as(up)
+    first = torch.where(hit, steps, torch.full_like(steps, math.inf)).min(dim=0).values
+    return first
 
 
 # ----------------------------------------------------------------------------- decision stump
@@ -295,3 +352,172 @@ def cross_validate_stump(scores, labels, folds: int = 5, seed: int = 0) -> np.nd
         thr, pol, _ = fit_stump(s[~test], t[~test])
         accs.append(float((predict_stump(s[test], thr, pol) == t[test]).mean()))
     return np.array(accs)
+
+
+# ----------------------------------------------------------------------------- claims and verdicts
+
+VERDICTS = ("reproduced", "partly", "not reproduced", "not testable here")
+_CLAIM_KEYS = ("id", "claim", "paper", "ours", "verdict", "reason")
+
+
+def claim(id: str, claim: str, paper: str, ours: str, verdict: str, reason: str = "") -> dict:
+    """One row of the verdict table: a claim of the paper, its figure, ours, and the verdict.
+
+    ``id`` is the paper's experiment label (``"E1"``, ``"E6-rise"``, ...); ``verdict`` one of
+    :data:`VERDICTS`.  Chapters decide the verdict from their own numbers and say why.
+    """
+    if verdict not in VERDICTS:
+        raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
+    row = dict(id=str(id), claim=str(claim), paper=str(paper), ours=str(ours), verdict=verdict, reason=str(reason))
+    if not row["id"] or not row["claim"]:
+        raise ValueError("a claim needs an id and a statement")
+    return row
+
+
+def claims_dir(root=None):
+    """Folder of the chapters' claim files: ``root`` or ``<FLATNB_CACHE>/claims``."""
+    from pathlib import Path
+
+    from flatnb.runtime import cache_dir
+
+    path = Path(root) if root is not None else cache_dir() / "claims"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def save_claims(chapter: str, claims: list[dict], device, profile: str, root=None):
+    """Write a chapter's claims (rows from :func:`claim`) as JSON, atomically.
+
+    The verdict chapter reads them back with :func:`load_claims`; each row keeps the
+    chapter, device and profile it was measured with.  Returns the file's path.
+    """
+    import json
+    import os
+    import tempfile
+
+    from flatnb.runtime import describe_device
+
+    if not claims:
+        raise ValueError(f"chapter {chapter!r} saves no claims")
+    rows = []
+    for c in claims:
+        missing = [k for k in _CLAIM_KEYS if k not in c]
+        if missing:
+            raise ValueError(f"claim {c!r} lacks {missing}; build rows with flatnb.analysis.claim(...)")
+        rows.append({**{k: c[k] for k in _CLAIM_KEYS}, "chapter": chapter,
+                     "device": describe_device(device), "profile": profile})
+    path = claims_dir(root) / f"{chapter}.json"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(rows, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_claims(root=None) -> list[dict]:
+    """Every saved claim, ordered by chapter file name; a corrupt file raises naming it."""
+    import json
+
+    rows = []
+    for path in sorted(claims_dir(root).glob("*.json")):
+        try:
+            rows.extend(json.loads(path.read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"claims file {path} is corrupt ({e}); re-run its chapter to rewrite it") from e
+    return rows
+
+
+def claims_markdown(claims: list[dict]) -> str:
+    """The claims as a Markdown table (id, claim, paper, ours, verdict, reason, device, profile)."""
+    def cell(s):
+        return str(s).replace("|", "\\|").replace("\n", " ")
+
+    keys = ["id", "claim", "paper", "ours", "verdict", "reason", "chapter", "device", "profile"]
+    names = ["#", "claim", "paper", "this book", "verdict", "why", "chapter", "device", "profile"]
+    # rows not saved yet have no chapter/device/profile: leave out columns that are empty in every row
+    keep = [i for i, k in enumerate(keys) if i < 6 or any(c.get(k) for c in claims)]
+    head = "| " + " | ".join(names[i] for i in keep) + " |\n|" + "---|" * len(keep) + "\n"
+    return head + "\n".join("| " + " | ".join(cell(c.get(keys[i], "")) for i in keep) + " |" for c in claims)
+
+
+# ----------------------------------------------------------------------------- comparison across models
+
+
+def _flipping_columns(traj) -> Tensor:
+    """Indices of the examples that start correct and flip during the attack (``flip_step >= 1``)."""
+    return torch.nonzero(traj.flip_step >= 1)[:, 0]
+
+
+def valley_medians(traj, quantity: str = "kappa_sq") -> dict[str, float]:
+    """Median of ``quantity`` at the start, at the flip step and at the last step, over the examples
+    that flip during the attack (NaN each when none flips); ``n_flipped`` says how many."""
+    vals = _values(traj, quantity).to(torch.float64)
+    cols = _flipping_columns(traj).to(vals.device)
+    if cols.numel() == 0:
+        return {"n_flipped": 0, "start": float("nan"), "flip": float("nan"), "end": float("nan")}
+    flip = traj.flip_step.to(vals.device)[cols]
+    # quantile(0.5), not Tensor.median: the latter returns the lower middle value for an even count
+    return {"n_flipped": int(cols.numel()),
+            "start": float(vals[0, cols].quantile(0.5)),
+            "flip": float(vals[flip, cols].quantile(0.5)),
+            "end": float(vals[-1, cols].quantile(0.5))}
+
+
+def _valley_panels(ax_raw, ax_aligned, traj, quantity: str, before: int, after: int, color="C0") -> int:
+    """Median and quartile band of ``quantity`` over the flipping examples: by raw step on ``ax_raw``,
+    aligned at the flip on ``ax_aligned``.  Returns how many examples flip (0: nothing drawn)."""
+    cols = _flipping_columns(traj)
+    for ax in (ax_raw, ax_aligned):
+        ax.set_ylabel(QUANTITIES[quantity], fontsize=8)
+        if quantity.startswith("kappa") or quantity in ("trace_h", "gini"):
+            ax.set_yscale("log")
+    ax_raw.set_xlabel("attack step")
+    ax_aligned.set_xlabel("steps after the flip")
+    ax_aligned.axvline(0, color="k", ls=":", lw=1)
+    if cols.numel() == 0:
+        for ax in (ax_raw, ax_aligned):
+            ax.set_yscale("linear")
+            ax.text(0.5, 0.5, "no example flips", ha="center", va="center", transform=ax.transAxes)
+        return 0
+    vals = _values(traj, quantity)
+    raw = step_summary(vals[:, cols.to(vals.device)])
+    offsets, aligned = align_at_flip(vals, traj.flip_step, before, after)
+    al = step_summary(aligned)
+    for ax, x, s in ((ax_raw, np.arange(vals.shape[0]), raw), (ax_aligned, offsets, al)):
+        ax.plot(x, s[0.5], color=color, lw=1.8, label="median")
+        ax.fill_between(x, s[0.25], s[0.75], color=color, alpha=0.25, label="quartiles")
+    return int(cols.numel())
+
+
+def valley_comparison_figure(trajs: dict, quantity: str = "kappa_sq", before: int = 5, after: int = 10,
+                             title: str = "", sharey: bool = False):
+    """The same valley figure for several models side by side: one column per entry of ``trajs``
+    (name → :class:`flatnb.attacks.Trajectory`), top row by raw attack step, bottom row aligned at
+    each example's flip step; median and quartile band over the examples that flip.
+
+    A model none of whose examples flip gets an annotated empty column instead of an error, so a
+    comparison still draws.  ``sharey`` puts every column on one y scale per row (κ magnitudes differ
+    between architectures, so the default keeps each column's own).  Returns the ``Figure``.
+    """
+    import matplotlib.pyplot as plt
+
+    if not trajs:
+        raise ValueError("valley_comparison_figure needs at least one trajectory (name -> Trajectory)")
+    if quantity not in QUANTITIES:
+        raise ValueError(f"unknown quantity {quantity!r}; choose from {sorted(QUANTITIES)}")
+    if before < 0 or after < 0:
+        raise ValueError(f"before and after must be >= 0, got {before}, {after}")
+    n = len(trajs)
+    fig, axes = plt.subplots(2, n, figsize=(3.1 * n, 5.6), squeeze=False, sharey="row" if sharey else False)
+    for j, (name, traj) in enumerate(trajs.items()):
+        k = _valley_panels(axes[0, j], axes[1, j], traj, quantity, before, after, color=f"C{j % 10}")
+        axes[0, j].set_title(f"{name}\n(n={k} flip)", fontsize=9)
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(title or f"{QUANTITIES[quantity]} along PGD paths (no random start)", fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -69,6 +69,9 @@ class ChapterFailure(Exception):
         )
 
 
+_KERNEL_ENV = {"FLATNB_PROGRESS": "0", "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
+
+
 def execute(chapter: Path, output: Path, parameters: dict | None = None,
             cell_timeout: int = DEFAULT_CELL_TIMEOUT) -> float:
     """Run one chapter with papermill into ``output``; return its wall time in seconds.
@@ -79,9 +82,11 @@ def execute(chapter: Path, output: Path, parameters: dict | None = None,
 
     output.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    # The kernel inherits our environment: no text-mode progress bars in executed chapters.
-    previous = os.environ.get("FLATNB_PROGRESS")
-    os.environ["FLATNB_PROGRESS"] = "0"
+    # The kernel inherits our environment: no text-mode progress bars in executed chapters, and
+    # matplotlib's inline backend even where the caller set MPLBACKEND=Agg (CI does; a kernel
+    # with Agg stores no figures in the executed chapter).
+    saved = {k: os.environ.get(k) for k in _KERNEL_ENV}
+    os.environ.update(_KERNEL_ENV)
     try:
         pm.execute_notebook(
             str(chapter), str(output), parameters=parameters or None, cwd=str(chapter.parent),
@@ -93,10 +98,11 @@ def execute(chapter: Path, output: Path, parameters: dict | None = None,
     except Exception as err:  # a kernel death or a timeout is not a PapermillExecutionError
         raise ChapterFailure(chapter, "?", f"{type(err).__name__}: {err}", output) from None
     finally:
-        if previous is None:
-            os.environ.pop("FLATNB_PROGRESS", None)
-        else:
-            os.environ["FLATNB_PROGRESS"] = previous
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return time.time() - start
 
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from flatnb.models import check_contract
+from flatnb.runtime import draw
 
 Tensor = torch.Tensor
 
@@ -479,7 +480,7 @@ class ParameterHVP:
 
 
 def _rademacher(shape, like: Tensor, generator: torch.Generator | None) -> Tensor:
-    bits = torch.randint(0, 2, shape, device=like.device, generator=generator)
+    bits = draw(lambda s, **kw: torch.randint(0, 2, s, **kw), shape, like.device, None, generator)
     return bits.to(like.dtype).mul_(2).sub_(1)
 
 
@@ -507,7 +508,7 @@ def hutchinson_trace(
     ``chunk`` probes are pushed through one vmapped HVP at a time; everything stays
     on the device (no host sync).  The estimator's variance is
     ``2 (||H||_F^2 - sum_i H_ii^2) / n_probes``; ``stderr`` is its empirical value.
-    Pass ``hvp`` to reuse an operator.  ``generator`` must live on the inputs' device.
+    Pass ``hvp`` to reuse an operator.  ``generator`` may live on any device.
     """
     if n_probes < 2 or chunk < 1:
         raise ValueError(f"need n_probes >= 2 and chunk >= 1, got {n_probes}, {chunk}")
@@ -531,7 +532,7 @@ def lanczos(matvec, dim: int, n_iter: int, like: Tensor, generator: torch.Genera
     Ritz values are the exact spectrum.  Fixed iteration count, no host sync.
     """
     n_iter = min(n_iter, dim)
-    q = torch.randn(dim, device=like.device, dtype=like.dtype, generator=generator)
+    q = draw(torch.randn, (dim,), like.device, like.dtype, generator)
     q = q / q.norm()
     basis = torch.zeros(n_iter, dim, device=like.device, dtype=like.dtype)
     alphas, betas = [], []
@@ -560,7 +561,7 @@ def power_iteration_deflated(matvec, dim: int, k: int, n_iter: int, like: Tensor
     """Top-``k`` eigenpairs **by magnitude** by power iteration with deflation: ``(values (k,), vectors (k, dim))``."""
     vals, vecs = [], []
     for _ in range(k):
-        v = torch.randn(dim, device=like.device, dtype=like.dtype, generator=generator)
+        v = draw(torch.randn, (dim,), like.device, like.dtype, generator)
         v = v / v.norm()
         lam = torch.zeros((), device=like.device, dtype=like.dtype)
         for _ in range(n_iter):
@@ -708,7 +709,7 @@ def input_top_eigenvalue(
     For ReLU networks the input Hessian of CE is ``J^T M(p) J`` (PSD), so this is
     the top eigenvalue.  Fixed ``n_iter``, no host sync.
     """
-    v = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+    v = draw(torch.randn, x.shape, x.device, x.dtype, generator)
     shape = (-1,) + (1,) * (x.dim() - 1)
     v = v / v.flatten(1).norm(dim=1).view(shape)
     lam = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
@@ -718,3 +719,81 @@ def input_top_eigenvalue(
         lam = (w * v).flatten(1).sum(-1)
         v = w / w.flatten(1).norm(dim=1).clamp_min(tiny).view(shape)
     return InputEigen(values=lam, vectors=v)
+
+
+# ---------------------------------------------------------------------------
+# Directions along and away from the data manifold
+# ---------------------------------------------------------------------------
+
+AUGMENTATIONS = ("shift_x", "shift_y", "brightness", "contrast")
+
+
+def augmentation_directions(x: Tensor, kinds=AUGMENTATIONS) -> Tensor:
+    """Unit tangent directions of small image augmentations at each image, (P, *x.shape).
+
+    Each direction is ``d/ds aug(x, s)`` at ``s = 0`` (before clamping to [0, 1]), normalised:
+
+    * ``shift_x`` / ``shift_y``: sub-pixel translation that samples the image at column (row)
+      ``j + s``, bilinear with border replication (``grid_sample``): the forward difference
+      ``x[j+1] - x[j]``, zero in the last column (row);
+    * ``brightness``: torchvision's ``adjust_brightness`` factor ``1 + s``: ``x`` itself;
+    * ``contrast``: torchvision's ``adjust_contrast`` factor ``1 + s``: ``x`` minus the mean of
+      its grayscale image (ITU-R 601 weights).
+
+    Translated, brighter or more contrasted images are images of the same scene, so these
+    directions stay (to first order) on the data manifold.  ``x`` is (N, C, H, W); a
+    direction that vanishes (e.g. a shift of a constant image) raises.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"x must be a batch of images (N, C, H, W), got {tuple(x.shape)}")
+    bad = [k for k in kinds if k not in AUGMENTATIONS]
+    if bad or not len(kinds):
+        raise ValueError(f"kinds must be a non-empty selection of {AUGMENTATIONS}, got {tuple(kinds)!r}")
+    out = []
+    for kind in kinds:
+        if kind == "shift_x":
+            d = torch.zeros_like(x)
+            d[..., :-1] = x[..., 1:] - x[..., :-1]
+        elif kind == "shift_y":
+            d = torch.zeros_like(x)
+            d[..., :-1, :] = x[..., 1:, :] - x[..., :-1, :]
+        elif kind == "brightness":
+            d = x.clone()
+        else:
+            if x.shape[1] == 3:
+                gray = (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).to(x.dtype)
+            else:
+                gray = x.mean(dim=1)
+            d = x - gray.mean(dim=(-2, -1)).view(-1, 1, 1, 1)
+        norm = d.flatten(1).norm(dim=1)
+        if not bool((norm > 0).all()):
+            raise ValueError(f"the {kind} direction vanishes for some image (constant image?); drop that image")
+        out.append(d / norm.view(-1, 1, 1, 1))
+    return torch.stack(out)
+
+
+def unit_directions(d: Tensor, input_dims: int = 3) -> Tensor:
+    """``d`` with every direction scaled to unit ℓ2 norm over its last ``input_dims`` dims
+    (3 for images (C, H, W), 1 for flat inputs); a zero direction raises."""
+    if not 1 <= input_dims < d.dim():
+        raise ValueError(f"input_dims must be between 1 and d.dim() - 1 = {d.dim() - 1}, got {input_dims}")
+    norm = d.flatten(-input_dims).norm(dim=-1)
+    if not bool((norm > 0).all()):
+        raise ValueError("a direction is zero and cannot be normalised (e.g. a zero attack step or gradient)")
+    return d / norm.view(*norm.shape, *[1] * input_dims)
+
+
+@torch.no_grad()
+def loss_along(model, x: Tensor, y: Tensor, direction: Tensor, ts, loss_fn=None) -> Tensor:
+    """Per-sample loss change ``loss(x + t d) - loss(x)`` for each ``t`` in ``ts``, (len(ts), N).
+
+    No clamping to [0, 1] (the line is the object of study).  ``direction`` has ``x``'s
+    shape; ``loss_fn(logits, y)`` returns per-sample losses (default: cross-entropy).
+    """
+    _require_eval(model)
+    _check_xy(x, y)
+    if direction.shape != x.shape:
+        raise ValueError(f"direction must have the inputs' shape {tuple(x.shape)}, got {tuple(direction.shape)}")
+    fn = loss_fn or (lambda z, t: F.cross_entropy(z, t, reduction="none"))
+    base = fn(model(x), y)
+    return torch.stack([fn(model(x + float(t) * direction.to(x)), y) - base for t in ts])

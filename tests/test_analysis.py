@@ -210,3 +210,169 @@ def test_cat_results_equals_one_big_attack():
     torch.testing.assert_close(parts.trajectory.kappa_sq, whole.trajectory.kappa_sq)
     assert parts.trajectory.kappa_sq.shape == (6, 20)
     assert parts.robust_accuracy() == whole.robust_accuracy()
+
+
+# ----------------------------------------------------------------------------- basin width
+
+
+def _first_crossing(col, pred):
+    """Brute force: the first index t >= 1 with pred(t) true, else inf."""
+    for t in range(1, len(col)):
+        if pred(t):
+            return float(t)
+    return math.inf
+
+
+def test_basin_width_on_hand_made_trajectories():
+    T = 50
+    t = torch.arange(T + 1, dtype=torch.float64)[:, None]
+    # linear rises with slopes a from a clean loss of 0.3: the loss exceeds 0.3 + r first at floor(r / a) + 1
+    slopes = torch.tensor([[0.5, 0.05, 0.01, 0.003]], dtype=torch.float64)
+    lin = 0.3 + slopes * t
+    w = an.basin_width(lin, rise=0.225)
+    assert w.tolist() == [1.0, 5.0, 23.0, math.inf]  # 0.003 * 50 = 0.15 never exceeds 0.225
+    # a wide flat basin then a wall at step 30, and a narrow one with a wall at step 2
+    wall = torch.zeros(T + 1, 2, dtype=torch.float64)
+    wall[30:, 0] = 4.0
+    wall[2:, 1] = 4.0
+    for kw in (dict(rise=0.1), dict(rise=3.9), dict(fraction=0.5), dict(fraction=1.0)):
+        assert an.basin_width(wall, **kw).tolist() == [30.0, 2.0]
+    # a convex rise c t^2 reaches the fraction f of its final rise c T^2 at ceil(sqrt(f) T)
+    quad = 0.1 * t ** 2
+    for f in (0.04, 0.25, 0.5, 0.81):
+        assert float(an.basin_width(quad, fraction=f)) == math.ceil(math.sqrt(f) * T - 1e-9)
+    # never above the clean loss: no take-off in either mode
+    down = torch.stack([2.0 - 0.01 * t[:, 0], torch.full((T + 1,), 1.0, dtype=torch.float64)], dim=1)
+    assert an.basin_width(down, rise=0.0).isinf().all()
+    assert an.basin_width(down, fraction=0.5).isinf().all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(T=st.integers(1, 12), n=st.integers(1, 5), seed=st.integers(0, 10_000), rise=st.floats(0.0, 2.0),
+       fraction=st.floats(0.01, 1.0), shift=st.sampled_from([-4.0, 0.5, 8.0]), scale=st.sampled_from([0.25, 2.0, 8.0]))
+def test_basin_width_matches_brute_force_and_invariances(T, n, seed, rise, fraction, shift, scale):
+    g = torch.Generator().manual_seed(seed)
+    # dyadic losses: shifts and power-of-two scalings are exact, and ties with the threshold occur
+    loss = torch.randint(0, 48, (T + 1, n), generator=g).to(torch.float64) / 16
+    w_rise = an.basin_width(loss, rise=rise)
+    w_frac = an.basin_width(loss, fraction=fraction)
+    for j in range(n):
+        col = loss[:, j].tolist()
+        top = max(c - col[0] for c in col[1:])
+        assert float(w_rise[j]) == _first_crossing(col, lambda t: col[t] - col[0] > rise)
+        assert float(w_frac[j]) == _first_crossing(col, lambda t: top > 0 and col[t] - col[0] >= fraction * top)
+    # a constant offset changes nothing; the fraction criterion is also blind to the loss's scale
+    assert torch.equal(an.basin_width(loss + shift, rise=rise), w_rise)
+    assert torch.equal(an.basin_width(loss * scale, fraction=fraction), w_frac)
+    assert torch.equal(an.basin_width(loss * scale, rise=rise * scale), w_rise)
+
+
+def test_basin_width_rejects_bad_input():
+    loss = torch.rand(5, 3)
+    with pytest.raises(ValueError, match="exactly one"):
+        an.basin_width(loss)
+    with pytest.raises(ValueError, match="exactly one"):
+        an.basin_width(loss, rise=0.1, fraction=0.5)
+    with pytest.raises(ValueError, match="T\\+1, N"):
+        an.basin_width(torch.rand(5), rise=0.1)
+    with pytest.raises(ValueError, match="T\\+1, N"):
+        an.basin_width(torch.rand(1, 3), rise=0.1)
+    with pytest.raises(ValueError, match="rise"):
+        an.basin_width(loss, rise=-1.0)
+    with pytest.raises(ValueError, match="fraction"):
+        an.basin_width(loss, fraction=0.0)
+    with pytest.raises(ValueError, match="NaN"):
+        an.basin_width(torch.tensor([[0.0], [float("nan")]]), rise=0.1)
+
+
+# ----------------------------------------------------------------------------- comparison across models
+
+
+class _Traj:
+    """A stand-in trajectory: (T+1, N) rows and flip_step, as flatnb.attacks.Trajectory has them."""
+
+    def __init__(self, kappa, flip, p_top=None):
+        self.kappa_sq = kappa
+        self.flip_step = flip
+        self.loss = torch.zeros_like(kappa)
+        self.p_top = torch.full_like(kappa, 0.9) if p_top is None else p_top
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(2, 12), st.integers(1, 9), st.integers(0, 2**31 - 1))
+def test_valley_medians_match_direct_loops(steps, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    kappa = torch.rand(steps + 1, n, generator=g, dtype=torch.float64)
+    flip = torch.randint(-1, steps + 1, (n,), generator=g)
+    got = an.valley_medians(_Traj(kappa, flip))
+    k = kappa.numpy()
+    idx = [i for i in range(n) if flip[i] >= 1]
+    assert got["n_flipped"] == len(idx)
+    if not idx:
+        assert all(math.isnan(got[q]) for q in ("start", "flip", "end"))
+        return
+    assert got["start"] == pytest.approx(np.median([k[0, i] for i in idx]))
+    assert got["flip"] == pytest.approx(np.median([k[int(flip[i]), i] for i in idx]))
+    assert got["end"] == pytest.approx(np.median([k[-1, i] for i in idx]))
+
+
+def test_valley_comparison_figure_draws_each_model_and_survives_no_flips():
+    import matplotlib.pyplot as plt
+
+    torch.manual_seed(0)
+    model = Tiny(k=3, m=5, n_in=4).eval()
+    x = torch.rand(32, 4)
+    y = model(x).argmax(1)
+    tr = pgd(model, x, y, eps=3.0, steps=12, step_size=0.5, record=True, clip=None, warn=False).trajectory
+    none = _Traj(torch.rand(13, 4, dtype=torch.float64), torch.full((4,), -1))
+    fig = an.valley_comparison_figure({"a": tr, "b": tr, "nothing flips": none}, "kappa_sq", before=3, after=4)
+    axes = np.array(fig.axes).reshape(2, 3)
+    # bottom row, first column: the median line at offset 0 is the median κ at each example's own flip step
+    kept = [i for i in range(32) if tr.flip_step[i] >= 1]
+    assert len(kept) >= 5
+    at_flip = np.median([float(tr.kappa_sq[int(tr.flip_step[i]), i]) for i in kept])
+    line = next(l for l in axes[1, 0].lines if len(l.get_xdata()) == 8)  # the median, not the flip marker
+    xs, ys = line.get_data()
+    assert list(xs) == list(range(-3, 5))
+    assert ys[3] == pytest.approx(at_flip, rel=1e-6)
+    # top row: by raw step, over the same (flipping) examples
+    raw = next(l for l in axes[0, 1].lines if len(l.get_xdata()) == 13)
+    assert raw.get_ydata()[0] == pytest.approx(np.median([float(tr.kappa_sq[0, i]) for i in kept]), rel=1e-6)
+    assert "n=0" in axes[0, 2].get_title() and any("no example flips" in t.get_text() for t in axes[0, 2].texts)
+    assert f"n={len(kept)}" in axes[0, 0].get_title()
+    plt.close(fig)
+    with pytest.raises(ValueError, match="at least one"):
+        an.valley_comparison_figure({})
+    with pytest.raises(ValueError, match="unknown quantity"):
+        an.valley_comparison_figure({"a": tr}, "sharpness")
+
+
+def test_uncanny_valley_figure_overlays_models_in_given_axes():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    torch.manual_seed(0)
+    model = Tiny(k=3, m=5, n_in=4).eval()
+    x = torch.rand(32, 4)
+    y = model(x).argmax(1)
+    trs = [pgd(model, x, y, eps=3.0, steps=12, step_size=s, record=True, clip=None, warn=False).trajectory
+           for s in (0.5, 0.25)]
+    qs = ("kappa_sq", "loss")
+    fig, axes = plt.subplots(2, len(qs), squeeze=False)
+    for tr, name, c in zip(trs, ("a", "b"), ("C0", "C3")):
+        out = an.uncanny_valley_figure(tr, before=2, after=2, quantities=qs, axes=axes, label=name, color=c)
+        assert out is fig
+    for ax in axes.flat:
+        # one median line per model, in its colour, labelled with its name and n
+        lines = [ln for ln in ax.get_lines() if ln.get_label().startswith(("a (", "b ("))]
+        assert [ln.get_label().split(" ")[0] for ln in lines] == ["a", "b"]
+        assert [ln.get_color() for ln in lines] == ["C0", "C3"]
+        # the first median is the raw/aligned median of model a's flipping examples
+    top = [ln for ln in axes[0, 1].get_lines() if ln.get_label().startswith("a (")][0]
+    keep = trs[0].flip_step >= 1
+    np.testing.assert_allclose(top.get_ydata(), np.nanmedian(trs[0].loss[:, keep].double().numpy(), axis=1))
+    with pytest.raises(ValueError, match="axes"):
+        an.uncanny_valley_figure(trs[0], quantities=qs, axes=axes[:1])
+    plt.close(fig)

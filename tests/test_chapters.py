@@ -63,3 +63,22 @@ def test_a_failing_chapter_is_reported_with_its_cell_and_error(tmp_path):
     assert "broken.ipynb" in message and "AssertionError: the maths broke" in message
     # the executed copy numbers cells after papermill's injected-parameters cell
     assert "cell In [4]" in message
+
+
+def test_figures_are_stored_even_when_the_caller_sets_agg(tmp_path, monkeypatch):
+    # CI sets MPLBACKEND=Agg; a kernel that inherited it would store no figure in the chapter
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    nb = new_notebook(cells=[
+        new_code_cell('profile = "auto"', metadata={"tags": ["parameters"]}),
+        new_code_cell("import matplotlib.pyplot as plt\nplt.plot([0, 1], [1, 0])\nplt.show()"),
+    ])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    src = tmp_path / "plot.ipynb"
+    nbformat.write(nb, src)
+    book.execute(src, tmp_path / "out.ipynb", {"profile": "quick"}, cell_timeout=120)
+    outputs = [o for c in json.loads((tmp_path / "out.ipynb").read_text())["cells"] for o in c.get("outputs", [])]
+    assert any("image/png" in o.get("data", {}) for o in outputs)
+    assert os.environ["MPLBACKEND"] == "Agg"  # restored for the caller

@@ -328,3 +328,60 @@ def test_vit_curvature_both_ad_routes_agree():
             return F.cross_entropy(vit(z), y, reduction="none")
         fd = (loss(x + h * d) - 2 * loss(x) + loss(x - h * d)) / h**2
     torch.testing.assert_close(curv, fd, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- directions on / off the manifold
+
+
+def _augment(x, kind, s):
+    """Independent reference: the augmentation itself (grid_sample / torchvision), no clamping."""
+    if kind in ("shift_x", "shift_y"):
+        n, _, h, w = x.shape
+        ys, xs = torch.meshgrid(torch.arange(h, dtype=DT), torch.arange(w, dtype=DT), indexing="ij")
+        if kind == "shift_x":
+            xs = xs + s
+        else:
+            ys = ys + s
+        # align_corners=True: pixel j sits at -1 + 2 j / (w - 1)
+        grid = torch.stack([2 * xs / (w - 1) - 1, 2 * ys / (h - 1) - 1], dim=-1).expand(n, h, w, 2)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    import torchvision.transforms.functional as TF
+
+    fn = TF.adjust_brightness if kind == "brightness" else TF.adjust_contrast
+    return fn(x, 1 + s)
+
+
+def test_augmentation_directions_are_the_augmentations_tangents():
+    g = torch.Generator().manual_seed(0)
+    # pixels inside (0.1, 0.9) so torchvision's clamp to [0, 1] does not bind for small factors
+    x = 0.1 + 0.8 * torch.rand(3, 3, 6, 7, generator=g, dtype=DT)
+    d = fl.augmentation_directions(x)
+    assert d.shape == (len(fl.AUGMENTATIONS), *x.shape)
+    torch.testing.assert_close(d.flatten(2).norm(dim=-1), torch.ones(d.shape[:2], dtype=DT), rtol=1e-12, atol=0)
+    h = 1e-6
+    for p, kind in enumerate(fl.AUGMENTATIONS):
+        # one-sided difference: bilinear shifts are linear in s on [0, 1), the others linear in s
+        fd = (_augment(x, kind, h) - x) / h
+        ref = fd / fd.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        torch.testing.assert_close(d[p], ref, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="vanishes"):
+        fl.augmentation_directions(torch.full((1, 3, 4, 4), 0.5, dtype=DT), kinds=("shift_x",))
+    with pytest.raises(ValueError, match="kinds"):
+        fl.augmentation_directions(x, kinds=("rotate",))
+
+
+def test_loss_along_matches_curvature_by_finite_differences(input_case):
+    net, x, y, dense = input_case
+    d = fl.unit_directions(torch.randn(x.shape, dtype=DT, generator=torch.Generator().manual_seed(5)), input_dims=1)
+    torch.testing.assert_close(d.norm(dim=1), torch.ones(len(x), dtype=DT), rtol=1e-12, atol=0)
+    h = 1e-4
+    prof = fl.loss_along(net, x, y, d, [-h, 0.0, h])
+    assert prof.shape == (3, len(x)) and bool((prof[1] == 0).all())
+    ref = torch.einsum("ni,nij,nj->n", d, dense, d)
+    torch.testing.assert_close((prof[0] + prof[2]) / h**2, ref, rtol=1e-5, atol=1e-6)
+    # and the loss change itself against direct evaluation
+    t = 0.7
+    direct = F.cross_entropy(net(x + t * d), y, reduction="none") - F.cross_entropy(net(x), y, reduction="none")
+    torch.testing.assert_close(fl.loss_along(net, x, y, d, [t])[0], direct.detach(), rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="zero"):
+        fl.unit_directions(torch.zeros(2, 5, dtype=DT), input_dims=1)

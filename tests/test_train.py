@@ -235,3 +235,10 @@ def test_a_second_process_waits_for_the_first_and_loads_its_result(cifar_root):
     worker.join(timeout=120)
     assert not worker.is_alive() and torch.load(ckpt, weights_only=False)["done"]
     assert not result["model"].training
+
+
+def test_full_profile_vit_uses_an_adamw_learning_rate():
+    vit = T.config_for("vit_tiny", "cifar10", profile="full")
+    assert vit.lr == 1e-3 and vit.weight_decay == 0.05 and vit.epochs == 100
+    # the CNNs keep the paper's SGD recipe
+    assert T.config_for("wrn28_4", "cifar10", profile="full").lr == 0.1
