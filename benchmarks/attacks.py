@@ -25,53 +25,22 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flatnb import attacks  # noqa: E402
+from flatnb import attacks, data, models, train  # noqa: E402
 from flatnb.runtime import describe_device, resolve_device  # noqa: E402
-
-
-class _LocalResNet(nn.Module):
-    """Fallback ResNet-like model following the flatnb contract (used only if flatnb.models is missing)."""
-
-    def __init__(self, width: int, k: int = 10):
-        super().__init__()
-
-        def block(i, o, s):
-            return nn.Sequential(nn.Conv2d(i, o, 3, s, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU())
-
-        self.body = nn.Sequential(block(3, width, 1), block(width, width, 1), block(width, 2 * width, 2),
-                                  block(2 * width, 4 * width, 2), block(4 * width, 8 * width, 2),
-                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Linear(8 * width, k)
-
-    def features(self, x):
-        return self.body(x)
-
-    def forward(self, x):
-        return self.head(self.features(x))
 
 
 def load_model(width: int, trained: str | None, device):
     if trained:
-        from flatnb import train
-
         model = train.trained_model("resnet18", "cifar10", profile=trained, device=device)
         return model, f"flatnb trained ResNet-18, {trained} profile (cached checkpoint)"
-    try:
-        from flatnb import models
-
-        return models.build("resnet18", 10, width=width), f"flatnb.models resnet18 width={width} (random init)"
-    except (ImportError, AttributeError) as e:
-        return _LocalResNet(width), f"FALLBACK local ResNet-like width={width} (random init; {e})"
+    return models.build("resnet18", 10, width=width), f"flatnb.models resnet18 width={width} (random init)"
 
 
 def load_inputs(n: int):
     try:
-        from flatnb import data
-
         # a seeded subset over all classes: the JPEG test split is stored class by class, so its first
         # 1000 images are all airplanes (an H100 run on those gave a random-init model 97.7 % "accuracy")
         ds = data.subset(data.load("cifar10", "test"), n=n, seed=0)
@@ -102,9 +71,7 @@ def main(argv=None):
     eps, alpha, steps = 8 / 255, 2 / 255, args.steps
     model, model_desc = load_model(args.width, args.trained, dev)
     model = model.to(dev).eval()
-    from flatnb import models as fmodels
-
-    folded = fmodels.fold_batchnorm(model)
+    folded = models.fold_batchnorm(model)
     x, y, data_desc = load_inputs(args.n)
     x, y = x.to(dev), y.to(dev)
 
@@ -140,7 +107,7 @@ def main(argv=None):
         "flatnb pgd fp32, fold_batchnorm(model)": run_folded,
     }
     if dev.type == "cuda":
-        model_cl = fmodels.fold_batchnorm(model).to(memory_format=torch.channels_last)
+        model_cl = models.fold_batchnorm(model).to(memory_format=torch.channels_last)
         x_cl = x.contiguous(memory_format=torch.channels_last)
 
         def run_bf16():

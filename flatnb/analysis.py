@@ -210,24 +210,9 @@ def uncanny_valley_figure(traj, title: str = "", before: int = 5, after: int = 1
         if axes is None:
             raise ValueError(f"axes must hold 2 x {nq} matplotlib axes (one column per quantity)")
         fig = axes[0, 0].figure
-    steps = np.arange(traj.loss.shape[0])
-    name = "median" if label is None else f"{label} (n={int(keep.sum())})"
+    name = None if label is None else f"{label} (n={int(keep.sum())})"
     for j, q in enumerate(quantities):
-        vals = _values(traj, q)
-        # raw steps: only examples that flip, so both rows describe the same examples
-        raw = step_summary(vals[:, keep])
-        offsets, aligned = align_at_flip(vals, traj.flip_step, before, after)
-        al = step_summary(aligned)
-        for ax, x, s, xl in ((axes[0, j], steps, raw, "attack step"), (axes[1, j], offsets, al, "steps after the flip")):
-            ax.plot(x, s[0.5], color=color, lw=1.8, label=name)
-            ax.fill_between(x, s[0.25], s[0.75], color=color, alpha=0.25,
-                            label="quartiles" if label is None else None)
-            ax.set_xlabel(xl)
-            ax.set_ylabel(QUANTITIES[q], fontsize=8)
-            if q.startswith("kappa") or q in ("trace_h", "gini"):
-                ax.set_yscale("log")
-            if xl.startswith("steps after"):
-                ax.axvline(0, color="k", ls=":", lw=1)
+        _valley_panels(axes[0, j], axes[1, j], traj, q, before, after, color=color, label=name)
     axes[0, 0].legend(fontsize=7)
     if own:
         fig.suptitle(f"{title} (n={int(keep.sum())} examples that flip; no random start)", fontsize=10)
@@ -468,9 +453,12 @@ def valley_medians(traj, quantity: str = "kappa_sq") -> dict[str, float]:
             "end": float(vals[-1, cols].quantile(0.5))}
 
 
-def _valley_panels(ax_raw, ax_aligned, traj, quantity: str, before: int, after: int, color="C0") -> int:
+def _valley_panels(ax_raw, ax_aligned, traj, quantity: str, before: int, after: int, color="C0",
+                   label: str | None = None) -> int:
     """Median and quartile band of ``quantity`` over the flipping examples: by raw step on ``ax_raw``,
-    aligned at the flip on ``ax_aligned``.  Returns how many examples flip (0: nothing drawn)."""
+    aligned at the flip on ``ax_aligned`` (both rows describe the same examples).  ``label`` names the
+    median line of one model among several (then the band gets no legend entry).  Returns how many
+    examples flip (0: nothing drawn)."""
     cols = _flipping_columns(traj)
     for ax in (ax_raw, ax_aligned):
         ax.set_ylabel(QUANTITIES[quantity], fontsize=8)
@@ -489,8 +477,8 @@ def _valley_panels(ax_raw, ax_aligned, traj, quantity: str, before: int, after: 
     offsets, aligned = align_at_flip(vals, traj.flip_step, before, after)
     al = step_summary(aligned)
     for ax, x, s in ((ax_raw, np.arange(vals.shape[0]), raw), (ax_aligned, offsets, al)):
-        ax.plot(x, s[0.5], color=color, lw=1.8, label="median")
-        ax.fill_between(x, s[0.25], s[0.75], color=color, alpha=0.25, label="quartiles")
+        ax.plot(x, s[0.5], color=color, lw=1.8, label=label or "median")
+        ax.fill_between(x, s[0.25], s[0.75], color=color, alpha=0.25, label="quartiles" if label is None else None)
     return int(cols.numel())
 
 

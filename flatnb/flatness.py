@@ -765,10 +765,10 @@ def augmentation_directions(x: Tensor, kinds=AUGMENTATIONS) -> Tensor:
             else:
                 gray = x.mean(dim=1)
             d = x - gray.mean(dim=(-2, -1)).view(-1, 1, 1, 1)
-        norm = d.flatten(1).norm(dim=1)
-        if not bool((norm > 0).all()):
-            raise ValueError(f"the {kind} direction vanishes for some image (constant image?); drop that image")
-        out.append(d / norm.view(-1, 1, 1, 1))
+        try:
+            out.append(unit_directions(d))
+        except ValueError:
+            raise ValueError(f"the {kind} direction vanishes for some image (constant image?); drop that image") from None
     return torch.stack(out)
 
 
@@ -795,5 +795,6 @@ def loss_along(model, x: Tensor, y: Tensor, direction: Tensor, ts, loss_fn=None)
     if direction.shape != x.shape:
         raise ValueError(f"direction must have the inputs' shape {tuple(x.shape)}, got {tuple(direction.shape)}")
     fn = loss_fn or (lambda z, t: F.cross_entropy(z, t, reduction="none"))
+    d = direction.to(x)
     base = fn(model(x), y)
-    return torch.stack([fn(model(x + float(t) * direction.to(x)), y) - base for t in ts])
+    return torch.stack([fn(model(x + float(t) * d), y) - base for t in ts])
