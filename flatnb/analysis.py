@@ -360,14 +360,12 @@ def claim(id: str, claim: str, paper: str, ours: str, verdict: str, reason: str 
 
 
 def claims_dir(root=None):
-    """Folder of the chapters' claim files: ``root`` or ``<FLATNB_CACHE>/claims``."""
+    """Folder of the chapters' claim files: ``root`` or ``<FLATNB_CACHE>/claims`` (not created here)."""
     from pathlib import Path
 
     from flatnb.runtime import cache_dir
 
-    path = Path(root) if root is not None else cache_dir() / "claims"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return Path(root) if root is not None else cache_dir() / "claims"
 
 
 def save_claims(chapter: str, claims: list[dict], device, profile: str, root=None):
@@ -392,6 +390,7 @@ def save_claims(chapter: str, claims: list[dict], device, profile: str, root=Non
         rows.append({**{k: c[k] for k in _CLAIM_KEYS}, "chapter": chapter,
                      "device": describe_device(device), "profile": profile})
     path = claims_dir(root) / f"{chapter}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
@@ -409,7 +408,7 @@ def load_claims(root=None) -> list[dict]:
     import json
 
     rows = []
-    for path in sorted(claims_dir(root).glob("*.json")):
+    for path in sorted(claims_dir(root).glob("*.json")):  # a missing folder globs to nothing
         try:
             rows.extend(json.loads(path.read_text()))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -47,3 +47,9 @@ def test_unsaved_rows_render_without_empty_columns():
     table = an.claims_markdown([an.claim("E5", "stump", "0.92", "0.61", "partly", "why")])
     assert table.splitlines()[0] == "| # | claim | paper | this book | verdict | why |"
     json.dumps(an.claim("E5", "s", "p", "o", "partly"))  # rows are plain JSON
+
+
+def test_loading_from_a_missing_folder_reads_nothing_and_creates_nothing(tmp_path):
+    missing = tmp_path / "no" / "claims"
+    assert an.load_claims(missing) == []
+    assert not missing.exists()
