@@ -45,24 +45,10 @@ QUANTITIES = {
 
 
 def scaled_head(model: nn.Module, s: float) -> nn.Module:
-    """A deep copy of ``model`` with ``head.weight`` and ``head.bias`` multiplied by ``s``.
+    """Deprecated name of :func:`flatnb.models.scale_head`."""
+    from flatnb.models import scale_head
 
-    Scaling both is softmax temperature ``1/s``: logits become ``s * z``, so the
-    arg max (every decision) is unchanged while the confidence and the flatness
-    measures change (PAPER §3, §6.2).  The original model is not touched; the copy
-    keeps the original's train/eval mode, device and dtype.
-    """
-    if not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
-        raise ValueError(f"the scale s must be a finite number > 0, got {s!r}")
-    head = getattr(model, "head", None)
-    if not isinstance(head, nn.Linear):
-        raise TypeError(f"{type(model).__name__} has no nn.Linear `head`; scaled_head needs the flatnb model contract")
-    out = copy.deepcopy(model)
-    with torch.no_grad():
-        out.head.weight.mul_(s)
-        if out.head.bias is not None:
-            out.head.bias.mul_(s)
-    return out
+    return scale_head(model, s)
 
 
 # ----------------------------------------------------------------------------- trajectories

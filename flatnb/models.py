@@ -1,271 +1,35 @@
-"""Networks that share one contract: ``features(x) -> (N, m)``, ``head`` = final ``nn.Linear``,
-``forward(x) == head(features(x))``. Inputs are pixels in [0, 1]; every model
-normalises inside itself (per-channel mean/std buffers), so attacks work in [0, 1].
+"""The model contract, and what the book does to any model that follows it.
 
-ViT attention uses :func:`torch.nn.functional.scaled_dot_product_attention`. The
-fused flash / memory-efficient kernels have no double backward (PAPER §6.9), so
-on the CPU the ViT always asks for the math backend while grad is enabled. On a
-GPU it uses the fast kernels; for curvature through attention (Hessian-vector
-products, double backward) wrap the computation in
-``with torch.nn.attention.sdpa_kernel(SDPBackend.MATH): ...`` or set
-``model.math_attention = True``. Curvature in the last layer only needs
-``features``, which needs no double backward.
+Contract: ``model.features(x) -> (N, m)`` penultimate features φ, ``model.head`` the
+final ``nn.Linear`` (``in_features = m``), and ``model(x) == model.head(model.features(x))``.
+
+* :func:`build` — the book's networks by name (:mod:`flatnb.architectures`).
+* :func:`wrap` — any classifier whose last layer is an ``nn.Linear`` (a torchvision or
+  timm model, a RobustBench model, your own) as a :class:`HeadModel`, sharing its weights.
+* :func:`scale_head` — the temperature-scaled copy ``f_s`` (weight *and* bias times ``s``).
+* :func:`fold_batchnorm` — the same function with Conv→BatchNorm pairs folded (faster attacks).
+* :func:`check_contract`, :func:`num_features`.
 """
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from flatnb import architectures as arch
 
 MODELS = ("resnet18", "wrn28_4", "vgg11_bn", "vit_tiny", "vit_small")
-_CIFAR10 = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 
 
-class Normalize(nn.Module):
-    """(x - mean) / std per channel, with mean/std as buffers (saved in checkpoints)."""
-
-    def __init__(self, mean=_CIFAR10[0], std=_CIFAR10[1]):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-
-    def forward(self, x):
-        return (x - self.mean) / self.std
-
-
-class ContractModel(nn.Module):
-    """Base class: subclasses define ``self.norm``, ``self.head`` and ``_features``."""
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate features φ(x), shape (N, m)."""
-        return self._features(self.norm(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-
-# ----------------------------------------------------------------------------- ResNet-18
-
-class BasicBlock(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
-
-
-class ResNet18(ContractModel):
-    """CIFAR ResNet-18: 3×3 stem, no max-pool, stages of width w, 2w, 4w, 8w; m = 8w (512 at w=64)."""
-
-    def __init__(self, num_classes, width=64, mean=_CIFAR10[0], std=_CIFAR10[1]):
-        super().__init__()
-        self.norm = Normalize(mean, std)
-        w = width
-        self.stem = nn.Sequential(nn.Conv2d(3, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True))
-        layers, cin = [], w
-        for i, cout in enumerate((w, 2 * w, 4 * w, 8 * w)):
-            stride = 1 if i == 0 else 2
-            layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
-            cin = cout
-        self.layers = nn.Sequential(*layers)
-        self.head = nn.Linear(8 * w, num_classes)
-
-    def _features(self, x):
-        return F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1).flatten(1)
-
-
-# ----------------------------------------------------------------------------- WideResNet-28-4
-
-class WideBlock(nn.Module):
-    """Pre-activation wide block (Zagoruyko & Komodakis)."""
-
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(cin)
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.shortcut = None if (stride == 1 and cin == cout) else nn.Conv2d(cin, cout, 1, stride, bias=False)
-
-    def forward(self, x):
-        o = F.relu(self.bn1(x))
-        y = self.conv1(o)
-        y = self.conv2(F.relu(self.bn2(y)))
-        return y + (x if self.shortcut is None else self.shortcut(o))
-
-
-class WideResNet(ContractModel):
-    """WRN-depth-widen; WRN-28-4 has m = 64·4 = 256 features."""
-
-    def __init__(self, num_classes, depth=28, widen=4, mean=_CIFAR10[0], std=_CIFAR10[1]):
-        super().__init__()
-        if (depth - 4) % 6:
-            raise ValueError(f"WideResNet depth must be 6n+4, got {depth}")
-        n = (depth - 4) // 6
-        self.norm = Normalize(mean, std)
-        widths = (16, 16 * widen, 32 * widen, 64 * widen)
-        self.stem = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
-        blocks, cin = [], widths[0]
-        for g, cout in enumerate(widths[1:]):
-            for i in range(n):
-                blocks.append(WideBlock(cin, cout, (1 if g == 0 else 2) if i == 0 else 1))
-                cin = cout
-        self.blocks = nn.Sequential(*blocks)
-        self.bn = nn.BatchNorm2d(cin)
-        self.head = nn.Linear(cin, num_classes)
-
-    def _features(self, x):
-        return F.adaptive_avg_pool2d(F.relu(self.bn(self.blocks(self.stem(x)))), 1).flatten(1)
-
-
-# ----------------------------------------------------------------------------- VGG-11-BN
-
-class VGG11BN(ContractModel):
-    """VGG-11 with BatchNorm and three Linear layers 512→256→256→k (HYDRA style); m = 256."""
-
-    cfg = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
-
-    def __init__(self, num_classes, width=64, mean=_CIFAR10[0], std=_CIFAR10[1]):
-        super().__init__()
-        self.norm = Normalize(mean, std)
-        layers, cin = [], 3
-        for v in self.cfg:
-            if v == "M":
-                layers.append(nn.MaxPool2d(2))
-            else:
-                cout = v * width // 64
-                layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-                cin = cout
-        self.body = nn.Sequential(*layers)
-        self.mlp = nn.Sequential(nn.Linear(cin, 256), nn.ReLU(inplace=True), nn.Linear(256, 256), nn.ReLU(inplace=True))
-        self.head = nn.Linear(256, num_classes)
-
-    def _features(self, x):
-        return self.mlp(F.adaptive_avg_pool2d(self.body(x), 1).flatten(1))
-
-
-# ----------------------------------------------------------------------------- ViT
-
-class Attention(nn.Module):
-    def __init__(self, dim, heads):
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim {dim} must be divisible by heads {heads}")
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x, math_backend: bool):
-        n, t, d = x.shape
-        q, k, v = self.qkv(x).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        if math_backend:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            with sdpa_kernel(SDPBackend.MATH):
-                o = F.scaled_dot_product_attention(q, k, v)
-        else:
-            o = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(o.transpose(1, 2).reshape(n, t, d))
-
-
-class Block(nn.Module):
-    def __init__(self, dim, heads, mlp_ratio=4):
-        super().__init__()
-        self.ln1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)
-        self.ln2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
-
-    def forward(self, x, math_backend):
-        x = x + self.attn(self.ln1(x), math_backend)
-        return x + self.mlp(self.ln2(x))
-
-
-class ViT(ContractModel):
-    """Pre-norm ViT with a class token; patch 4; φ = final LayerNorm of the class token (m = dim).
-
-    ``math_attention``: ``None`` (default) uses the math SDPA backend on the CPU
-    while grad is enabled (the CPU flash kernel has no double backward) and the
-    fast kernels elsewhere; ``True`` always forces the math backend (set it on a
-    GPU before computing curvature through attention).
-    """
-
-    def __init__(self, num_classes, image_size=32, patch=4, dim=192, depth=12, heads=3, mlp_ratio=4,
-                 mean=_CIFAR10[0], std=_CIFAR10[1]):
-        super().__init__()
-        if image_size % patch:
-            raise ValueError(f"image_size {image_size} must be a multiple of patch {patch}")
-        self.norm = Normalize(mean, std)
-        self.math_attention: bool | None = None
-        self.patch_embed = nn.Conv2d(3, dim, patch, patch)
-        tokens = (image_size // patch) ** 2
-        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.02)
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
-        self.ln = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, num_classes)
-        self.apply(_vit_init)
-
-    def _features(self, x):
-        math_backend = bool(self.math_attention) or (
-            self.math_attention is None and x.device.type == "cpu" and torch.is_grad_enabled())
-        t = self.patch_embed(x).flatten(2).transpose(1, 2)
-        t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], dim=1) + self.pos
-        for blk in self.blocks:
-            t = blk(t, math_backend)
-        return self.ln(t[:, 0])
-
-
-def _vit_init(m):
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-
-
-# ----------------------------------------------------------------------------- factory
-
-def build(name: str, num_classes: int, image_size: int = 32, **kw) -> nn.Module:
-    """Build a model by name (``MODELS``); inputs are [0,1] images of ``image_size``.
-
-    kw: ``width`` (resnet18, default 64; vgg11_bn, default 64), ``depth``/``widen``
-    (wrn28_4), ``dim``/``depth``/``heads`` (ViTs), ``mean``/``std`` for the
-    internal normalisation (default: CIFAR-10 statistics).
-    """
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-    if name == "resnet18":
-        model = ResNet18(num_classes, **kw)
-    elif name == "wrn28_4":
-        model = WideResNet(num_classes, **{"depth": 28, "widen": 4, **kw})
-    elif name == "vgg11_bn":
-        model = VGG11BN(num_classes, **kw)
-    elif name == "vit_tiny":
-        model = ViT(num_classes, image_size, **{"dim": 192, "depth": 12, "heads": 3, **kw})
-    elif name == "vit_small":
-        model = ViT(num_classes, image_size, **{"dim": 384, "depth": 12, "heads": 6, **kw})
-    else:
-        raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
-    return model
-
+# ----------------------------------------------------------------------------- the contract
 
 def check_contract(model: nn.Module) -> None:
     """Raise ``TypeError`` unless ``model`` follows the flatnb model contract.
 
-    Contract: ``model.features(x) -> (N, m)`` penultimate features, ``model.head``
-    is the final ``nn.Linear`` (in_features = m), and ``model(x) == model.head(model.features(x))``.
-    Only the structure is checked here (no forward pass).
+    Only the structure is checked here (no forward pass); :func:`wrap` with an
+    ``example`` input also checks ``model(x) == head(features(x))`` numerically.
     """
     problems = []
     if not callable(getattr(model, "features", None)):
@@ -278,6 +42,7 @@ def check_contract(model: nn.Module) -> None:
             f"{type(model).__name__} does not follow the flatnb model contract "
             "(features(x) -> (N, m), head = final nn.Linear, forward(x) == head(features(x))): "
             + "; ".join(problems)
+            + ". Give it the contract with flatnb.models.wrap(model, head='<name of its last Linear>')."
         )
 
 
@@ -287,8 +52,123 @@ def num_features(model: nn.Module) -> int:
     return model.head.in_features
 
 
-class _Features(nn.Module):
-    """``features`` as a module's ``forward``, so torch.fx can trace it."""
+class HeadModel(nn.Module):
+    """A contract model made of two parts: ``features`` (any module or callable) and ``head``."""
+
+    def __init__(self, features: nn.Module, head: nn.Linear):
+        super().__init__()
+        if not isinstance(head, nn.Linear):
+            raise TypeError(f"head must be an nn.Linear, got {type(head).__name__}")
+        self.body = features
+        self.head = head
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        phi = self.body(x)
+        return phi.flatten(1) if phi.dim() > 2 else phi
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+# ----------------------------------------------------------------------------- factory
+
+def build(name: str, num_classes: int, image_size: int = 32, **kw) -> nn.Module:
+    """Build one of the book's networks by name (``MODELS``); inputs are [0,1] images of ``image_size``.
+
+    kw: ``width`` (resnet18, default 64; vgg11_bn, default 64), ``depth``/``widen``
+    (wrn28_4), ``dim``/``depth``/``heads``/``patch`` (ViTs), ``mean``/``std`` for the
+    internal normalisation (default: CIFAR-10 statistics).
+    """
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    if name == "resnet18":
+        return arch.ResNet18(num_classes, **kw)
+    if name == "wrn28_4":
+        return arch.WideResNet(num_classes, **{"depth": 28, "widen": 4, **kw})
+    if name == "vgg11_bn":
+        return arch.VGG11BN(num_classes, **kw)
+    if name == "vit_tiny":
+        return arch.ViT(num_classes, image_size, **{"dim": 192, "depth": 12, "heads": 3, **kw})
+    if name == "vit_small":
+        return arch.ViT(num_classes, image_size, **{"dim": 384, "depth": 12, "heads": 6, **kw})
+    raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
+
+
+# ----------------------------------------------------------------------------- wrap any classifier
+
+def _last_linear_name(model: nn.Module) -> str:
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise TypeError(f"{type(model).__name__} has no nn.Linear layer: flatnb needs a final linear "
+                        "classifier (the head) to split the model into features and head")
+    return names[-1]
+
+
+def _without(model: nn.Module, path: str) -> nn.Module:
+    """A structural copy of ``model`` whose submodule at ``path`` is ``nn.Identity``.
+
+    Only the modules along ``path`` are copied (shallowly); every parameter and buffer
+    is shared with ``model``, which is left untouched.
+    """
+    parts = path.split(".")
+    root = copy.copy(model)
+    root._modules = dict(model._modules)
+    parent = root
+    for p in parts[:-1]:
+        if p not in parent._modules:
+            raise ValueError(f"{type(model).__name__} has no submodule {path!r}")
+        child = copy.copy(parent._modules[p])
+        child._modules = dict(child._modules)
+        parent._modules[p] = child
+        parent = child
+    if parts[-1] not in parent._modules:
+        raise ValueError(f"{type(model).__name__} has no submodule {path!r}")
+    parent._modules[parts[-1]] = nn.Identity()
+    return root
+
+
+def wrap(model: nn.Module, head: str | None = None, example: torch.Tensor | None = None) -> HeadModel:
+    """Give ``model`` the flatnb contract: ``features`` = the model with its head replaced by the
+    identity, ``head`` = its final ``nn.Linear``. Weights are shared, not copied.
+
+    ``head`` names the last linear layer as a dotted path (``"fc"`` for torchvision ResNets,
+    ``"classifier.6"`` for torchvision VGG, ``"head"`` for timm ViTs, ``"linear"`` or ``"fc"``
+    for most RobustBench CIFAR models); by default the last ``nn.Linear`` registered in the
+    model. That default is a guess about execution order, so pass ``example`` (a small batch
+    of valid inputs) to check ``model(x) == head(features(x))``: a mismatch raises
+    ``ValueError`` naming the layer and the fix. Models that already follow the contract are
+    returned wrapped as they are.
+    """
+    if isinstance(model, HeadModel):
+        return model
+    if callable(getattr(model, "features", None)) and isinstance(getattr(model, "head", None), nn.Linear) \
+            and head is None:
+        wrapped = HeadModel(_FeaturesOf(model), model.head)
+    else:
+        path = head or _last_linear_name(model)
+        layer = model.get_submodule(path)
+        if not isinstance(layer, nn.Linear):
+            raise TypeError(f"{path!r} is a {type(layer).__name__}, not an nn.Linear; name the model's "
+                            "final linear layer with head=...")
+        wrapped = HeadModel(_without(model, path), layer)
+    wrapped.train(model.training)
+    if example is not None:
+        with torch.no_grad():
+            ref = model(example)
+            try:
+                out = wrapped(example)
+            except RuntimeError:  # removing a layer that is not last breaks the shapes downstream
+                out = None
+        if out is None or ref.shape != out.shape or not torch.allclose(ref, out, rtol=1e-4, atol=1e-5):
+            raise ValueError(
+                f"model(x) != head(features(x)) with head {head or _last_linear_name(model)!r}: that layer "
+                "is not the last operation of the model's forward (or something follows it); pass "
+                "head='<path of the final nn.Linear>'")
+    return wrapped
+
+
+class _FeaturesOf(nn.Module):
+    """``model.features`` as a module's forward (for models that already follow the contract)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -298,20 +178,27 @@ class _Features(nn.Module):
         return self.model.features(x)
 
 
-class FoldedModel(nn.Module):
-    """A contract model whose ``features`` is a traced graph with Conv→BatchNorm pairs folded."""
+# ----------------------------------------------------------------------------- temperature
 
-    def __init__(self, features: nn.Module, head: nn.Linear):
-        super().__init__()
-        self.folded_features = features
-        self.head = head
+def scale_head(model: nn.Module, s: float) -> nn.Module:
+    """A deep copy of ``model`` with ``head.weight`` and ``head.bias`` multiplied by ``s``.
 
-    def features(self, x):
-        return self.folded_features(x)
+    Scaling both is softmax temperature ``1/s``: logits become ``s * z``, so the arg max
+    (every decision) is unchanged while the confidence and the flatness measures change.
+    The original model is not touched; the copy keeps its train/eval mode, device and dtype.
+    """
+    if not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
+        raise ValueError(f"the scale s must be a finite number > 0, got {s!r}")
+    check_contract(model)
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        out.head.weight.mul_(s)
+        if out.head.bias is not None:
+            out.head.bias.mul_(s)
+    return out
 
-    def forward(self, x):
-        return self.head(self.folded_features(x))
 
+# ----------------------------------------------------------------------------- BatchNorm folding
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """An eval-mode copy of ``model`` with every Conv→BatchNorm pair folded into one conv.
@@ -331,8 +218,8 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     from torch.fx.experimental.optimization import fuse
 
     try:
-        features = fuse(_Features(model), inplace=False)
+        features = fuse(_FeaturesOf(model), inplace=False)
     except Exception as e:  # noqa: BLE001 - any tracing failure gets the same advice
         raise ValueError(f"{type(model).__name__}.features cannot be traced by torch.fx ({type(e).__name__}: {e}); "
                          "attack the unfolded model instead") from e
-    return FoldedModel(features, copy.deepcopy(model.head)).eval()
+    return HeadModel(features, copy.deepcopy(model.head)).eval()

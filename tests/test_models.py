@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from flatnb import models
+from flatnb import architectures, models
 
 # small sizes keep the tests fast; the default sizes are checked structurally below
 SMALL = [
@@ -54,7 +54,7 @@ def test_resnet_width_multiplier():
 
 
 def test_normalize_matches_formula():
-    norm = models.Normalize((0.1, 0.2, 0.3), (0.5, 0.25, 2.0))
+    norm = architectures.Normalize((0.1, 0.2, 0.3), (0.5, 0.25, 2.0))
     x = torch.rand(2, 3, 4, 4)
     ref = torch.stack([(x[:, 0] - 0.1) / 0.5, (x[:, 1] - 0.2) / 0.25, (x[:, 2] - 0.3) / 2.0], 1)
     assert torch.allclose(norm(x), ref)
@@ -150,3 +150,65 @@ def test_fold_batchnorm_refuses_training_mode_and_passes_vits_through():
         models.fold_batchnorm(model.train())
     vit = models.build("vit_tiny", 10, depth=1).eval()
     assert models.fold_batchnorm(vit) is vit
+
+
+# ----------------------------------------------------------------------------- wrap
+
+
+def _same(a, b):
+    return torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("builder,head", [("resnet18", "fc"), ("vgg11_bn", "classifier.6"), ("resnet18", None)])
+def test_wrap_torchvision_models_share_weights_and_keep_the_function(builder, head):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    net = getattr(torchvision.models, builder)(weights=None, num_classes=7).eval()
+    x = torch.rand(2, 3, 32, 32)
+    wrapped = models.wrap(net, head=head, example=x)
+    models.check_contract(wrapped)
+    with torch.no_grad():
+        ref = net(x)
+        phi = wrapped.features(x)
+        assert phi.shape == (2, wrapped.head.in_features)
+        assert _same(wrapped(x), ref) and _same(wrapped.head(phi), ref)
+    # weights are shared, not copied: a change to the original shows in the wrapper
+    with torch.no_grad():
+        wrapped.head.weight.mul_(2.0)
+        assert _same(wrapped(x), net(x))
+    assert isinstance(net.get_submodule(head or ("fc" if builder == "resnet18" else "classifier.6")), nn.Linear)
+
+
+def test_wrap_rejects_a_layer_that_is_not_last_and_non_linear_heads():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.out = nn.Linear(4, 3)  # registered first, runs last
+            self.hidden = nn.Linear(6, 4)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.hidden(x)))
+
+    net = TwoHeads()
+    x = torch.randn(5, 6)
+    with pytest.raises(ValueError, match="head="):
+        models.wrap(net, example=x)  # the default guess (last registered Linear) is 'hidden'
+    wrapped = models.wrap(net, head="out", example=x)
+    assert _same(wrapped(x), net(x))
+    with pytest.raises(TypeError, match="not an nn.Linear"):
+        models.wrap(nn.Sequential(nn.Linear(6, 4), nn.ReLU()), head="1")
+    with pytest.raises(TypeError, match="no nn.Linear"):
+        models.wrap(nn.Sequential(nn.ReLU()))
+
+
+def test_scale_head_is_temperature():
+    torch.manual_seed(0)
+    model = models.build("resnet18", 10, width=4).eval()
+    x = torch.rand(3, 3, 32, 32)
+    scaled = models.scale_head(model, 7.0)
+    with torch.no_grad():
+        assert _same(scaled(x), 7.0 * model(x))
+    assert scaled.head.weight.data_ptr() != model.head.weight.data_ptr()
+    for bad in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="scale"):
+            models.scale_head(model, bad)
