@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from flatnb import flatness as fl
+from flatnb import curvature as fl
 from flatnb import models
 from flatnb.runtime import describe_device, resolve_device
 

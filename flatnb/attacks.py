@@ -48,7 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from flatnb.flatness import class_distances, closed_form
+from flatnb.curvature.last_layer import class_distances, closed_form
 from flatnb.models import check_contract
 from flatnb.runtime import draw
 

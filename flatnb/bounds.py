@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from flatnb.flatness import kappa_layerwise, kappa_neuronwise
+from flatnb.curvature.last_layer import kappa_layerwise, kappa_neuronwise
 from flatnb.runtime import draw
 
 Tensor = torch.Tensor

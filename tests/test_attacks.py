@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flatnb import attacks
-from flatnb.flatness import closed_form, kappa_from_hessian, last_layer_hessian_autograd
+from flatnb.curvature import closed_form, kappa_from_hessian, last_layer_hessian_autograd
 
 K = 5
 HYP = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flatnb import bounds as bd
-from flatnb import flatness as fl
+from flatnb import curvature as fl
 
 DT = torch.float64
 torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flatnb import flatness as fl
+from flatnb import curvature as fl
 from flatnb.runtime import resolve_profile
 
 DT = torch.float64

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flatnb import flatness as fl
+from flatnb import curvature as fl
 from flatnb import models
 
 DT = torch.float64
