@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from flatnb import analysis as an
+from flatnb import claims as an
 
 
 def test_claim_validates_its_verdict_and_fields():
