@@ -1,55 +1,97 @@
-"""The verdict-table plumbing: claims are validated, saved atomically, read back, rendered."""
+"""The verdict policy (claims), its intervals (stats) and the run records that carry the rows."""
 import json
+import math
 
+import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from flatnb import claims as an
+from flatnb import claims, records, stats
 
 
-def test_claim_validates_its_verdict_and_fields():
-    row = an.claim("E3", "scaling defeats CE-PGD", "93 %", "88.9 %", "reproduced", "within 5 points")
-    assert row["verdict"] == "reproduced" and row["id"] == "E3"
+def test_wilson_matches_an_independent_formula_and_known_values():
+    # Wilson (1927) written out from its definition: the p solving |p_hat - p| = z sqrt(p(1-p)/n)
+    def roots(k, n, z=stats.Z95):
+        ph = k / n
+        a, b, c = 1 + z * z / n, -(2 * ph + z * z / n), ph * ph
+        d = math.sqrt(b * b - 4 * a * c)
+        return (-b - d) / (2 * a), (-b + d) / (2 * a)
+
+    for k, n in ((0, 10), (3, 10), (10, 10), (77, 100), (1, 1000)):
+        lo, hi = stats.wilson(k, n)
+        rl, rh = roots(k, n)
+        assert math.isclose(lo, max(0.0, rl), abs_tol=1e-12) and math.isclose(hi, min(1.0, rh), abs_tol=1e-12)
+    # a textbook value: 81 of 263 -> [0.2553, 0.3662] (Newcombe 1998, table I)
+    lo, hi = stats.wilson(81, 263)
+    assert abs(lo - 0.2553) < 5e-4 and abs(hi - 0.3662) < 5e-4
+
+
+@given(st.integers(1, 500).flatmap(lambda n: st.tuples(st.integers(0, n), st.just(n))))
+def test_wilson_contains_the_point_and_stays_in_unit_interval(kn):
+    k, n = kn
+    lo, hi = stats.wilson(k, n)
+    assert 0 <= lo <= k / n <= hi <= 1
+
+
+def test_fraction_refuses_empty_and_non_boolean_input():
+    with pytest.raises(ValueError, match="n >= 1"):
+        stats.wilson(0, 0)
+    with pytest.raises(ValueError, match="boolean"):
+        stats.Fraction.of(np.array([0.5, 1.0]))
+    f = stats.Fraction.of(np.array([True, False, True, True]))
+    assert (f.k, f.n) == (3, 4) and str(f).startswith("0.75 [")
+
+
+def test_bootstrap_refuses_nan_and_brackets_the_median():
+    with pytest.raises(ValueError, match="non-finite"):
+        stats.bootstrap_ci([1.0, float("nan")])
+    est, lo, hi = stats.bootstrap_ci(np.arange(101.0))
+    assert lo <= est == 50.0 <= hi
+
+
+def test_grade_decides_on_the_interval_not_the_point():
+    assert claims.grade(stats.Fraction(95, 100))[0] == "reproduced"  # interval [0.89, 0.98] >= 0.8
+    assert claims.grade(stats.Fraction(9, 10))[0] == "partly"  # point 0.9, but the interval reaches 0.6
+    assert claims.grade(stats.Fraction(10, 100))[0] == "not reproduced"  # [0.06, 0.17] < 0.5
+    assert claims.grade(stats.Fraction(45, 100))[0] == "partly"
+    verdict, rule = claims.grade(stats.Fraction(95, 100))
+    assert "95 % interval" in rule and "0.8" in rule
+
+
+def test_claim_rows_and_by_construction_rows_are_not_counted():
+    rows = [claims.claim("E3", "a | b", "93 %", "88.9 %", "reproduced"),
+            claims.claim("E4", "transfer", "100 %", "100 %", "reproduced", kind="by construction"),
+            claims.claim("T-bound", "the L^6 form", "stated", "violated", "not reproduced", kind="theory")]
+    assert claims.counts(rows) == {"reproduced": 1, "not reproduced": 1}
+    md = claims.claims_markdown(rows)
+    assert "a \\| b" in md and "by construction, not counted" in md and "| # | why" in md
     with pytest.raises(ValueError, match="verdict must be one of"):
-        an.claim("E3", "x", "y", "z", "maybe")
-    with pytest.raises(ValueError, match="needs an id"):
-        an.claim("", "x", "y", "z", "partly")
+        claims.claim("E3", "x", "y", "z", "maybe")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        claims.claim("E3", "x", "y", "z", "partly", kind="vibes")
+    assert claims.weak_model("reproduced", "r", False, "quick AT model at 40 %")[0] == "not testable here"
 
 
-def test_save_and_load_round_trip_with_chapter_device_profile(tmp_path):
-    rows = [an.claim("E1", "a | b", "yes", "no", "not reproduced", "r"), an.claim("E2", "c", "1", "2", "partly")]
-    path = an.save_claims("06_scale_sweep", rows, "cpu", "quick", root=tmp_path)
-    assert path.name == "06_scale_sweep.json"
-    an.save_claims("05_uncanny_valley", [an.claim("E6", "d", "e", "f", "reproduced")], "cpu", "full", root=tmp_path)
-    loaded = an.load_claims(tmp_path)
-    assert [c["id"] for c in loaded] == ["E6", "E1", "E2"]  # ordered by chapter file
-    assert loaded[0]["profile"] == "full" and loaded[1]["chapter"] == "06_scale_sweep"
-    assert loaded[1]["device"].startswith("cpu")
-    # a second save replaces the chapter's rows (no stale rows from an earlier run)
-    an.save_claims("06_scale_sweep", rows[:1], "cpu", "quick", root=tmp_path)
-    assert [c["id"] for c in an.load_claims(tmp_path)] == ["E6", "E1"]
-    table = an.claims_markdown(an.load_claims(tmp_path))
-    assert "a \\| b" in table  # a pipe in a cell must not break the Markdown table
-    assert table.splitlines()[0].count("|") == 10 and len(table.splitlines()) == 4
-
-
-def test_bad_rows_and_corrupt_files_raise_with_the_fix(tmp_path):
-    with pytest.raises(ValueError, match="saves no claims"):
-        an.save_claims("x", [], "cpu", "quick", root=tmp_path)
-    with pytest.raises(ValueError, match="lacks"):
-        an.save_claims("x", [{"id": "E1"}], "cpu", "quick", root=tmp_path)
-    (tmp_path / "07_gradient_masking.json").write_text("{not json")
-    with pytest.raises(ValueError, match="re-run its chapter"):
-        an.load_claims(tmp_path)
-    assert not list(tmp_path.glob("*.tmp"))
-
-
-def test_unsaved_rows_render_without_empty_columns():
-    table = an.claims_markdown([an.claim("E5", "stump", "0.92", "0.61", "partly", "why")])
-    assert table.splitlines()[0] == "| # | claim | paper | this book | verdict | why |"
-    json.dumps(an.claim("E5", "s", "p", "o", "partly"))  # rows are plain JSON
-
-
-def test_loading_from_a_missing_folder_reads_nothing_and_creates_nothing(tmp_path):
-    missing = tmp_path / "no" / "claims"
-    assert an.load_claims(missing) == []
-    assert not missing.exists()
+def test_records_round_trip_choose_and_reject_corrupt_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLATNB_RUNS", str(tmp_path))
+    rows = [claims.claim("E6-rise", "k rises", "yes", "0.9", "reproduced")]
+    quick = records.meta("05_uncanny_valley", "quick", "cpu", 0, 12.3)
+    p = records.save(rows, quick)
+    assert p == tmp_path / "cpu" / "05_uncanny_valley.quick.json"
+    full = dict(quick, profile="full", slug="nvidia-h200", device="cuda (NVIDIA H200)", date="2099-01-01T00:00:00Z")
+    records.save(rows, full)
+    recs = records.load_all()
+    assert len(recs) == 2
+    for r in recs:
+        r["stale"] = False
+    assert records.choose(recs, "05_uncanny_valley")["meta"]["profile"] == "full"
+    recs[1 if recs[1]["meta"]["profile"] == "full" else 0]["stale"] = True
+    assert records.choose(recs, "05_uncanny_valley")["meta"]["profile"] == "quick"  # stale full loses
+    assert records.choose(recs, "06_scale_sweep") is None
+    (tmp_path / "cpu" / "07_gradient_masking.quick.json").write_text("{not json")
+    with pytest.raises(ValueError, match="delete it and re-run"):
+        records.load_all()
+    with pytest.raises(ValueError, match="saves no rows"):
+        records.save([], quick)
+    json.loads(p.read_text())  # the saved file is plain JSON

@@ -1,0 +1,98 @@
+"""Uncertainty for the book's numbers: Wilson intervals for fractions, bootstrap intervals for the rest.
+
+Every fraction the book reports carries a 95 % interval (:class:`Fraction`), and verdicts are
+decided on the interval, not the point (:func:`flatnb.claims.grade`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+Z95 = 1.959963984540054
+
+
+def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for ``k`` successes in ``n`` trials (Wilson 1927).
+
+    Unlike the normal approximation it stays inside [0, 1] and is sensible at k = 0 or k = n.
+    """
+    k, n = int(k), int(n)
+    if n <= 0:
+        raise ValueError(f"a fraction needs n >= 1 trials, got n={n}: nothing was counted "
+                         "(check the selection that produced it, e.g. no example flipped)")
+    if not 0 <= k <= n:
+        raise ValueError(f"k must be in [0, n], got k={k}, n={n}")
+    p = k / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    lo = 0.0 if k == 0 else max(0.0, centre - half)  # exact ends: rounding must not exclude p_hat
+    hi = 1.0 if k == n else min(1.0, centre + half)
+    return min(lo, p), max(hi, p)
+
+
+@dataclass(frozen=True)
+class Fraction:
+    """``k`` of ``n`` with its 95 % Wilson interval; prints as ``0.82 [0.72, 0.89] (n=77)``."""
+
+    k: int
+    n: int
+
+    @classmethod
+    def of(cls, mask) -> "Fraction":
+        """The fraction of true entries of a boolean tensor or array (NaN-free by construction)."""
+        m = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+        if m.dtype != bool:
+            raise ValueError(f"Fraction.of needs a boolean mask, got dtype {m.dtype}")
+        return cls(int(m.sum()), int(m.size))
+
+    @property
+    def value(self) -> float:
+        if self.n == 0:
+            raise ValueError("a fraction of 0 trials has no value")
+        return self.k / self.n
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        return wilson(self.k, self.n)
+
+    @property
+    def lo(self) -> float:
+        return self.interval[0]
+
+    @property
+    def hi(self) -> float:
+        return self.interval[1]
+
+    def __str__(self) -> str:
+        if self.n == 0:
+            return "— (n=0)"
+        lo, hi = self.interval
+        return f"{self.value:.2f} [{lo:.2f}, {hi:.2f}] (n={self.n})"
+
+    def pct(self) -> str:
+        """As a percentage: ``45.3 % [42.2, 48.4] (n=1000)``."""
+        lo, hi = self.interval
+        return f"{100 * self.value:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}] (n={self.n})"
+
+
+def bootstrap_ci(values, statistic=np.median, n_boot: int = 2000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float, float]:
+    """``(estimate, lo, hi)``: the statistic and its percentile-bootstrap interval over ``values`` (1-D).
+
+    Non-finite values raise: an interval computed from a NaN is a NaN in disguise.
+    """
+    v = values.detach().cpu().double().numpy() if isinstance(values, torch.Tensor) else np.asarray(values, float)
+    v = v.reshape(-1)
+    if v.size == 0:
+        raise ValueError("bootstrap_ci needs at least one value")
+    if not np.isfinite(v).all():
+        raise ValueError(f"bootstrap_ci got {int((~np.isfinite(v)).sum())} non-finite values; drop or fix them first")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, v.size, size=(n_boot, v.size))
+    boots = np.apply_along_axis(statistic, 1, v[idx])
+    a = (1 - level) / 2
+    return float(statistic(v)), float(np.quantile(boots, a)), float(np.quantile(boots, 1 - a))
