@@ -6,7 +6,7 @@
 
 :func:`setup` resolves the profile and the device, seeds torch, picks the CPU thread count, sets the
 figure style, reads the chapter's sample sizes for its profile (``ch.sizes``, from
-:data:`flatnb.recipes.SIZES`) and shows the banner: which profile, device, date and commit the page
+:data:`flatnb.budgets.SIZES`) and shows the banner: which profile, device, date and commit the page
 shows, which data, which model and its clean accuracy, and where the paper-scale run is. Nothing
 here is global: a :class:`Chapter` holds it all, and helpers take it as an argument.
 """
@@ -175,10 +175,8 @@ def setup(stem: str, profile: str = "auto", device: str = "auto", seed: int = 0,
         torch.set_num_threads(max(1, min(n, os.cpu_count() or 1)))
     torch.manual_seed(seed)
     _style()
-    try:
-        from flatnb.recipes import SIZES
-    except ImportError:
-        SIZES = {}
+    from flatnb.budgets import SIZES
+
     sizes = SIZES.get(stem, {}).get(prof, {})
     ch = Chapter(stem, prof, dev, seed, sizes)
     if banner:

@@ -1,0 +1,67 @@
+"""Named attack budgets and each chapter's sample sizes per profile: one explicit table each.
+
+Training configurations live in :mod:`flatnb.recipes`; this module holds the rest of the book's
+configuration. A chapter reads its sizes as ``ch.sizes`` (:func:`flatnb.chapter.setup`) and its
+attacks as ``budgets.ATTACKS["pgd_linf_long"]`` (keyword arguments for :func:`flatnb.attacks.pgd`).
+"""
+# ============================================================================= attack budgets
+# The named attacks the chapters share (Walter et al. 2026 §5; the Uncanny Valley code's defaults).
+# Each is a dict of keyword arguments for flatnb.attacks.pgd (norm, eps, steps, step_size).
+
+ATTACKS = {
+    # E3/E6: the paper's standard attack, PGD-ℓ∞ 8/255, 10 steps of 2/255 (no random start for trajectories)
+    "pgd_linf_8": dict(norm="linf", eps=8 / 255, steps=10, step_size=2 / 255),
+    # E6: the long attack that keeps pushing after the flip, ε = 0.1, 30 steps of 0.0078
+    "pgd_linf_long": dict(norm="linf", eps=0.1, steps=30, step_size=0.0078),
+    # E1: the weak ℓ2 attack of the scale sweep, ε = 0.025, 25 steps of 0.001
+    "pgd_l2_e1": dict(norm="l2", eps=0.025, steps=25, step_size=0.001),
+    # E2: the basin-width attack, PGD-ℓ2 ε = 0.5, 50 steps of 0.01
+    "pgd_l2_e2": dict(norm="l2", eps=0.5, steps=50, step_size=0.01),
+}
+
+
+# ============================================================================= chapter sizes
+# Sample sizes per chapter and profile (read by flatnb.chapter.setup into ``ch.sizes``).
+# quick: minutes on 2 CPU cores, CI; full: the paper's scale on one GPU.
+
+SIZES = {
+    "01_relative_flatness": {
+        "quick": dict(hidden=64, n_check=24, train_steps=300),
+        "full": dict(hidden=256, n_check=200, train_steps=2000)},
+    "02_inputs_are_weights": {
+        "quick": dict(n_lemma=16, deltas=(0.05, 0.25, 1.0), pgd_steps=8, lip_iter=10, n_small=256,
+                      small_train=4000, small_epochs=4, n_mc=2000, n_mc_samples=8),
+        "full": dict(n_lemma=500, deltas=(0.01, 0.05, 0.25, 1.0, 2.0), pgd_steps=50, lip_iter=50, n_small=2000,
+                     small_train=20000, small_epochs=10, n_mc=20000, n_mc_samples=64)},
+    "03_local_bound": {
+        "quick": dict(n_mlp=300, n_small=200, small_train=4000, small_epochs=4, steps=20, restarts=2,
+                      n_resnet=12, resnet_deltas=(0.01, 0.05, 0.25, 1.0), resnet_steps=8, lip_iter=10),
+        "full": dict(n_mlp=2000, n_small=2000, small_train=20000, small_epochs=10, steps=100, restarts=10,
+                     n_resnet=500, resnet_deltas=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0),
+                     resnet_steps=50, lip_iter=50)},
+    "04_local_not_global": {
+        "quick": dict(n_test=1000, n_pairs=200_000, grid=161, toy_steps=800),
+        "full": dict(n_test=10_000, n_pairs=2_000_000, grid=321, toy_steps=3000)},
+    "05_uncanny_valley": {
+        "quick": dict(n_test=128, batch=128, confident=0.8),
+        "full": dict(n_test=10_000, batch=500, confident=0.9)},
+    "06_scale_sweep": {
+        "quick": dict(n_test=32, batch=32),
+        "full": dict(n_test=10_000, batch=500)},
+    "07_gradient_masking": {
+        "quick": dict(n_test=48, batch=48, apgd_steps=25),
+        "full": dict(n_test=10_000, batch=500, apgd_steps=100)},
+    "08_flatness_detector": {
+        "quick": dict(n_test=256, batch=128, archs=("main",)),
+        "full": dict(n_test=10_000, batch=500, archs=("main", "wrn28_4"))},
+    "09_adversarial_training": {
+        "quick": dict(n_test=128, n_eval=256, batch=128),
+        "full": dict(n_test=1000, n_eval=10_000, batch=500)},
+    "10_architectures": {
+        "quick": dict(n_test=64, batch=64, n_eval=2000, confident=0.8),
+        "full": dict(n_test=1000, batch=500, n_eval=None, confident=0.9)},
+    "11_off_manifold": {
+        "quick": dict(n_test=64, n_pool=5000, n_random=4, batch=64),
+        "full": dict(n_test=1000, n_pool=50_000, n_random=16, batch=250)},
+    "12_verdict": {"quick": {}, "full": {}},
+}
