@@ -65,3 +65,11 @@ SIZES = {
         "full": dict(n_test=1000, n_pool=50_000, n_random=16, batch=250)},
     "12_verdict": {"quick": {}, "full": {}},
 }
+
+
+# ============================================================================= models the quick chapters use
+# (arch, dataset, recipe) trained before the chapters execute in the tests (tests/conftest.py), so that no
+# chapter trains inside a cell; the same list is what `make book` trains on a cold cache.
+CHAPTER_MODELS = [
+    ("resnet18", "cifar10", "standard"),
+]
