@@ -61,9 +61,27 @@ def commit() -> str | None:
     return _git("rev-parse", "HEAD")
 
 
-def code_commit(chapter: str) -> str | None:
-    """The last commit that changed the chapter's notebook or the package: its code's version."""
-    return _git("log", "-1", "--format=%H", "--", f"book/{chapter}.ipynb", "flatnb")
+def code_fingerprint(chapter: str) -> str | None:
+    """A hash of the code a chapter runs: its notebook's code cells and every module of flatnb.
+
+    Outputs do not count (committing an executed chapter does not make its record stale), and no git
+    history is needed (a shallow clone, as in Colab, can tell a stale record). None when the chapter's
+    notebook is not found.
+    """
+    import hashlib
+
+    nb = REPO / "book" / f"{chapter}.ipynb"
+    if not nb.exists():
+        return None
+    h = hashlib.sha256()
+    cells = json.loads(nb.read_text())["cells"]
+    for c in cells:
+        if c["cell_type"] == "code" and "injected-parameters" not in c.get("metadata", {}).get("tags", []):
+            h.update("".join(c["source"]).encode())
+    for path in sorted((REPO / "flatnb").rglob("*.py")):
+        h.update(str(path.relative_to(REPO)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def dirty() -> bool | None:
@@ -78,7 +96,8 @@ def meta(chapter: str, profile: str, device, seed: int, wall_s: float, **extra) 
     from flatnb.runtime import describe_device
 
     return {"chapter": chapter, "profile": profile, "device": describe_device(device),
-            "slug": device_slug(device), "commit": commit(), "dirty": dirty(), "seed": int(seed),
+            "slug": device_slug(device), "commit": commit(), "dirty": dirty(), "code": code_fingerprint(chapter),
+            "seed": int(seed),
             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "wall_s": round(float(wall_s), 1), "threads": torch.get_num_threads(),
             "versions": {"python": platform.python_version(), "torch": torch.__version__, "flatnb": __version__},
@@ -137,23 +156,12 @@ def load_all(root=None) -> list[dict]:
 
 
 def is_stale(rec: dict) -> bool | None:
-    """True when the chapter's code changed after the run's commit (or the run had uncommitted
-    changes); False when the run's commit is the code's last change or later; None when git history
-    cannot tell (no clone, or a shallow one without the run's commit)."""
-    m = rec["meta"]
-    last = code_commit(m["chapter"])
-    run = m.get("commit")
-    if not last or not run:
+    """True when the code the chapter runs (its code cells and the package, :func:`code_fingerprint`)
+    changed after the run; None when the record or this checkout cannot tell."""
+    then, now = rec["meta"].get("code"), code_fingerprint(rec["meta"]["chapter"])
+    if not then or not now:
         return None
-    if m.get("dirty"):
-        return True
-    if run == last:
-        return False
-    ancestor = subprocess.run(["git", "merge-base", "--is-ancestor", last, run], cwd=REPO,
-                              capture_output=True).returncode if _git("cat-file", "-e", run) is not None else None
-    if ancestor is None:
-        return None
-    return ancestor != 0  # the code's last change is not contained in the run's commit
+    return then != now
 
 
 def choose(records: list[dict], chapter: str) -> dict | None:

@@ -95,3 +95,17 @@ def test_records_round_trip_choose_and_reject_corrupt_files(tmp_path, monkeypatc
     with pytest.raises(ValueError, match="saves no rows"):
         records.save([], quick)
     json.loads(p.read_text())  # the saved file is plain JSON
+
+
+def test_a_record_is_stale_when_the_code_changes_but_not_when_outputs_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLATNB_RUNS", str(tmp_path))
+    rows = [claims.claim("E6-rise", "k rises", "yes", "0.9", "reproduced")]
+    m = records.meta("05_uncanny_valley", "quick", "cpu", 0, 1.0)
+    assert m["code"] == records.code_fingerprint("05_uncanny_valley") is not None
+    records.save(rows, m)
+    assert records.load_all()[0]["stale"] is False
+    records.save(rows, dict(m, code="0" * 16))  # the run saw other code than this checkout has
+    rec = records.load_all()[0]
+    assert rec["stale"] is True and "STALE" in records.label(rec)
+    records.save(rows, dict(m, code=None))  # a record without a fingerprint cannot tell
+    assert records.load_all()[0]["stale"] is None
