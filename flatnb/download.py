@@ -121,7 +121,8 @@ def fetch(url: str, dest: Path, sha256: str | None = None, md5: str | None = Non
             if want is not None:
                 have = file_digest(Path(tmp), algo)
                 if have != want.lower():
-                    raise DownloadError(f"{dest.name} from {url} failed its {algo.upper()} check "
+                    label = {"sha256": "SHA-256", "md5": "MD5"}[algo]
+                    raise DownloadError(f"{dest.name} from {url} failed its {label} check "
                                         f"(got {have}, expected {want}): corrupted or replaced download. {fix}")
         os.chmod(tmp, 0o644)
         os.replace(tmp, dest)

@@ -144,7 +144,7 @@ def test_tiny_download_failures_leave_nothing(tmp_path, server, monkeypatch, cas
     root.mkdir()
     with pytest.raises(dl.DownloadError) as e:
         data.load("tinyimagenet", "train", root=root, download=True)
-    what = {"sha256": "SHA256 check", "md5": "MD5 check", "size": "expected", "cut": "cut off", "404": "404"}[case]
+    what = {"sha256": "SHA-256 check", "md5": "MD5 check", "size": "expected", "cut": "cut off", "404": "404"}[case]
     _expect_clean_failure(e, url, "tiny-imagenet-200.zip", root, what)
     # and nothing was cached or counts as data: a load without download still says "not found"
     with pytest.raises(FileNotFoundError):
