@@ -274,7 +274,7 @@ def _describe(name: str, src: _Source) -> str:
     if src.kind == "pickle-dir":
         return f"{title}, original (torchvision)"
     if src.kind.startswith("tiny"):
-        return f"{title}, original cs231n release ({src.path.name}); test = its labelled validation split"
+        return f"{title}, cs231n release ({src.path.name}); test = its labelled validation split"
     first = next(_iter_files(src.path, lambda rel: rel.lower().endswith((".jpg", ".jpeg"))), None)
     q = dl.jpeg_quality(first[1]) if first is not None else None
     at = f"at quality {q}" if q is not None else "of unknown quality"

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from flatnb import data as fdata
 from flatnb import models as fmodels
 from flatnb.runtime import atomic_save, cache_dir, resolve_device
+from flatnb.weights import read_checkpoint
 
 RECIPES = ("standard", "pgd_at", "trades")
 
@@ -340,7 +341,7 @@ def train(config: TrainConfig, device=None, root=None, train_ds: fdata.Dataset |
     # resumes from (or simply loads) what the first one wrote.
     with _training_lock(ckpt, use_cache):
         start, history = 0, []
-        state = _read_checkpoint(ckpt, device, model) if use_cache and ckpt.exists() else None
+        state = read_checkpoint(ckpt, device, model) if use_cache and ckpt.exists() else None
         if state is not None:
             model.load_state_dict(state["model"])
             if state.get("done"):
@@ -396,40 +397,6 @@ def train(config: TrainConfig, device=None, root=None, train_ds: fdata.Dataset |
         model.eval()
         model.train_info = {"config": dataclasses.asdict(config), "data_digest": ds.digest, "history": history}
         return model
-
-
-_CKPT_KEYS = ("model", "optimizer", "scheduler", "epoch", "history", "done")
-
-
-def _read_checkpoint(ckpt: Path, device, model: nn.Module) -> dict | None:
-    """The checkpoint's contents, or ``None`` after moving a corrupt one aside with a warning.
-
-    Corrupt means: ``torch.load`` fails (truncated file, garbage), a key is missing,
-    or the weights do not fit ``model``. The file goes to ``<name>.corrupt-<UTC time>``
-    (kept for inspection) and training starts again from scratch.
-    """
-    import pickle
-    import time
-    import warnings
-
-    try:
-        state = torch.load(ckpt, map_location=device, weights_only=False)
-        missing = [k for k in _CKPT_KEYS if not isinstance(state, dict) or k not in state]
-        if missing:
-            raise KeyError(f"missing keys {missing}")
-        want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        have = {k: tuple(v.shape) for k, v in state["model"].items()}
-        if want != have:
-            raise KeyError(f"weights do not fit the model ({len(set(want) ^ set(have))} keys differ)")
-    except (OSError, EOFError, pickle.UnpicklingError, RuntimeError, KeyError, AttributeError, TypeError,
-            ValueError) as e:
-        aside = ckpt.with_name(f"{ckpt.name}.corrupt-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
-        os.replace(ckpt, aside)
-        warnings.warn(f"checkpoint {ckpt} is corrupt or truncated ({type(e).__name__}: {e}); moved it to {aside} "
-                      "and training again from scratch (delete that file once you no longer need it)",
-                      RuntimeWarning, stacklevel=3)
-        return None
-    return state
 
 
 def _check_finite(losses: torch.Tensor, epoch: int, step: int, config: TrainConfig) -> None:

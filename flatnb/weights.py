@@ -9,13 +9,18 @@ A Colab reader can load the weights behind a chapter instead of training them
 The file is a plain state dict (``torch.save``; loaded with ``weights_only=True``,
 so a weights file cannot run code). URLs (``http://``, ``https://``, ``file://``)
 are downloaded atomically into ``cache_dir()/weights/`` and reused from there.
+:func:`read_checkpoint` guards the training checkpoints of :func:`flatnb.train.train`:
+a corrupt one is moved aside with a warning instead of stopping the run.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import tempfile
+import time
 import urllib.parse
+import warnings
 from pathlib import Path
 
 import torch
@@ -118,3 +123,35 @@ def load_weights(model: nn.Module, source: str | os.PathLike, sha256: str | None
                            "width the weights were exported from")
     model.load_state_dict(state)
     return model
+
+
+# ----------------------------------------------------------------------------- training checkpoints
+
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "history", "done")
+
+
+def read_checkpoint(ckpt: Path, device, model: nn.Module) -> dict | None:
+    """A training checkpoint's contents (:func:`flatnb.train.train`), or ``None`` after moving a corrupt one aside.
+
+    Corrupt means: ``torch.load`` fails (truncated file, garbage), a key is missing,
+    or the weights do not fit ``model``. The file goes to ``<name>.corrupt-<UTC time>``
+    (kept for inspection) and training starts again from scratch.
+    """
+    try:
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise KeyError(f"missing keys {missing}")
+        want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        have = {k: tuple(v.shape) for k, v in state["model"].items()}
+        if want != have:
+            raise KeyError(f"weights do not fit the model ({len(set(want) ^ set(have))} keys differ)")
+    except (OSError, EOFError, pickle.UnpicklingError, RuntimeError, KeyError, AttributeError, TypeError,
+            ValueError) as e:
+        aside = ckpt.with_name(f"{ckpt.name}.corrupt-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+        os.replace(ckpt, aside)
+        warnings.warn(f"checkpoint {ckpt} is corrupt or truncated ({type(e).__name__}: {e}); moved it to {aside} "
+                      "and training again from scratch (delete that file once you no longer need it)",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    return state
