@@ -103,8 +103,8 @@ def fetch(url: str, dest: Path, sha256: str | None = None, md5: str | None = Non
                         break
                     out.write(chunk)
                     got += len(chunk)
-                    if progress:
-                        print(f"\r{dest.name}: {got / 2**20:.1f} MiB", end="", flush=True)
+                    if progress and (got // 2**20) % 16 == 0:  # a line every 16 MiB, not every chunk
+                        print(f"\r{dest.name}: {got / 2**20:.0f} MiB", end="", flush=True)
             if progress:
                 print()
         except urllib.error.HTTPError as e:
