@@ -2,16 +2,23 @@
 
 Sources (found under :func:`data_root`):
 
-* ``cifar10``: the JPEG layout ``[cifar10-jpeg/]{train,test}/<class>/*.jpg`` as a
-  ``cifar10-jpeg.tar.gz``/``.tar`` or a folder, or torchvision's python-pickle
-  folder ``cifar-10-batches-py`` (downloaded by torchvision when ``download=True``).
-* ``cifar100``: torchvision's pickle folder ``cifar-100-python`` (or download).
+* ``cifar10``: torchvision's python-pickle folder ``cifar-10-batches-py`` (the
+  original images, preferred when present), else the JPEG layout
+  ``[cifar10-jpeg/]{train,test}/<class>/*.jpg`` as a ``cifar10-jpeg.tar.gz``/``.tar``
+  or a folder (a lossy re-encoding: :func:`source_description` says which).
+* ``cifar100``: torchvision's pickle folder ``cifar-100-python``.
 * ``tinyimagenet``: ``tiny-imagenet-200`` as ``.tar.gz``/``.tar``/``.zip`` or a
   folder; ``"test"`` is the labelled validation split (``val/val_annotations.txt``).
+
+With ``download=True`` a missing dataset is fetched (CIFAR through torchvision,
+Tiny ImageNet from its official URL with a checksum; see :mod:`flatnb.download`)
+into the data folder, which is created when missing.
 
 Every split is decoded once into ``cache_dir()/data/<name>-<split>-<key>.pt``; the
 key hashes the source's identity (path, size and mtime of the archive, or of every
 file in a folder), so a changed source is decoded again and never silently reused.
+A cache file is checked against its stored content digest whenever it is read (a
+BLAKE2b of the payload bytes, no re-decode) and decoded again on a mismatch.
 Pixels stay uint8 in the cache and come out of :class:`Loader` as floats in [0, 1]:
 models normalise inside themselves, so attacks work in [0, 1].
 """
@@ -21,18 +28,20 @@ import hashlib
 import os
 import pickle
 import tarfile
+import warnings
 import zipfile
-from dataclasses import dataclass, field
+import zlib
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
 import torch
 
+from flatnb import download as dl
+from flatnb.download import _HOW, _find_source, _root_for, _Source, _source_key, data_root  # noqa: F401
 from flatnb.runtime import atomic_save, cache_dir
 
-DATASETS = ("cifar10", "cifar100", "tinyimagenet")
+DATASETS = dl.DATASETS
 SPLITS = ("train", "test")
-_CACHE_VERSION = 1
 _IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "tinyimagenet": 64}
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "tinyimagenet": 200}
 #: per-channel mean/std of the training sets, used by the models' internal normalisation
@@ -41,13 +50,6 @@ MEAN_STD = {
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "tinyimagenet": ((0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821)),
 }
-_HOW = (
-    "set FLATNB_DATA=/path/to/folder holding cifar10-jpeg.tar.gz, tiny-imagenet-200.tar.gz "
-    "(or .zip / extracted folders) or cifar-100-python/, or pass root=...; "
-    "CIFAR-10/100 can also be fetched by torchvision with download=True"
-)
-
-
 class Dataset(NamedTuple):
     """Decoded split: ``images`` uint8 (N, 3, H, W) on the CPU, ``labels`` int64 (N,)."""
 
@@ -55,119 +57,44 @@ class Dataset(NamedTuple):
     labels: torch.Tensor
     classes: list
     digest: str = ""  # content hash of images+labels+classes (identity for checkpoints)
+    source: str = ""  # what the pixels are, e.g. "CIFAR-10, original (torchvision)"; see source_description
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
 
-# --------------------------------------------------------------------------- roots
-
-def _default_roots() -> list[Path]:
-    cwd = Path.cwd()
-    return [cwd / "data", cwd.parent / "data", cwd.parent / "shared" / "data",
-            cwd.parent.parent / "shared" / "data", Path.home() / ".cache" / "flatnb" / "data"]
-
-
-def data_root(root: str | os.PathLike | None = None) -> Path:
-    """The data folder: ``root`` if given, else ``$FLATNB_DATA``, else the first existing default.
-
-    Defaults tried in order: ``./data``, ``../data``, ``../shared/data``,
-    ``../../shared/data``, ``~/.cache/flatnb/data``. Raises ``FileNotFoundError``
-    listing where it looked and how to provide the data.
-    """
-    if root is not None:
-        candidates, origin = [Path(root).expanduser()], "root argument"
-    elif os.environ.get("FLATNB_DATA"):
-        candidates, origin = [Path(os.environ["FLATNB_DATA"]).expanduser()], "FLATNB_DATA"
-    else:
-        candidates, origin = _default_roots(), "defaults (FLATNB_DATA is not set)"
-    for c in candidates:
-        if c.is_dir():
-            return c.resolve()
-    looked = ", ".join(str(c) for c in candidates)
-    raise FileNotFoundError(f"no data folder found (from {origin}); looked in: {looked}. To fix: {_HOW}")
-
-
-# --------------------------------------------------------------------------- sources
-
-@dataclass
-class _Source:
-    kind: str  # "jpeg-tar" | "jpeg-dir" | "pickle-dir" | "tiny-tar" | "tiny-zip" | "tiny-dir"
-    path: Path
-    prefix: str = ""  # folder inside an archive that holds train/ and test/ (or val/)
-    extra: dict = field(default_factory=dict)
-
-
-def _find_source(name: str, root: Path, download: bool) -> _Source:
-    looked: list[Path] = []
-
-    def exists(p: Path) -> bool:
-        looked.append(p)
-        return p.exists()
-
-    if name == "cifar10":
-        for stem in ("cifar10-jpeg", "cifar10"):
-            for ext in (".tar.gz", ".tgz", ".tar"):
-                if exists(root / f"{stem}{ext}"):
-                    return _Source("jpeg-tar", root / f"{stem}{ext}")
-            if exists(root / stem / "train") and (root / stem / "test").is_dir():
-                return _Source("jpeg-dir", root / stem)
-        if exists(root / "train") and (root / "test").is_dir() and (root / "train" / "airplane").is_dir():
-            return _Source("jpeg-dir", root)
-        if exists(root / "cifar-10-batches-py" / "batches.meta"):
-            return _Source("pickle-dir", root / "cifar-10-batches-py")
-    elif name == "cifar100":
-        if exists(root / "cifar-100-python" / "meta"):
-            return _Source("pickle-dir", root / "cifar-100-python")
-    elif name == "tinyimagenet":
-        for ext, kind in ((".tar.gz", "tiny-tar"), (".tgz", "tiny-tar"), (".tar", "tiny-tar"), (".zip", "tiny-zip")):
-            if exists(root / f"tiny-imagenet-200{ext}"):
-                return _Source(kind, root / f"tiny-imagenet-200{ext}")
-        if exists(root / "tiny-imagenet-200" / "wnids.txt"):
-            return _Source("tiny-dir", root / "tiny-imagenet-200")
-    else:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
-
-    if download and name in ("cifar10", "cifar100"):
-        import torchvision
-
-        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-        cls(str(root), train=True, download=True)
-        cls(str(root), train=False, download=True)
-        return _find_source(name, root, download=False)
-    raise FileNotFoundError(
-        f"{name} not found under {root}; looked for: " + ", ".join(str(p) for p in looked) + f". To fix: {_HOW}"
-    )
-
-
-def _source_key(src: _Source) -> str:
-    """Cheap identity of the source: size+mtime of the archive, or of every file of a folder."""
-    h = hashlib.sha256(f"v{_CACHE_VERSION}|{src.kind}|{src.path.resolve()}".encode())
-    if src.path.is_file():
-        st = src.path.stat()
-        h.update(f"|{st.st_size}|{st.st_mtime_ns}".encode())
-    else:
-        for dirpath, dirnames, filenames in os.walk(src.path):
-            dirnames.sort()
-            for f in sorted(filenames):
-                p = os.path.join(dirpath, f)
-                st = os.stat(p)
-                h.update(f"|{os.path.relpath(p, src.path)}|{st.st_size}|{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:20]
-
-
 # --------------------------------------------------------------------------- archive walking
 
+_ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError)
+
+
 def _iter_files(path: Path, want: Callable[[str], bool]) -> Iterator[tuple[str, bytes]]:
-    """(relative path with '/', bytes) for every wanted file of a tarball, zip or folder."""
+    """(relative path with '/', bytes) for every wanted file of a tarball, zip or folder.
+
+    A truncated or corrupt archive raises ``ValueError`` naming the archive and the fix.
+    """
     if path.is_dir():
-        for dirpath, dirnames, filenames in os.walk(path):
-            dirnames.sort()
-            for f in sorted(filenames):
-                rel = os.path.relpath(os.path.join(dirpath, f), path).replace(os.sep, "/")
-                if want(rel):
-                    yield rel, Path(dirpath, f).read_bytes()
-    elif zipfile.is_zipfile(path):
+        yield from _iter_dir(path, want)
+        return
+    try:
+        yield from _iter_archive(path, want)
+    except _ARCHIVE_ERRORS as e:
+        raise ValueError(f"the archive {path} is truncated or corrupt ({type(e).__name__}: {e}). To fix: delete "
+                         f"it and download it again (data.load(..., download=True) fetches Tiny ImageNet and "
+                         f"CIFAR), or replace it with a complete copy") from e
+
+
+def _iter_dir(path: Path, want: Callable[[str], bool]) -> Iterator[tuple[str, bytes]]:
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames.sort()
+        for f in sorted(filenames):
+            rel = os.path.relpath(os.path.join(dirpath, f), path).replace(os.sep, "/")
+            if want(rel):
+                yield rel, Path(dirpath, f).read_bytes()
+
+
+def _iter_archive(path: Path, want: Callable[[str], bool]) -> Iterator[tuple[str, bytes]]:
+    if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
             for info in zf.infolist():
                 if not info.is_dir() and want(info.filename):
@@ -338,6 +265,34 @@ def _digest(images: torch.Tensor, labels: torch.Tensor, classes: list) -> str:
     return h.hexdigest()
 
 
+_TITLE = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "tinyimagenet": "Tiny ImageNet-200"}
+
+
+def _describe(name: str, src: _Source) -> str:
+    """What the pixels of ``src`` are (original images or a lossy re-encoding), in one line."""
+    title = _TITLE[name]
+    if src.kind == "pickle-dir":
+        return f"{title}, original (torchvision)"
+    if src.kind.startswith("tiny"):
+        return f"{title}, cs231n release ({src.path.name}); test = its labelled validation split"
+    first = next(_iter_files(src.path, lambda rel: rel.lower().endswith((".jpg", ".jpeg"))), None)
+    q = dl.jpeg_quality(first[1]) if first is not None else None
+    at = f"at quality {q}" if q is not None else "of unknown quality"
+    return f"{title}, JPEG re-encoding {at} ({src.path.name}), not the original images"
+
+
+def source_description(name: str, root: str | os.PathLike | None = None) -> str:
+    """Which copy of ``name`` :func:`load` reads under ``root``, e.g. ``"CIFAR-10, original (torchvision)"``.
+
+    The CIFAR-10 here may be a JPEG re-encoding (quality read from the files' own
+    quantisation tables); ``walter2026flatness`` uses the original images, so a
+    chapter states which one its numbers come from.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+    return _describe(name, _find_source(name, data_root(root), download=False))
+
+
 def load(name: str, split: str, root: str | os.PathLike | None = None, cache: bool | None = None,
          download: bool = False) -> Dataset:
     """Load a split as uint8 tensors, decoding the source once into the cache.
@@ -345,31 +300,40 @@ def load(name: str, split: str, root: str | os.PathLike | None = None, cache: bo
     ``name`` in ``("cifar10", "cifar100", "tinyimagenet")``; ``split`` in
     ``("train", "test")`` (Tiny ImageNet ``"test"`` is its labelled val split).
     ``cache=False`` decodes without reading or writing the cache (default: use it).
-    ``download=True`` lets torchvision fetch CIFAR when no local copy is found.
+    ``download=True`` fetches a dataset that is not found (into ``root``, else
+    ``$FLATNB_DATA``, else ``~/.cache/flatnb/data``, created when missing).
+    The returned :class:`Dataset` says in ``source`` which copy was read.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    src = _find_source(name, data_root(root), download)
+    src = _find_source(name, _root_for(root, download, name), download)
     key = _source_key(src)
     path = cache_dir() / "data" / f"{name}-{split}-{key}.pt"
     if cache is not False and path.exists():
         try:
             d = torch.load(path, mmap=True, weights_only=True)
-            return Dataset(d["images"], d["labels"], list(d["classes"]), d["digest"])
-        except Exception:
-            pass  # unreadable cache (e.g. a crash of an old version): decode again
+            ds = Dataset(d["images"], d["labels"], list(d["classes"]), d["digest"], d.get("description", ""))
+            ok = _digest(ds.images, ds.labels, ds.classes) == ds.digest
+        except Exception as e:  # unreadable cache (e.g. a crash of an old version)
+            ok, why = False, f"it cannot be read ({type(e).__name__}: {e})"
+        else:
+            why = "its pixels or labels do not match its stored digest"
+        if ok:
+            return ds if ds.source else Dataset(*ds[:4], _describe(name, src))  # (_replace trips on __len__)
+        warnings.warn(f"data cache {path} is damaged: {why}; decoding {src.path} again", RuntimeWarning,
+                      stacklevel=2)
     if src.kind in ("jpeg-tar", "jpeg-dir"):
         images, labels, classes = _load_jpeg_classes(src, split, _IMAGE_SIZE[name])
     elif src.kind == "pickle-dir":
         images, labels, classes = _load_pickle(name, src, split)
     else:
         images, labels, classes = _load_tiny(src, split)
-    ds = Dataset(images, labels, classes, _digest(images, labels, classes))
+    ds = Dataset(images, labels, classes, _digest(images, labels, classes), _describe(name, src))
     if cache is not False:
         atomic_save({"images": images, "labels": labels, "classes": classes, "digest": ds.digest,
-                      "source": str(src.path)}, path)
+                      "source": str(src.path), "description": ds.source}, path)
     return ds
 
 
@@ -405,8 +369,12 @@ def subset(ds: Dataset, n_per_class: int | None = None, n: int | None = None, se
         if not 0 < n <= len(keep):
             raise ValueError(f"n must be in 1..{len(keep)}, got {n}")
         keep = keep[torch.randperm(len(keep), generator=g)[:n]].sort().values
+    if len(keep) == 0:
+        raise ValueError(f"the subset is empty (dataset of {len(ds)} samples, n_per_class={n_per_class}, n={n}, "
+                         f"num_classes={num_classes}); ask for at least one sample")
     tag = f"{ds.digest}|{n_per_class}|{n}|{seed}|{num_classes}"
-    return Dataset(ds.images[keep], ds.labels[keep], classes, hashlib.blake2b(tag.encode(), digest_size=16).hexdigest())
+    return Dataset(ds.images[keep], ds.labels[keep], classes, hashlib.blake2b(tag.encode(), digest_size=16).hexdigest(),
+                   ds.source)
 
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
@@ -440,6 +408,8 @@ class Loader:
                  augment: bool = False, seed: int = 0, drop_last: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if len(ds) == 0:
+            raise ValueError("the dataset is empty (0 samples): nothing to iterate; check the split or subset it came from")
         self.device = torch.device(device)
         self.images = ds.images.to(self.device) if self.device.type == "cuda" else ds.images
         self.labels = ds.labels.to(self.device)

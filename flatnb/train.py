@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from flatnb import data as fdata
 from flatnb import models as fmodels
 from flatnb.runtime import atomic_save, cache_dir, resolve_device
+from flatnb.weights import read_checkpoint
 
 RECIPES = ("standard", "pgd_at", "trades")
 
@@ -340,8 +341,8 @@ def train(config: TrainConfig, device=None, root=None, train_ds: fdata.Dataset |
     # resumes from (or simply loads) what the first one wrote.
     with _training_lock(ckpt, use_cache):
         start, history = 0, []
-        if use_cache and ckpt.exists():
-            state = torch.load(ckpt, map_location=device, weights_only=False)
+        state = read_checkpoint(ckpt, device, model) if use_cache and ckpt.exists() else None
+        if state is not None:
             model.load_state_dict(state["model"])
             if state.get("done"):
                 model.eval()

@@ -237,6 +237,66 @@ def test_tar_change_invalidates(tmp_path):
     assert len(b) == len(a) + 1 and b.classes == CLASSES10[:4]
 
 
+def test_cache_with_changed_pixels_is_rebuilt(tmp_path):
+    """Same size, same keys, one pixel changed: the stored digest no longer matches, so decode again."""
+    make_cifar10_jpeg(tmp_path)
+    first = data.load("cifar10", "test", root=tmp_path)
+    (path,) = (Path(os.environ["FLATNB_CACHE"]) / "data").glob("cifar10-test-*.pt")
+    blob = bytearray(path.read_bytes())
+    size = len(blob)
+    at = blob.find(first.images.numpy().tobytes())  # the stored pixel buffer, uncompressed
+    assert at > 0
+    blob[at + 100] ^= 0xFF  # one pixel, in place: same size, still a valid file
+    path.write_bytes(bytes(blob))
+    assert not torch.equal(torch.load(path, weights_only=True)["images"], first.images)
+    with pytest.warns(RuntimeWarning, match="do not match its stored digest") as w:
+        again = data.load("cifar10", "test", root=tmp_path)
+    assert str(path) in str(w[0].message)
+    assert torch.equal(again.images, first.images) and again.digest == first.digest
+    assert torch.equal(torch.load(path, weights_only=True)["images"], first.images)  # cache repaired
+    path.write_bytes(path.read_bytes()[: size // 2])  # truncated cache: also rebuilt, with a warning
+    with pytest.warns(RuntimeWarning, match="cannot be read"):
+        assert data.load("cifar10", "test", root=tmp_path).digest == first.digest
+
+
+@pytest.mark.parametrize("kind", ["tar.gz", "zip"])
+def test_truncated_archive_names_the_archive_and_the_fix(tmp_path, kind):
+    (tmp_path / "root").mkdir()
+    if kind == "tar.gz":
+        arch = _tar(make_cifar10_jpeg(tmp_path / "src"), tmp_path / "root" / "cifar10-jpeg.tar.gz")
+        name = "cifar10"
+    else:
+        base = make_tiny(tmp_path / "src")
+        arch = tmp_path / "root" / "tiny-imagenet-200.zip"
+        with zipfile.ZipFile(arch, "w") as zf:
+            for p in sorted(base.rglob("*")):
+                zf.write(p, p.relative_to(base.parent).as_posix())
+        name = "tinyimagenet"
+    blob = arch.read_bytes()
+    arch.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt") as e:
+        data.load(name, "train", root=tmp_path / "root")
+    assert str(arch) in str(e.value) and "download" in str(e.value)
+
+
+def test_original_cifar10_is_preferred_and_described(tmp_path):
+    make_cifar10_jpeg(tmp_path)  # a JPEG copy (quality 100 here) ...
+    assert data.source_description("cifar10", tmp_path) == (
+        "CIFAR-10, JPEG re-encoding at quality 100 (cifar10-jpeg), not the original images")
+    jpeg = data.load("cifar10", "train", root=tmp_path)
+    assert "JPEG re-encoding at quality 100" in jpeg.source and len(jpeg) == 9
+    base = tmp_path / "cifar-10-batches-py"  # ... and the original beside it: the original wins
+    rng = np.random.default_rng(3)
+    for f in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        _write_pickle(base / f, {"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8), "labels": [0, 1]})
+    _write_pickle(base / "batches.meta", {"label_names": CLASSES10})
+    assert data.source_description("cifar10", tmp_path) == "CIFAR-10, original (torchvision)"
+    orig = data.load("cifar10", "train", root=tmp_path)
+    assert len(orig) == 10 and orig.source == "CIFAR-10, original (torchvision)"
+    assert data.load("cifar10", "train", root=tmp_path).source == orig.source  # from the cache
+    assert data.subset(orig, n=3).source == orig.source
+
+
 # ----------------------------------------------------------------------------- subsets and batches
 
 def _toy(n=40, k=4, size=8):
@@ -263,6 +323,18 @@ def test_subset():
         data.subset(ds, n_per_class=11)
     with pytest.raises(ValueError):
         data.subset(ds, n=3, n_per_class=3)
+    with pytest.raises(ValueError, match="empty"):
+        data.subset(ds, n_per_class=0)
+
+
+def test_empty_dataset_is_rejected():
+    empty = data.Dataset(torch.zeros((0, 3, 8, 8), dtype=torch.uint8), torch.zeros(0, dtype=torch.int64), ["a"])
+    with pytest.raises(ValueError, match="empty"):
+        data.Loader(empty, 4)
+    with pytest.raises(ValueError, match="empty"):
+        list(data.batches(empty, 4))
+    with pytest.raises(ValueError, match="empty"):
+        data.subset(empty)
 
 
 def test_loader_epoch_covers_everything():

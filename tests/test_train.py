@@ -242,3 +242,33 @@ def test_full_profile_vit_uses_an_adamw_learning_rate():
     assert vit.lr == 1e-3 and vit.weight_decay == 0.05 and vit.epochs == 100
     # the CNNs keep the paper's SGD recipe
     assert T.config_for("wrn28_4", "cifar10", profile="full").lr == 0.1
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "missing-key"])
+def test_corrupt_checkpoint_is_moved_aside_and_retrained(cifar_root, damage):
+    cfg = tiny_config(epochs=1)
+    first = _state(T.train(cfg, "cpu", root=cifar_root, progress=False))
+    ckpt = T.checkpoint_path(cfg, T.training_data(cfg, cifar_root).digest)
+    blob = ckpt.read_bytes()
+    if damage == "truncated":
+        bad = blob[: len(blob) // 3]
+    elif damage == "garbage":
+        bad = b"\x80\x04 this is not a checkpoint" * 10
+    else:
+        state = torch.load(ckpt, weights_only=False)
+        del state["model"]["fc.weight" if "fc.weight" in state["model"] else next(iter(state["model"]))]
+        import io
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        bad = buf.getvalue()
+    ckpt.write_bytes(bad)
+    with pytest.warns(RuntimeWarning, match="corrupt or truncated") as w:
+        model = T.train(cfg, "cpu", root=cifar_root, progress=False)
+    aside = list(ckpt.parent.glob(ckpt.name + ".corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_bytes() == bad  # kept for inspection, never loaded
+    msg = str(w[0].message)
+    assert str(ckpt) in msg and str(aside[0]) in msg
+    assert aside[0].name.rsplit("corrupt-", 1)[1].endswith("Z")  # UTC time stamp
+    assert torch.load(ckpt, weights_only=False)["done"]  # retrained and saved again
+    for k, v in _state(model).items():  # the same run as the first (same seed, CPU)
+        assert torch.allclose(v.float(), first[k].float(), atol=1e-6), k
