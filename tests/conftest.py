@@ -34,3 +34,13 @@ def _models_before_chapters(request):
     """Chapter-execution tests (marked ``chapters``) get the trained models first."""
     if request.node.get_closest_marker("chapters") is not None and "execut" in request.node.name:
         request.getfixturevalue("chapter_models")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` (real trainings of minutes) run only with FLATNB_SLOW=1."""
+    if os.environ.get("FLATNB_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: set FLATNB_SLOW=1 to run it")
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            item.add_marker(skip)
