@@ -75,9 +75,20 @@ def weak_model(verdict_if_strong: str, reason: str, strong_enough: bool, why_wea
     return "not testable here", f"{why_weak}; the rule would have said '{verdict_if_strong}' ({reason})"
 
 
-def counts(rows: list[dict]) -> Counter:
-    """Verdict counts over the rows that count as evidence (``kind != "by construction"``)."""
-    return Counter(r["verdict"] for r in rows if r.get("kind", "evidence") != "by construction")
+def counts(rows: list[dict], kind: str | None = None) -> Counter:
+    """Verdict counts over the rows that count (``kind != "by construction"``), or over the rows of
+    one ``kind`` (``"evidence"`` or ``"theory"``; by-construction rows are never counted)."""
+    if kind is not None and kind not in KINDS[:2]:
+        raise ValueError(f"counts are kept for kind 'evidence' or 'theory' only, got {kind!r}")
+    return Counter(r["verdict"] for r in rows if r.get("kind", "evidence") != "by construction"
+                   and (kind is None or r.get("kind", "evidence") == kind))
+
+
+def summary(rows: list[dict]) -> str:
+    """``"3 reproduced, 1 partly, 0 not reproduced, 0 not testable here"``: :func:`counts` in the
+    order of :data:`VERDICTS` (zeros shown, so a missing verdict is visible)."""
+    c = counts(rows)
+    return ", ".join(f"{c[v]} {v}" for v in VERDICTS)
 
 
 def _cell(s) -> str:
