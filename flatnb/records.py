@@ -93,6 +93,17 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
     return tree
 
 
+def _canon(node) -> str:
+    """A syntax tree as text, without None or empty fields: the same on Python 3.11-3.13 (whose
+    ``ast.dump`` differ in exactly those fields), so a record's fingerprint survives a Python upgrade."""
+    if isinstance(node, ast.AST):
+        fields = [f"{k}={_canon(v)}" for k, v in ast.iter_fields(node) if v is not None and v != []]
+        return f"({type(node).__name__} {' '.join(fields)})"
+    if isinstance(node, list):
+        return "[" + ",".join(_canon(v) for v in node) + "]"
+    return repr(node)
+
+
 def source_hash(path) -> str | None:
     """SHA-256 (16 hex digits) of a Python file's code: comments, docstrings and layout do not count.
 
@@ -102,7 +113,7 @@ def source_hash(path) -> str | None:
         return None
     text = path.read_text(encoding="utf-8")
     try:
-        text = ast.dump(_strip_docstrings(ast.parse(text)))
+        text = _canon(_strip_docstrings(ast.parse(text)))
     except SyntaxError:
         pass
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -145,16 +156,19 @@ def fingerprint(chapter: str, repo=None, modules=None) -> dict:
     return {"files": dict(sorted(files.items()))}
 
 
-def changed_files(rec: dict, repo=None) -> list[str] | None:
+def changed_files(rec: dict, repo=None, memo: dict | None = None) -> list[str] | None:
     """The files of a record's fingerprint whose code differs now (or that are gone); None when the
-    record has no fingerprint."""
+    record has no fingerprint. ``memo`` (a dict the caller keeps for one pass) saves re-hashing."""
     fp = rec["meta"].get("fingerprint")
     if not fp or "files" not in fp:
         return None
     repo = Path(repo) if repo is not None else REPO
+    memo = {} if memo is None else memo
     out = []
     for rel, old in fp["files"].items():
-        new = notebook_hash(repo / rel) if rel.endswith(".ipynb") else source_hash(repo / rel)
+        if rel not in memo:
+            memo[rel] = notebook_hash(repo / rel) if rel.endswith(".ipynb") else source_hash(repo / rel)
+        new = memo[rel]
         if new != old:
             out.append(rel + (" (gone)" if new is None else ""))
     return out
@@ -214,12 +228,12 @@ def load(path: Path) -> dict:
 
 def load_all(root=None) -> list[dict]:
     """Every record under the runs folder, each with ``stale`` set (see :func:`is_stale`)."""
-    out = []
+    out, memo = [], {}
     for path in sorted(runs_dir(root).glob("*/*.json")):
         if path.name.count(".") != 2:  # <chapter>.<profile>.json only
             continue
         rec = load(path)
-        changed = changed_files(rec)
+        changed = changed_files(rec, memo=memo)
         rec["stale"] = bool(changed) if changed is not None else is_stale(rec)
         rec["stale_why"] = (f"changed since: {', '.join(changed)}" if changed else
                             "the code changed after this run" if rec["stale"] else "")

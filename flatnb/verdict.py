@@ -4,7 +4,7 @@ Each experiment chapter saves its verdict rows with the run that measured them
 (``runs/<device>/<chapter>.<profile>.json``). :func:`collect` picks one record per chapter
 (:func:`flatnb.records.choose`: the newest current full-profile record, else the newest quick one;
 a stale record is shown only when nothing current exists, and then labelled), checks that every
-claim of Walter et al. (2026, §4-§5) listed in :data:`REQUIRED` has its row, adds the claims no
+claim of ``walter2026flatness`` listed in :data:`REQUIRED` has its row, adds the claims no
 chapter can test (:data:`UNTESTABLE`) and gives every row its source run. The rest of this module
 renders what chapter 12 shows: the sources, the rows by group with counts over the rows that count
 (:func:`flatnb.claims.counts`: by-construction rows are shown, never counted), the verdicts before and
@@ -22,8 +22,9 @@ from pathlib import Path
 from flatnb import claims as fclaims
 from flatnb import records
 
-# The rows each chapter must save (ids agreed for the book; Walter et al. 2026 §4-§5, experiments E1-E6
-# and the explanation of global robustness by steep walls off the data manifold, §4.5).
+# The rows each chapter must save (ids agreed for the book): the theory of walter2026flatness (the lemma,
+# average versus worst case after petzka2021relative, the local bound, local versus global), its
+# experiments E1-E6 and its explanation of global robustness by steep walls off the data manifold.
 REQUIRED = {
     "02_inputs_are_weights": ("T-lemma", "T-avg-worst"),
     "03_local_bound": ("T-bound-explicit", "T-bound-reported", "T-radius"),
@@ -45,7 +46,7 @@ THEORY = {"T-lemma", "T-avg-worst", "T-bound-explicit", "T-bound-reported"}
 UNTESTABLE = [
     fclaims.claim(
         "E6-LLM", "LLM prompt attacks (GCG on Vicuna-7B, AdvBench) rarely reach truly flat regions",
-        "yes (Walter et al. 2026 §5, after the Uncanny Valley paper)", "—", "not testable here",
+        "yes (after the Uncanny Valley paper)", "—", "not testable here",
         "needs a 7B language model, GCG and AdvBench: out of scope for a CIFAR book and not runnable "
         "offline"),
     fclaims.claim(
@@ -66,7 +67,7 @@ GROUPS = (
     ("Temperature scaling and gradient masking (E1, E3, E4; chapters 6-7)", ("E1", "E3", "E4")),
     ("Adversarial training (E2, E6-AT; chapter 9)", ("E2", "E6-AT")),
     ("Flatness as a detector (E5, chapter 8)", ("E5",)),
-    ("Steep loss off the data manifold (§4.5, chapter 11)", ("R-walls",)),
+    ("Steep loss off the data manifold (R-walls, chapter 11)", ("R-walls",)),
     ("Claims no chapter of this book can test", ("E6-LLM", "Setup-models")),
 )
 
@@ -317,7 +318,8 @@ def before_after_markdown(table: Table, before: dict | None = None) -> str:
 
 def legacy(root=None) -> list[dict]:
     """Executed notebooks under ``runs/*/`` without the ``.json`` record beside them (stored runs of an
-    older version of the chapters): path, chapter, profile, device, date and their comparison tables."""
+    older version of the chapters): path, chapter, profile, device, date, their comparison tables and
+    the lines they printed about clean accuracy (the model the numbers rest on)."""
     out = []
     base = records.runs_dir(root)
     for nb_path in sorted(base.glob("*/[0-9][0-9]_*.ipynb")):
@@ -325,7 +327,7 @@ def legacy(root=None) -> list[dict]:
             continue  # a run record: read by collect()
         nb = json.loads(nb_path.read_text())
         stem, _, profile = nb_path.stem.partition(".")
-        device, tables = None, []
+        device, tables, printed = None, [], []
         for cell in nb.get("cells", []):
             for o in cell.get("outputs", []):
                 text = "".join(o.get("text", "")) if o.get("output_type") == "stream" else \
@@ -333,12 +335,14 @@ def legacy(root=None) -> list[dict]:
                 for line in text.splitlines():
                     if line.startswith("device:"):
                         device = line.split(":", 1)[1].strip()
+                    elif o.get("output_type") == "stream" and "clean accuracy" in line.lower():
+                        printed.append(line.strip())
                 if text.startswith("| #"):
                     tables.append(_drop_columns(text, ("device", "profile")))
         date = nb.get("metadata", {}).get("papermill", {}).get("end_time") or "?"
         out.append(dict(path=f"runs/{nb_path.parent.name}/{nb_path.name}", chapter=stem,
                         profile=profile or "?", device=device or nb_path.parent.name, date=date[:10],
-                        tables=tables))
+                        tables=tables, printed=printed))
     return out
 
 
@@ -376,9 +380,10 @@ def legacy_markdown(items: list[dict]) -> str:
         head = (f"**{it['path']}**: chapter {_num(it['chapter'])}, {it['profile']} profile, {it['device']}, "
                 f"{it['date']}. **Stale legacy evidence**: executed by an older version of the chapter, "
                 "no run record; not in the verdict table, not counted.")
+        model = "".join(f"\n- printed: `{line}`" for line in it.get("printed", []))
         body = "\n\n".join(it["tables"]) if it["tables"] else \
             "(No comparison table in this notebook; its printed outputs are in the file.)"
-        out.append(head + "\n\n" + body)
+        out.append(head + model + "\n\n" + body)
     return "\n\n".join(out)
 
 
