@@ -222,7 +222,9 @@ def sources_markdown(table: Table) -> str:
     for stem, why in table.missing.items():
         if stem not in table.chosen:
             lines.append(f"| {_num(stem)} | **missing** | — | — | {fclaims._cell(why)} | — |")
-    return head + "\n".join(lines)
+    note = (f"\n\nRecords of chapters with no required rows (not shown): {', '.join(table.ignored)}."
+            if table.ignored else "")
+    return head + "\n".join(lines) + note
 
 
 def source_line(table: Table) -> str:

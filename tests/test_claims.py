@@ -246,3 +246,15 @@ def test_duplicate_row_ids_are_refused(tmp_path):
     dup = [claims.claim("E3", "again", "p", "o", "partly", "r")]
     with pytest.raises(ValueError, match="more than once"):
         verdict.collect(recs, untestable=dup)
+
+
+def test_chapter_12_reads_run_records_only():
+    """Chapter 12 must run from committed records alone (Colab runs each notebook in its own VM)."""
+    nb = json.loads((records.REPO / "book" / "12_verdict.ipynb").read_text())
+    code = [("".join(c["source"]), c["metadata"].get("tags", [])) for c in nb["cells"] if c["cell_type"] == "code"]
+    params = [src for src, tags in code if "parameters" in tags]
+    assert params == ['profile = "auto"\ndevice = "auto"\nseed = 0']
+    text = "\n".join(src for src, tags in code if "injected-parameters" not in tags)
+    assert "verdict.collect(require_all=True)" in text and "load_claims" not in text and "FLATNB_CACHE" not in text
+    colab = 'if "google.colab" in sys.modules:'  # the Colab cell is fixed for every chapter
+    assert "def " not in text and all(len(line) <= 88 for line in text.splitlines() if colab not in line)
