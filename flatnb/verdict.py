@@ -210,18 +210,20 @@ def _short(rec: dict) -> str:
 
 
 def sources_markdown(table: Table) -> str:
-    """One line per chapter: the record shown, its device, its status and the records not shown."""
-    head = "| ch. | record shown | device | wall | status | other records (not shown) |\n|" + "---|" * 6 + "\n"
+    """One line per chapter: the record shown, its device, seed and wall time, its status (current,
+    stale with the files that changed, or unknown) and the records of the chapter not shown."""
+    head = "| ch. | record shown | device | seed | wall | status | other records (not shown) |\n|" + "---|" * 7 + "\n"
     lines = []
     for stem, rec in table.chosen.items():
         m = rec["meta"]
         other = "; ".join(_short(r) for r in table.others.get(stem, [])) or "—"
         lines.append(f"| {_num(stem)} | {fclaims._cell(source_label(rec).split(': ', 1)[1])} | "
-                     f"{fclaims._cell(m['device'])} | {m.get('wall_s', '?')} s | {fclaims._cell(_status(rec))} | "
+                     f"{fclaims._cell(m['device'])} | {m.get('seed', '?')} | {m.get('wall_s', '?')} s | "
+                     f"{fclaims._cell(_status(rec))} | "
                      f"{fclaims._cell(other)} |")
     for stem, why in table.missing.items():
         if stem not in table.chosen:
-            lines.append(f"| {_num(stem)} | **missing** | — | — | {fclaims._cell(why)} | — |")
+            lines.append(f"| {_num(stem)} | **missing** | — | — | — | {fclaims._cell(why)} | — |")
     note = (f"\n\nRecords of chapters with no required rows (not shown): {', '.join(table.ignored)}."
             if table.ignored else "")
     return head + "\n".join(lines) + note
