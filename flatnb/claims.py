@@ -84,12 +84,6 @@ def counts(rows: list[dict], kind: str | None = None) -> Counter:
                    and (kind is None or r.get("kind", "evidence") == kind))
 
 
-def summary(rows: list[dict]) -> str:
-    """``"3 reproduced, 1 partly, 0 not reproduced, 0 not testable here"``: :func:`counts` in the
-    order of :data:`VERDICTS` (zeros shown, so a missing verdict is visible)."""
-    c = counts(rows)
-    return ", ".join(f"{c[v]} {v}" for v in VERDICTS)
-
 
 def _cell(s) -> str:
     return str(s).replace("|", "\\|").replace("\n", " ")
