@@ -75,9 +75,14 @@ def weak_model(verdict_if_strong: str, reason: str, strong_enough: bool, why_wea
     return "not testable here", f"{why_weak}; the rule would have said '{verdict_if_strong}' ({reason})"
 
 
-def counts(rows: list[dict]) -> Counter:
-    """Verdict counts over the rows that count as evidence (``kind != "by construction"``)."""
-    return Counter(r["verdict"] for r in rows if r.get("kind", "evidence") != "by construction")
+def counts(rows: list[dict], kind: str | None = None) -> Counter:
+    """Verdict counts over the rows that count (``kind != "by construction"``), or over the rows of
+    one ``kind`` (``"evidence"`` or ``"theory"``; by-construction rows are never counted)."""
+    if kind is not None and kind not in KINDS[:2]:
+        raise ValueError(f"counts are kept for kind 'evidence' or 'theory' only, got {kind!r}")
+    return Counter(r["verdict"] for r in rows if r.get("kind", "evidence") != "by construction"
+                   and (kind is None or r.get("kind", "evidence") == kind))
+
 
 
 def _cell(s) -> str:

@@ -97,15 +97,165 @@ def test_records_round_trip_choose_and_reject_corrupt_files(tmp_path, monkeypatc
     json.loads(p.read_text())  # the saved file is plain JSON
 
 
-def test_a_record_is_stale_when_the_code_changes_but_not_when_outputs_do(tmp_path, monkeypatch):
+# ----------------------------------------------------------------------------- fingerprints and chapter 12
+
+def _notebook(path, code, outputs=()):
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
+
+    cells = [new_markdown_cell("# title")] + [new_code_cell(c) for c in code]
+    cells[1].outputs = [new_output("stream", name="stdout", text=t) for t in outputs]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(new_notebook(cells=cells), path)
+
+
+def test_fingerprint_sees_code_changes_but_not_comments_docstrings_or_outputs(tmp_path):
+    mod = tmp_path / "flatnb" / "x.py"
+    mod.parent.mkdir()
+    mod.write_text('"""doc"""\ndef f(a):\n    return a + 1\n')
+    _notebook(tmp_path / "book" / "05_x.ipynb", ["f(1)"])
+    rec = {"meta": {"fingerprint": records.fingerprint("05_x", repo=tmp_path, modules=[mod])}}
+    assert set(rec["meta"]["fingerprint"]["files"]) == {"flatnb/x.py", "book/05_x.ipynb"}
+    assert records.changed_files(rec, tmp_path) == [] and records.is_stale(rec, tmp_path) is False
+    mod.write_text('"""another doc"""\n# a comment\ndef f(a):\n    """and a docstring"""\n    return (a + 1)\n')
+    _notebook(tmp_path / "book" / "05_x.ipynb", ["f(1)"], outputs=["2\n"])  # executed: outputs only
+    assert records.changed_files(rec, tmp_path) == []
+    mod.write_text('def f(a):\n    return a + 2\n')
+    assert records.changed_files(rec, tmp_path) == ["flatnb/x.py"] and records.is_stale(rec, tmp_path)
+    mod.unlink()
+    _notebook(tmp_path / "book" / "05_x.ipynb", ["f(2)"])
+    assert records.changed_files(rec, tmp_path) == ["book/05_x.ipynb", "flatnb/x.py (gone)"]
+    assert records.changed_files({"meta": {}}, tmp_path) is None  # no fingerprint: git decides
+
+
+def _fake_rows(stem):
+    from flatnb import verdict
+
+    kinds = {"E4": "by construction", **{i: "theory" for i in verdict.THEORY}}
+    return [claims.claim(i, f"claim {i}", "paper", "ours", "partly" if i != "E3" else "reproduced",
+                         reason=f"rule for {i}", kind=kinds.get(i, "evidence")) for i in verdict.REQUIRED[stem]]
+
+
+def _fake_records(root, profile="quick", slug="cpu", date="2026-11-30T01:00:00Z", stems=None):
+    from flatnb import verdict
+
+    for stem in stems or verdict.REQUIRED:
+        m = dict(records.meta(stem, profile, "cpu", 0, 1.0), slug=slug, date=date, commit="c" * 40)
+        records.save(_fake_rows(stem), m, root)
+
+
+def _make_stale(root, slug, stem, profile):
+    path = records.record_path(stem, profile, slug, root)
+    rec = json.loads(path.read_text())
+    rec["meta"]["fingerprint"]["files"]["flatnb/claims.py"] = "0" * 16  # as if claims.py changed since
+    path.write_text(json.dumps(rec))
+
+
+def test_verdict_table_prefers_current_full_records_and_labels_stale_ones(tmp_path, monkeypatch):
+    from flatnb import verdict
+
     monkeypatch.setenv("FLATNB_RUNS", str(tmp_path))
-    rows = [claims.claim("E6-rise", "k rises", "yes", "0.9", "reproduced")]
-    m = records.meta("05_uncanny_valley", "quick", "cpu", 0, 1.0)
-    assert m["code"] == records.code_fingerprint("05_uncanny_valley") is not None
-    records.save(rows, m)
-    assert records.load_all()[0]["stale"] is False
-    records.save(rows, dict(m, code="0" * 16))  # the run saw other code than this checkout has
-    rec = records.load_all()[0]
-    assert rec["stale"] is True and "STALE" in records.label(rec)
-    records.save(rows, dict(m, code=None))  # a record without a fingerprint cannot tell
-    assert records.load_all()[0]["stale"] is None
+    _fake_records(tmp_path)  # every chapter, quick, current
+    _fake_records(tmp_path, "full", "nvidia-h200", "2026-11-29T00:00:00Z", stems=["05_uncanny_valley"])
+    table = verdict.collect()
+    assert table.chosen["05_uncanny_valley"]["meta"]["profile"] == "full"  # current full beats newer quick
+    assert table.chosen["06_scale_sweep"]["meta"]["profile"] == "quick"
+    e6 = next(r for r in table.rows if r["id"] == "E6-rise")
+    assert e6["source"] == "05: full, nvidia-h200, 2026-11-29, ccccccc" and e6["chapter"] == "05_uncanny_valley"
+    assert "quick, cpu, 2026-11-30" in verdict.sources_markdown(table)  # the record not shown is named
+    assert not verdict.policy_problems(table)
+
+    _make_stale(tmp_path, "nvidia-h200", "05_uncanny_valley", "full")
+    table = verdict.collect()
+    assert table.chosen["05_uncanny_valley"]["meta"]["profile"] == "quick"  # a stale full record loses
+    src = verdict.sources_markdown(table)
+    assert "full, nvidia-h200, 2026-11-29 (stale)" in src and "STALE" not in verdict.source_line(table)
+
+    _make_stale(tmp_path, "cpu", "05_uncanny_valley", "quick")  # nothing current left: shown, labelled
+    table = verdict.collect()
+    e6 = next(r for r in table.rows if r["id"] == "E6-rise")
+    assert e6["stale"] and e6["source"].endswith("**STALE**")
+    assert "changed since: flatnb/claims.py" in verdict.sources_markdown(table)
+    assert "4 rows come from stale records" in verdict.source_line(table)
+    assert "STALE" in verdict.groups_markdown(table)
+
+
+def test_verdict_table_counts_names_missing_chapters_and_shows_legacy_runs(tmp_path, monkeypatch):
+    from flatnb import verdict
+
+    monkeypatch.setenv("FLATNB_RUNS", str(tmp_path))
+    _fake_records(tmp_path, stems=[s for s in verdict.REQUIRED if s != "08_flatness_detector"])
+    with pytest.raises(verdict.MissingRecords, match=r"08_flatness_detector: execute it .*--only 08"):
+        verdict.collect()
+    table = verdict.collect(require_all=False)
+    assert list(table.missing) == ["08_flatness_detector"] and "Missing" in verdict.counts_markdown(table)
+
+    _fake_records(tmp_path, stems=["08_flatness_detector"])
+    table = verdict.collect()
+    ids = [r["id"] for r in table.rows]
+    assert {"E6-LLM", "Setup-models"} <= set(ids) and len(ids) == len(set(ids))
+    n_req = sum(len(v) for v in verdict.REQUIRED.values())
+    assert len(ids) == n_req + len(verdict.UNTESTABLE)
+    counted = claims.counts(table.rows)
+    assert sum(counted.values()) == len(ids) - 1  # E4 (by construction) is shown, not counted
+    assert counted["reproduced"] == 1 and counted["not testable here"] == 2
+    md = verdict.counts_markdown(table)
+    assert "By construction** (shown, not counted): E4" in md
+    assert f"- **Theory** ({len(verdict.THEORY)} rows): 0 reproduced, {len(verdict.THEORY)} partly" in md
+    assert f"{n_req} rows quick on" in md and "2 rows without a run" in md
+    groups = dict(verdict.grouped(table.rows))
+    assert [r["id"] for r in groups["Claims no chapter of this book can test"]] == ["E6-LLM", "Setup-models"]
+    assert "Other rows" not in groups and verdict.group_of("E6-AT").startswith("Adversarial")
+    ba = verdict.before_after_markdown(table)
+    assert "| E4 | reproduced | **partly (by construction)** ← |" in ba
+    assert "| R-walls-std | reproduced | **(row removed)** ← |" in ba and "| T-lemma | — (new row) |" in ba
+
+    # a legacy notebook (no .json beside it) is shown, never collected
+    _notebook(tmp_path / "h100" / "05_uncanny_valley.full.ipynb", ["print(1)"],
+              outputs=["device:    cuda (NVIDIA H100)\n"])
+    nb = json.loads((tmp_path / "h100" / "05_uncanny_valley.full.ipynb").read_text())
+    nb["cells"][1]["outputs"].append({"output_type": "display_data", "metadata": {}, "data": {
+        "text/markdown": "| # | quantity | paper | this book | device | profile |\n|---|---|---|---|---|---|\n"
+                         "| E6 | a \\| b | yes | 0.85 | cuda | full |"}})
+    nb["metadata"]["papermill"] = {"end_time": "2026-11-25T16:58:08+00:00"}
+    (tmp_path / "h100" / "05_uncanny_valley.full.ipynb").write_text(json.dumps(nb))
+    items = verdict.legacy()
+    assert [i["path"] for i in items] == ["runs/h100/05_uncanny_valley.full.ipynb"]
+    assert items[0]["device"] == "cuda (NVIDIA H100)" and items[0]["date"] == "2026-11-25"
+    assert items[0]["tables"] == ["| # | quantity | paper | this book |\n|---|---|---|---|\n| E6 | a \\| b | yes | 0.85 |"]
+    assert "not counted" in verdict.legacy_markdown(items)
+    assert all(not r["path"].endswith(".ipynb") for r in records.load_all())
+
+
+def test_the_stored_h100_notebooks_read_as_legacy_evidence():
+    from flatnb import verdict
+
+    items = {i["chapter"]: i for i in verdict.legacy(records.REPO / "runs")}
+    if not items:
+        pytest.skip("no stored legacy notebooks in this checkout")
+    assert "05_uncanny_valley" in items and items["05_uncanny_valley"]["tables"]
+    assert all("| device |" not in t for i in items.values() for t in i["tables"])
+    assert all(i["device"].startswith("cuda") for i in items.values())
+
+
+def test_duplicate_row_ids_are_refused(tmp_path):
+    from flatnb import verdict
+
+    _fake_records(tmp_path)
+    recs = records.load_all(tmp_path)
+    dup = [claims.claim("E3", "again", "p", "o", "partly", "r")]
+    with pytest.raises(ValueError, match="more than once"):
+        verdict.collect(recs, untestable=dup)
+
+
+def test_chapter_12_reads_run_records_only():
+    """Chapter 12 must run from committed records alone (Colab runs each notebook in its own VM)."""
+    nb = json.loads((records.REPO / "book" / "12_verdict.ipynb").read_text())
+    code = [("".join(c["source"]), c["metadata"].get("tags", [])) for c in nb["cells"] if c["cell_type"] == "code"]
+    params = [src for src, tags in code if "parameters" in tags]
+    assert params == ['profile = "auto"\ndevice = "auto"\nseed = 0']
+    text = "\n".join(src for src, tags in code if "injected-parameters" not in tags)
+    assert "verdict.collect(require_all=True)" in text and "load_claims" not in text and "FLATNB_CACHE" not in text
+    colab = 'if "google.colab" in sys.modules:'  # the Colab cell is fixed for every chapter
+    assert "def " not in text and all(len(line) <= 88 for line in text.splitlines() if colab not in line)
+
