@@ -46,6 +46,13 @@ def _style() -> None:
         pass
 
 
+def _wrap(text: str, width: int = 88) -> str:
+    """Wrap a long provenance line at ``width`` columns, continuation lines indented."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width, subsequent_indent=" " * 11))
+
+
 def _display(obj, display_id=None, update=False):
     try:
         from IPython.display import display
@@ -162,7 +169,7 @@ class Chapter:
         print(f"chapter:   {self.stem}\nprofile:   {self.profile}\ndevice:    {describe_device(self.device)}\n"
               f"commit:    {records.commit() or 'unknown'}{' (uncommitted changes)' if records.dirty() else ''}\n"
               f"date:      {self.date}\nseed:      {self.seed}\nwall time: {time.time() - self.start:.1f} s\n"
-              "versions:  " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+              + _wrap("versions:  " + ", ".join(f"{k} {v}" for k, v in versions.items())))
 
 
 def setup(stem: str, profile: str = "auto", device: str = "auto", seed: int = 0,
