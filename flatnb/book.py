@@ -6,7 +6,8 @@
     python -m flatnb.book --no-execute          build the HTML from the stored outputs only (about a minute)
     python -m flatnb.book --profile full --device cuda
                                                 paper scale on a GPU: each executed chapter is written to
-                                                runs/<device>/<stem>.full.ipynb (never into book/)
+                                                runs/<device>/<stem>.full.ipynb (never into book/);
+                                                without CUDA it stops at once and points to --dry-run
     python -m flatnb.book --profile full --dry-run
                                                 a cheap CPU stand-in for the line above: executes the chapters
                                                 in the quick profile into a temp folder and checks that the
@@ -22,9 +23,9 @@ before a chapter is written, so the committed ``profile = "auto"`` still reaches
 
 The HTML build assembles a staging tree ``_build/site/`` (``_config.yml``, ``_toc.yml``, ``intro.md``,
 ``references.bib``, ``_static/``, ``book/``) in which each chapter is the newest full-profile run record
-``runs/*/<stem>.full.ipynb`` if there is one, else ``book/<stem>.ipynb``; executing on a CPU therefore never
-replaces a paper-scale page. The HTML is written to ``_build/html/index.html`` (``--path-output P`` puts
-the staging tree and the HTML under ``P/_build/`` instead).
+``runs/*/<stem>.full.ipynb`` (with its ``<stem>.full.json``) if there is one, else ``book/<stem>.ipynb``;
+executing on a CPU therefore never replaces a paper-scale page. The HTML is written to
+``_build/html/index.html`` (``--path-output P`` puts the staging tree and the HTML under ``P/_build/``).
 """
 from __future__ import annotations
 
@@ -47,9 +48,11 @@ SITE_FILES = ("_config.yml", "_toc.yml", "intro.md", "references.bib")
 SITE_DIRS = ("_static",)
 
 
-def chapters(root: Path = ROOT) -> list[Path]:
+def chapters(root: Path | None = None) -> list[Path]:
     """The notebooks listed in ``_toc.yml``, in book order."""
     import yaml
+
+    root = Path(root) if root is not None else ROOT
 
     toc = yaml.safe_load((root / "_toc.yml").read_text())
     found: list[str] = []
@@ -215,8 +218,13 @@ def _record_time(notebook: Path) -> float:
 
 
 def page_source(chapter: Path, runs: Path) -> Path:
-    """The notebook the HTML shows for ``chapter``: the newest ``runs/*/<stem>.full.ipynb``, else itself."""
-    records = sorted(Path(runs).glob(f"*/{chapter.stem}.full.ipynb"))
+    """The notebook the HTML shows for ``chapter``: the newest full-profile run record, else itself.
+
+    A run record is ``runs/<device>/<stem>.full.ipynb`` together with the ``<stem>.full.json`` its chapter
+    wrote; an executed notebook without that JSON (an older stored run) is not shown in place of the chapter.
+    """
+    records = sorted(p for p in Path(runs).glob(f"*/{chapter.stem}.full.ipynb")
+                     if p.with_suffix(".json").is_file())
     if not records:
         return chapter
     return max(records, key=lambda p: (_record_time(p), str(p)))
@@ -246,7 +254,7 @@ def stage(root: Path, site: Path, runs: Path | None = None) -> dict[str, Path]:
     return sources
 
 
-def build_html(root: Path = ROOT, path_output: Path | None = None, runs: Path | None = None) -> Path:
+def build_html(root: Path, path_output: Path | None = None, runs: Path | None = None) -> Path:
     """Stage the site under ``<path_output>/_build/site`` and build it strictly; return ``index.html``."""
     out = Path(path_output) if path_output is not None else Path(root)
     site = out / "_build" / "site"
@@ -368,8 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=None,
                         help="write executed chapters into this folder instead of book/ "
                              "(with --profile full: instead of runs/<device>/)")
-    parser.add_argument("--runs", type=Path, default=ROOT / "runs",
-                        help="folder of run records (default: runs/)")
+    parser.add_argument("--runs", type=Path, default=None, help="folder of run records (default: runs/)")
     parser.add_argument("--path-output", type=Path, default=None,
                         help="build the staging tree and HTML under PATH/_build/ (default: the repository)")
     parser.add_argument("--no-execute", action="store_true", help="build the HTML from the stored outputs only")
@@ -381,12 +388,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cell-timeout", type=int, default=DEFAULT_CELL_TIMEOUT,
                         help=f"seconds per cell (default {DEFAULT_CELL_TIMEOUT})")
     args = parser.parse_args(argv)
+    args.runs = args.runs if args.runs is not None else ROOT / "runs"
     if args.no_execute and args.dry_run:
         parser.error("--dry-run executes the chapters; it cannot be combined with --no-execute")
 
     # a plain `kill`/`timeout` sends SIGTERM; turn it into SystemExit so the run cleans up
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    paths = chapters()
+    paths = chapters(ROOT)
     if args.only:
         paths = [p for p in paths if any(s in p.name for s in args.only)]
         if not paths:
