@@ -211,3 +211,29 @@ def test_execute_strips_the_injected_cell_from_a_real_papermill_run(tmp_path):
     assert not any("injected-parameters" in c["metadata"].get("tags", []) for c in nb["cells"])
     assert "papermill" not in nb["metadata"] and str(tmp_path) not in out.read_text()
     assert [c["execution_count"] for c in nb["cells"] if c["cell_type"] == "code"] == [1, 3]
+
+
+def test_publishing_builds_from_committed_outputs_and_deploys():
+    import yaml
+
+    flow = yaml.safe_load((book.ROOT / ".github" / "workflows" / "pages.yml").read_text())
+    steps = [s for job in flow["jobs"].values() for s in job["steps"]]
+    runs = " ".join(s.get("run", "") for s in steps)
+    assert "python -m flatnb.book --no-execute" in runs and "pytest" not in runs and "papermill" not in runs
+    assert any(s.get("uses", "").startswith("actions/deploy-pages") for s in steps)
+    assert any(s.get("with", {}).get("path") == "_build/html" for s in steps)
+    assert "https://flatnb.github.io/flatnb/" in (book.ROOT / "README.md").read_text()
+
+
+def test_license_and_citation_agree_with_pyproject():
+    import tomllib
+
+    import yaml
+
+    project = tomllib.loads((book.ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"]["text"] == "MIT" and (book.ROOT / "LICENSE").read_text().startswith("MIT License")
+    cff = yaml.safe_load((book.ROOT / "CITATION.cff").read_text())
+    assert cff["license"] == "MIT" and str(cff["version"]) == project["version"]
+    paper = cff["references"][0]
+    assert [a["family-names"] for a in paper["authors"]] == ["Walter", "Adilova", "Vreeken", "Kamp"]
+    assert "2510.14231" in str(paper["identifiers"]) and paper["year"] == 2026
