@@ -230,6 +230,46 @@ def page_source(chapter: Path, runs: Path) -> Path:
     return max(records, key=lambda p: (_record_time(p), str(p)))
 
 
+PAGE_TABLE = "<!-- flatnb:page-sources -->"
+
+
+def run_info(notebook: Path) -> dict[str, str]:
+    """Title, profile, device and date of the run stored in ``notebook``.
+
+    From the run record's JSON ``meta`` where there is one, else from the chapter's printed provenance block
+    (``profile:``/``device:`` lines) and its cells' execution timestamps.
+    """
+    nb = json.loads(Path(notebook).read_text())
+    titles = [line[2:].strip() for c in nb["cells"] if c["cell_type"] == "markdown"
+              for line in "".join(c["source"]).splitlines() if line.startswith("# ")]
+    info = {"title": titles[0] if titles else Path(notebook).stem, "profile": "?", "device": "?", "date": "?"}
+    try:
+        meta = json.loads(Path(notebook).with_suffix(".json").read_text())["meta"]
+        return {**info, **{k: str(meta[k]) for k in ("profile", "device", "date") if k in meta}}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    text = "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", []))
+    for key in ("profile", "device"):
+        found = re.findall(rf"^{key}:\s+(.+)$", text, flags=re.M)
+        if found:
+            info[key] = found[-1].strip()
+    stamps = [v for c in nb["cells"] for v in c.get("metadata", {}).get("execution", {}).values()]
+    if stamps:
+        info["date"] = max(stamps)[:10]
+    return info
+
+
+def page_table(sources: dict[str, Path], root: Path) -> str:
+    """A Markdown table: which run each page of the book shows (generated at build time)."""
+    lines = ["| chapter | run shown | device | date | source |", "|---|---|---|---|---|"]
+    for source in sources.values():
+        info = {k: v.replace("|", "\\|") for k, v in run_info(source).items()}
+        where = source.relative_to(root) if source.is_relative_to(root) else source.name
+        lines.append(f"| {info['title']} | {info['profile']} | {info['device']} | {info['date'][:10]} | "
+                     f"`{where}` |")
+    return "\n".join(lines) + "\n"
+
+
 def stage(root: Path, site: Path, runs: Path | None = None) -> dict[str, Path]:
     """Assemble the staging tree the HTML is built from; return ``{chapter stem: source notebook}``."""
     root, site = Path(root), Path(site)
@@ -251,6 +291,9 @@ def stage(root: Path, site: Path, runs: Path | None = None) -> dict[str, Path]:
         nb = strip_papermill(json.loads(source.read_text()))
         target.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
         sources[chapter.stem] = source
+    intro = site / "intro.md"
+    if intro.exists() and PAGE_TABLE in intro.read_text():
+        intro.write_text(intro.read_text().replace(PAGE_TABLE, page_table(sources, root)))
     return sources
 
 

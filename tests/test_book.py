@@ -41,7 +41,7 @@ def repo(tmp_path, monkeypatch):
     (root / "_toc.yml").write_text("format: jb-book\nroot: intro\nchapters:\n"
                                    "  - file: book/01_a\n  - file: book/02_b\n")
     (root / "_config.yml").write_text("title: t\n")
-    (root / "intro.md").write_text("# intro\n")
+    (root / "intro.md").write_text(f"# intro\n\n{book.PAGE_TABLE}\n")
     (root / "references.bib").write_text("")
     (root / "_static").mkdir()
     (root / "_static" / "x.css").write_text("p {}\n")
@@ -237,3 +237,16 @@ def test_license_and_citation_agree_with_pyproject():
     paper = cff["references"][0]
     assert [a["family-names"] for a in paper["authors"]] == ["Walter", "Adilova", "Vreeken", "Kamp"]
     assert "2510.14231" in str(paper["identifiers"]) and paper["year"] == 2026
+
+
+def test_the_intro_says_which_run_each_page_shows(repo):
+    _record(repo / "runs", "nvidia-h200", "02_b", "paper scale b", "2026-02-01T00:00:00Z")
+    site = repo / "_build" / "site"
+    book.stage(repo, site)
+    intro = (site / "intro.md").read_text()
+    assert book.PAGE_TABLE not in intro
+    rows = [line for line in intro.splitlines() if line.startswith("| committed a") or line.startswith("| paper")]
+    assert len(rows) == 2, intro
+    assert "| full | nvidia-h200 | 2026-02-01 | `runs/nvidia-h200/02_b.full.ipynb` |" in rows[1]
+    assert "`book/01_a.ipynb`" in rows[0]
+    assert book.PAGE_TABLE in (repo / "intro.md").read_text(), "the committed intro keeps its marker"
