@@ -299,7 +299,7 @@ def stage(root: Path, site: Path, runs: Path | None = None) -> dict[str, Path]:
 
 def build_html(root: Path, path_output: Path | None = None, runs: Path | None = None) -> Path:
     """Stage the site under ``<path_output>/_build/site`` and build it strictly; return ``index.html``."""
-    out = Path(path_output) if path_output is not None else Path(root)
+    out = (Path(path_output) if path_output is not None else Path(root)).resolve()
     site = out / "_build" / "site"
     sources = stage(root, site, runs)
     for stem, source in sources.items():

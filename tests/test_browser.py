@@ -123,6 +123,7 @@ def test_screenshot(browser, site, stem):
     page = _open(browser, site, f"book/{stem}.html", "desktop")
     try:
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.evaluate("() => window.scrollTo(0, 0)")  # the sticky header belongs at the top of the shot
         page.screenshot(path=str(SCREENSHOTS / f"{stem}.png"), full_page=True)
     finally:
         page.close()
