@@ -6,7 +6,8 @@
     python -m flatnb.book --no-execute          build the HTML from the stored outputs only (about a minute)
     python -m flatnb.book --profile full --device cuda
                                                 paper scale on a GPU: each executed chapter is written to
-                                                runs/<device>/<stem>.full.ipynb (never into book/);
+                                                runs/<device>/<stem>.full.ipynb (never into book/; the
+                                                chapter gets FLATNB_RUN_DIR=runs/<device> for its JSON);
                                                 without CUDA it stops at once and points to --dry-run
     python -m flatnb.book --profile full --dry-run
                                                 a cheap CPU stand-in for the line above: executes the chapters
@@ -139,8 +140,11 @@ _KERNEL_ENV = {"FLATNB_PROGRESS": "0", "MPLBACKEND": "module://matplotlib_inline
 
 
 def execute(chapter: Path, output: Path, parameters: dict | None = None,
-            cell_timeout: int = DEFAULT_CELL_TIMEOUT) -> float:
+            cell_timeout: int = DEFAULT_CELL_TIMEOUT, env: dict | None = None) -> float:
     """Run one chapter with papermill into ``output`` (papermill's injected cell stripped); return seconds.
+
+    ``env`` adds environment variables for the kernel, e.g. ``FLATNB_RUN_DIR`` (where a full-profile
+    chapter writes its run record's JSON).
 
     Raises :class:`ChapterFailure` naming the chapter, the cell and the error.
     """
@@ -151,8 +155,9 @@ def execute(chapter: Path, output: Path, parameters: dict | None = None,
     # The kernel inherits our environment: no text-mode progress bars in executed chapters, and
     # matplotlib's inline backend even where the caller set MPLBACKEND=Agg (CI does; a kernel
     # with Agg stores no figures in the executed chapter).
-    saved = {k: os.environ.get(k) for k in _KERNEL_ENV}
-    os.environ.update(_KERNEL_ENV)
+    kernel_env = {**_KERNEL_ENV, **(env or {})}
+    saved = {k: os.environ.get(k) for k in kernel_env}
+    os.environ.update(kernel_env)
     try:
         pm.execute_notebook(
             str(chapter), str(output), parameters=parameters or None, cwd=str(chapter.parent),
@@ -321,7 +326,7 @@ def build_html(root: Path, path_output: Path | None = None, runs: Path | None = 
 
 
 def run(paths: list[Path], destination, parameters: dict | None, cell_timeout: int,
-        fail_fast: bool = False, failed_dir: Path | None = None) -> list[tuple[Path, float, bool]]:
+        fail_fast: bool = False, failed_dir: Path | None = None, env: dict | None = None):
     """Execute ``paths`` in order; ``destination(chapter)`` names the file each executed chapter replaces.
 
     Prints one line per chapter (start, seconds, pass/FAIL) and returns ``(chapter, seconds, passed)``.
@@ -338,7 +343,7 @@ def run(paths: list[Path], destination, parameters: dict | None, cell_timeout: i
         tmp_path = Path(tmp)
         start = time.time()
         try:
-            execute(chapter, tmp_path, parameters, cell_timeout)
+            execute(chapter, tmp_path, parameters, cell_timeout, **({"env": env} if env else {}))
         except ChapterFailure as failure:
             failed_dir.mkdir(parents=True, exist_ok=True)
             kept = failed_dir / chapter.name
@@ -396,12 +401,11 @@ def check_writable(paths: list[Path]) -> list[str]:
 
 def cuda_available() -> bool:
     import torch
-
     return torch.cuda.is_available()
 
 
 NO_CUDA = ("--profile full runs the paper-scale book and needs a CUDA GPU, but torch.cuda.is_available() is "
-           "False on this machine. To test the full-profile path here, run\n"
+           "False on this machine (or --device names a CPU). To test the full-profile path here, run\n"
            "    python -m flatnb.book --profile full --dry-run\n"
            "(the chapters in the quick profile into a temp folder, plus a check that runs/<device>/ is writable).")
 
@@ -410,8 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flatnb.book", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=["auto", "quick", "full"], default=None,
-                        help="profile injected into every chapter (default: the chapter's own 'auto'); "
-                             "'full' needs CUDA and writes to runs/<device>/<stem>.full.ipynb")
+                        help="profile injected into every chapter (default: the chapter's own 'auto', which is "
+                             "'full' on a GPU); 'full' needs CUDA and writes to runs/<device>/<stem>.full.ipynb")
     parser.add_argument("--device", default=None,
                         help="device injected into every chapter, e.g. cpu or cuda (default: the chapter's own)")
     parser.add_argument("--only", nargs="*", default=None,
@@ -461,18 +465,20 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.no_execute:
         params = {k: v for k, v in (("profile", args.profile), ("device", args.device)) if v is not None}
-        if args.profile == "full":
-            if not cuda_available():
+        env, on_gpu = None, not (args.device or "cuda").startswith("cpu") and cuda_available()
+        if args.profile == "full" or (args.profile in (None, "auto") and on_gpu):  # auto is full on a GPU
+            if not on_gpu:
                 print(NO_CUDA, file=sys.stderr)
                 return 2
             params.setdefault("device", "cuda")
             folder = args.output or args.runs / device_slug(params["device"])
             destination = lambda c: folder / f"{c.stem}.full.ipynb"  # noqa: E731
+            env = {"FLATNB_RUN_DIR": str(folder.resolve())}
         elif args.output is not None:
             destination = lambda c: args.output / c.name  # noqa: E731
         else:
             destination = lambda c: c  # noqa: E731
-        results = run(paths, destination, params, args.cell_timeout, args.fail_fast)
+        results = run(paths, destination, params, args.cell_timeout, args.fail_fast, env=env)
         print(summary(results), flush=True)
         status = 0 if all(ok for *_, ok in results) else 1
     if not args.no_build:

@@ -62,8 +62,9 @@ def _record(runs: Path, slug: str, stem: str, text: str, date: str | None, profi
 
 def _fake_execute(calls):
     """Stands in for papermill: 'executes' by copying, and fails chapters whose name contains 'b'."""
-    def execute(chapter, output, parameters=None, cell_timeout=0):
+    def execute(chapter, output, parameters=None, cell_timeout=0, env=None):
         calls.append((chapter.name, dict(parameters or {})))
+        envs.append(env)
         nb = json.loads(Path(chapter).read_text())
         nb["cells"].append(new_code_cell(f"# executed with {parameters}"))
         Path(output).write_text(json.dumps(nb))
@@ -74,6 +75,7 @@ def _fake_execute(calls):
 
 
 calls_fail_b = [False]
+envs = []
 
 
 def _text(path: Path) -> str:
@@ -162,6 +164,7 @@ def test_full_profile_without_cuda_stops_at_once_and_names_dry_run(repo, monkeyp
 
 def test_full_profile_writes_run_records_not_book(repo, monkeypatch, capsys):
     calls = []
+    envs.clear()
     monkeypatch.setattr(book, "execute", _fake_execute(calls))
     monkeypatch.setattr(book, "cuda_available", lambda: True)
     monkeypatch.setattr(book, "device_slug", lambda device=None: "nvidia-h200")
@@ -171,6 +174,7 @@ def test_full_profile_writes_run_records_not_book(repo, monkeypatch, capsys):
     for stem in ("01_a", "02_b"):
         assert (repo / "runs" / "nvidia-h200" / f"{stem}.full.ipynb").is_file()
     assert all(p == {"profile": "full", "device": "cuda"} for _, p in calls)
+    assert envs[-1] == {"FLATNB_RUN_DIR": str(repo / "runs" / "nvidia-h200")}, "the chapter learns its record folder"
     log = capsys.readouterr().out
     assert "01_a" in log and "02_b" in log and "in total" in log
 
@@ -250,3 +254,18 @@ def test_the_intro_says_which_run_each_page_shows(repo):
     assert "| full | nvidia-h200 | 2026-02-01 | `runs/nvidia-h200/02_b.full.ipynb` |" in rows[1]
     assert "`book/01_a.ipynb`" in rows[0]
     assert book.PAGE_TABLE in (repo / "intro.md").read_text(), "the committed intro keeps its marker"
+
+
+def test_auto_on_a_gpu_writes_run_records_and_on_the_cpu_the_book(repo, monkeypatch):
+    calls = []
+    monkeypatch.setattr(book, "execute", _fake_execute(calls))
+    monkeypatch.setattr(book, "device_slug", lambda device=None: "nvidia-h200")
+    monkeypatch.setattr(book, "cuda_available", lambda: True)
+    assert book.main(["--only", "01", "--no-build"]) == 0
+    assert (repo / "runs" / "nvidia-h200" / "01_a.full.ipynb").is_file()
+    assert "executed with" not in _text(repo / "book" / "01_a.ipynb")
+    assert book.main(["--only", "01", "--device", "cpu", "--no-build"]) == 0  # a CPU run on a GPU machine
+    assert "executed with {'device': 'cpu'}" in _text(repo / "book" / "01_a.ipynb")
+    monkeypatch.setattr(book, "cuda_available", lambda: False)
+    assert book.main(["--only", "02", "--no-build"]) == 0
+    assert "executed with {}" in _text(repo / "book" / "02_b.ipynb")
