@@ -264,14 +264,18 @@ def run_info(notebook: Path) -> dict[str, str]:
     return info
 
 
-def page_table(sources: dict[str, Path], root: Path) -> str:
-    """A Markdown table: which run each page of the book shows (generated at build time)."""
+def page_table(sources: dict[str, Path], root: Path, docs: dict[str, str] | None = None) -> str:
+    """A Markdown table: which run each page of the book shows (generated at build time).
+
+    ``docs`` maps a chapter stem to its document name (``book/05_uncanny_valley``) to link the title.
+    """
     lines = ["| chapter | run shown | device | date | source |", "|---|---|---|---|---|"]
-    for source in sources.values():
+    for stem, source in sources.items():
         info = {k: v.replace("|", "\\|") for k, v in run_info(source).items()}
+        title = f"{{doc}}`{info['title']} <{docs[stem]}>`" if docs and stem in docs else info["title"]
         where = source.relative_to(root) if source.is_relative_to(root) else source.name
-        lines.append(f"| {info['title']} | {info['profile']} | {info['device']} | {info['date'][:10]} | "
-                     f"`{where}` |")
+        date = info["date"][:10].replace("-", "\u2011")  # non-breaking hyphens: a date stays on one line
+        lines.append(f"| {title} | {info['profile']} | {info['device']} | {date} | `{where}` |")
     return "\n".join(lines) + "\n"
 
 
@@ -298,7 +302,8 @@ def stage(root: Path, site: Path, runs: Path | None = None) -> dict[str, Path]:
         sources[chapter.stem] = source
     intro = site / "intro.md"
     if intro.exists() and PAGE_TABLE in intro.read_text():
-        intro.write_text(intro.read_text().replace(PAGE_TABLE, page_table(sources, root)))
+        docs = {c.stem: c.relative_to(root).with_suffix("").as_posix() for c in chapters(root)}
+        intro.write_text(intro.read_text().replace(PAGE_TABLE, page_table(sources, root, docs)))
     return sources
 
 

@@ -249,9 +249,10 @@ def test_the_intro_says_which_run_each_page_shows(repo):
     book.stage(repo, site)
     intro = (site / "intro.md").read_text()
     assert book.PAGE_TABLE not in intro
-    rows = [line for line in intro.splitlines() if line.startswith("| committed a") or line.startswith("| paper")]
+    rows = [line for line in intro.splitlines() if line.startswith("| {doc}")]
     assert len(rows) == 2, intro
-    assert "| full | nvidia-h200 | 2026-02-01 | `runs/nvidia-h200/02_b.full.ipynb` |" in rows[1]
+    assert rows[0].startswith("| {doc}`committed a <book/01_a>` |")
+    assert "| full | nvidia-h200 | 2026\u201102\u201101 | `runs/nvidia-h200/02_b.full.ipynb` |" in rows[1]
     assert "`book/01_a.ipynb`" in rows[0]
     assert book.PAGE_TABLE in (repo / "intro.md").read_text(), "the committed intro keeps its marker"
 
