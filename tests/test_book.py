@@ -1,0 +1,272 @@
+"""The chapter runner and the staged HTML build (flatnb.book), on tiny notebooks and fake run records.
+
+Papermill is replaced by a fake ``execute`` except in one test, so these tests take seconds.
+"""
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+from flatnb import book
+
+
+def _notebook(text: str, injected: bool = False) -> dict:
+    cells = [new_markdown_cell(f"# {text}"),
+             new_code_cell('profile = "auto"', metadata={"tags": ["parameters"]})]
+    if injected:
+        cells.append(new_code_cell('profile = "quick"', metadata={"tags": ["injected-parameters"]}))
+    cells.append(new_code_cell("x = 1"))
+    nb = new_notebook(cells=cells)
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    if injected:
+        nb.metadata["papermill"] = {"input_path": "/work/main/book/a.ipynb", "output_path": "/tmp/x.ipynb"}
+        for cell in nb.cells:
+            cell.metadata["papermill"] = {"duration": 0.1, "status": "completed"}
+    return nb
+
+
+def _write(path: Path, nb) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nbformat.from_dict(nb), path)
+    return path
+
+
+@pytest.fixture
+def repo(tmp_path, monkeypatch):
+    """A miniature book: two chapters, a config, and book.ROOT pointing at it."""
+    root = tmp_path / "repo"
+    (root / "book").mkdir(parents=True)
+    (root / "_toc.yml").write_text("format: jb-book\nroot: intro\nchapters:\n"
+                                   "  - file: book/01_a\n  - file: book/02_b\n")
+    (root / "_config.yml").write_text("title: t\n")
+    (root / "intro.md").write_text(f"# intro\n\n{book.PAGE_TABLE}\n")
+    (root / "references.bib").write_text("")
+    (root / "_static").mkdir()
+    (root / "_static" / "x.css").write_text("p {}\n")
+    _write(root / "book" / "01_a.ipynb", _notebook("committed a"))
+    _write(root / "book" / "02_b.ipynb", _notebook("committed b"))
+    monkeypatch.setattr(book, "ROOT", root)
+    return root
+
+
+def _record(runs: Path, slug: str, stem: str, text: str, date: str | None, profile: str = "full") -> Path:
+    nb_path, json_path = book.record_paths(runs, slug, stem, profile)
+    _write(nb_path, _notebook(text, injected=True))
+    if date is not None:
+        json_path.write_text(json.dumps({"meta": {"chapter": stem, "profile": profile, "device": slug,
+                                                  "commit": "abc", "date": date, "wall_s": 1.0}, "rows": []}))
+    return nb_path
+
+
+def _fake_execute(calls):
+    """Stands in for papermill: 'executes' by copying, and fails chapters whose name contains 'b'."""
+    def execute(chapter, output, parameters=None, cell_timeout=0, env=None):
+        calls.append((chapter.name, dict(parameters or {})))
+        envs.append(env)
+        nb = json.loads(Path(chapter).read_text())
+        nb["cells"].append(new_code_cell(f"# executed with {parameters}"))
+        Path(output).write_text(json.dumps(nb))
+        if "_b" in chapter.name and calls_fail_b[0]:
+            raise book.ChapterFailure(chapter, "In [3]", "AssertionError: boom", Path(output))
+        return 0.01
+    return execute
+
+
+calls_fail_b = [False]
+envs = []
+
+
+def _text(path: Path) -> str:
+    return "".join("".join(c["source"]) for c in json.loads(path.read_text())["cells"])
+
+
+def test_strip_papermill_drops_the_injected_cell_and_machine_paths():
+    nb = json.loads(json.dumps(_notebook("a", injected=True)))
+    out = book.strip_papermill(nb)
+    assert not any("injected-parameters" in c["metadata"].get("tags", []) for c in out["cells"])
+    assert any("parameters" in c["metadata"].get("tags", []) for c in out["cells"]), "parameters cell kept"
+    assert "papermill" not in out["metadata"]
+    assert not any("papermill" in c["metadata"] for c in out["cells"])
+    assert "/work/" not in json.dumps(out)
+
+
+def test_the_newest_full_record_with_its_json_is_the_page(repo):
+    runs = repo / "runs"
+    _record(runs, "cpu", "01_a", "full on cpu, January", "2026-01-01T00:00:00+00:00")
+    newest = _record(runs, "nvidia-h200", "01_a", "full on h200, February", "2026-02-01T00:00:00+00:00")
+    _record(runs, "nvidia-h100", "01_a", "no json, March", None)            # not a run record
+    _record(runs, "nvidia-h100", "02_b", "quick, not full", "2026-03-01", profile="quick")
+    chapter_a, chapter_b = book.chapters(repo)
+    assert book.page_source(chapter_a, runs) == newest
+    assert book.page_source(chapter_b, runs) == chapter_b
+
+
+def test_stage_builds_a_tree_of_config_and_chosen_chapters(repo):
+    _record(repo / "runs", "nvidia-h200", "02_b", "paper scale b", "2026-02-01T00:00:00Z")
+    site = repo / "_build" / "site"
+    (site / "stale.txt").parent.mkdir(parents=True)
+    (site / "stale.txt").write_text("left from an earlier build")
+    sources = book.stage(repo, site)
+    assert sources == {"01_a": repo / "book" / "01_a.ipynb",
+                       "02_b": repo / "runs" / "nvidia-h200" / "02_b.full.ipynb"}
+    for name in ("_config.yml", "_toc.yml", "intro.md", "references.bib", "_static/x.css"):
+        assert (site / name).is_file(), name
+    assert not (site / "stale.txt").exists()
+    assert "committed a" in _text(site / "book" / "01_a.ipynb")
+    staged_b = json.loads((site / "book" / "02_b.ipynb").read_text())
+    assert "paper scale b" in _text(site / "book" / "02_b.ipynb")
+    assert not any("injected-parameters" in c["metadata"].get("tags", []) for c in staged_b["cells"])
+    assert "papermill" not in staged_b["metadata"]
+
+
+def test_executing_on_the_cpu_never_replaces_a_full_profile_page(repo, monkeypatch):
+    calls = []
+    calls_fail_b[0] = False
+    monkeypatch.setattr(book, "execute", _fake_execute(calls))
+    record = _record(repo / "runs", "nvidia-h200", "01_a", "paper scale a", "2026-02-01T00:00:00Z")
+    assert book.main(["--profile", "quick", "--no-build"]) == 0
+    assert "executed with {'profile': 'quick'}" in _text(repo / "book" / "01_a.ipynb")  # in place
+    sources = book.stage(repo, repo / "_build" / "site")
+    assert sources["01_a"] == record
+    assert "paper scale a" in _text(repo / "_build" / "site" / "book" / "01_a.ipynb")
+
+
+def test_output_folder_leaves_book_alone_and_failures_do_not_stop_the_run(repo, monkeypatch, capsys):
+    calls = []
+    calls_fail_b[0] = True
+    monkeypatch.setattr(book, "execute", _fake_execute(calls))
+    before = {p.name: p.read_text() for p in (repo / "book").iterdir()}
+    out = repo / "elsewhere"
+    try:
+        assert book.main(["--output", str(out), "--no-build"]) == 1
+    finally:
+        calls_fail_b[0] = False
+    assert {p.name: p.read_text() for p in (repo / "book").iterdir()} == before
+    assert (out / "01_a.ipynb").is_file() and not (out / "02_b.ipynb").exists()
+    assert (repo / "_build" / "failed" / "02_b.ipynb").is_file()
+    log = capsys.readouterr().out
+    assert "[ 1/2] 01_a" in log and " pass " in log and " FAIL " in log
+    assert "1/2 chapter(s) passed" in log and "FAILED: 02_b" in log
+    assert [c for c, _ in calls] == ["01_a.ipynb", "02_b.ipynb"]
+
+
+def test_full_profile_without_cuda_stops_at_once_and_names_dry_run(repo, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(book, "execute", _fake_execute(calls))
+    monkeypatch.setattr(book, "cuda_available", lambda: False)
+    assert book.main(["--profile", "full", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "CUDA" in err and "--dry-run" in err
+    assert calls == [] and not (repo / "runs").exists()
+
+
+def test_full_profile_writes_run_records_not_book(repo, monkeypatch, capsys):
+    calls = []
+    envs.clear()
+    monkeypatch.setattr(book, "execute", _fake_execute(calls))
+    monkeypatch.setattr(book, "cuda_available", lambda: True)
+    monkeypatch.setattr(book, "device_slug", lambda device=None: "nvidia-h200")
+    before = {p.name: p.read_text() for p in (repo / "book").iterdir()}
+    assert book.main(["--profile", "full", "--device", "cuda", "--no-build"]) == 0
+    assert {p.name: p.read_text() for p in (repo / "book").iterdir()} == before
+    for stem in ("01_a", "02_b"):
+        assert (repo / "runs" / "nvidia-h200" / f"{stem}.full.ipynb").is_file()
+    assert all(p == {"profile": "full", "device": "cuda"} for _, p in calls)
+    assert envs[-1] == {"FLATNB_RUN_DIR": str(repo / "runs" / "nvidia-h200")}, "the chapter learns its record folder"
+    log = capsys.readouterr().out
+    assert "01_a" in log and "02_b" in log and "in total" in log
+
+
+def test_dry_run_executes_quick_into_a_temp_folder_and_checks_the_record_paths(repo, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(book, "execute", _fake_execute(calls))
+    before = {p.name: p.read_text() for p in (repo / "book").iterdir()}
+    assert book.main(["--profile", "full", "--dry-run"]) == 0
+    assert [p for _, p in calls] == [{"profile": "quick"}] * 2
+    assert {p.name: p.read_text() for p in (repo / "book").iterdir()} == before
+    assert not (repo / "runs").exists(), "the writability probe leaves nothing behind"
+    assert "writable" in capsys.readouterr().out
+    blocker = repo / "not_a_folder"
+    blocker.write_text("a file where the runs folder should be")
+    assert book.main(["--dry-run", "--runs", str(blocker)]) == 1
+    assert "not writable" in capsys.readouterr().err
+
+
+def test_help_says_what_the_runner_does(capsys):
+    with pytest.raises(SystemExit):
+        book.main(["--help"])
+    text = capsys.readouterr().out
+    for phrase in ("--profile full", "--dry-run", "runs/<device>/<stem>.full.ipynb", "--output",
+                   "_build/site", "injected-parameters", "--no-execute", "quick profile"):
+        assert phrase in text, phrase
+
+
+def test_device_slug_of_the_cpu():
+    assert book.device_slug("cpu") == "cpu"
+
+
+def test_execute_strips_the_injected_cell_from_a_real_papermill_run(tmp_path):
+    src = _write(tmp_path / "tiny.ipynb", _notebook("tiny"))
+    out = tmp_path / "out" / "tiny.ipynb"
+    book.execute(src, out, {"profile": "quick"}, cell_timeout=120)
+    nb = json.loads(out.read_text())
+    assert not any("injected-parameters" in c["metadata"].get("tags", []) for c in nb["cells"])
+    assert "papermill" not in nb["metadata"] and str(tmp_path) not in out.read_text()
+    assert [c["execution_count"] for c in nb["cells"] if c["cell_type"] == "code"] == [1, 3]
+
+
+def test_publishing_builds_from_committed_outputs_and_deploys():
+    import yaml
+
+    flow = yaml.safe_load((book.ROOT / ".github" / "workflows" / "pages.yml").read_text())
+    steps = [s for job in flow["jobs"].values() for s in job["steps"]]
+    runs = " ".join(s.get("run", "") for s in steps)
+    assert "python -m flatnb.book --no-execute" in runs and "pytest" not in runs and "papermill" not in runs
+    assert any(s.get("uses", "").startswith("actions/deploy-pages") for s in steps)
+    assert any(s.get("with", {}).get("path") == "_build/html" for s in steps)
+    assert "https://flatnb.github.io/flatnb/" in (book.ROOT / "README.md").read_text()
+
+
+def test_license_and_citation_agree_with_pyproject():
+    import tomllib
+
+    import yaml
+
+    project = tomllib.loads((book.ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"]["text"] == "MIT" and (book.ROOT / "LICENSE").read_text().startswith("MIT License")
+    cff = yaml.safe_load((book.ROOT / "CITATION.cff").read_text())
+    assert cff["license"] == "MIT" and str(cff["version"]) == project["version"]
+    paper = cff["references"][0]
+    assert [a["family-names"] for a in paper["authors"]] == ["Walter", "Adilova", "Vreeken", "Kamp"]
+    assert "2510.14231" in str(paper["identifiers"]) and paper["year"] == 2026
+
+
+def test_the_intro_says_which_run_each_page_shows(repo):
+    _record(repo / "runs", "nvidia-h200", "02_b", "paper scale b", "2026-02-01T00:00:00Z")
+    site = repo / "_build" / "site"
+    book.stage(repo, site)
+    intro = (site / "intro.md").read_text()
+    assert book.PAGE_TABLE not in intro
+    rows = [line for line in intro.splitlines() if line.startswith("| {doc}")]
+    assert len(rows) == 2, intro
+    assert rows[0].startswith("| {doc}`committed a <book/01_a>` |")
+    assert "| full | nvidia-h200 | 2026\u201102\u201101 | `runs/nvidia-h200/02_b.full.ipynb` |" in rows[1]
+    assert "`book/01_a.ipynb`" in rows[0]
+    assert book.PAGE_TABLE in (repo / "intro.md").read_text(), "the committed intro keeps its marker"
+
+
+def test_auto_on_a_gpu_writes_run_records_and_on_the_cpu_the_book(repo, monkeypatch):
+    calls = []
+    monkeypatch.setattr(book, "execute", _fake_execute(calls))
+    monkeypatch.setattr(book, "device_slug", lambda device=None: "nvidia-h200")
+    monkeypatch.setattr(book, "cuda_available", lambda: True)
+    assert book.main(["--only", "01", "--no-build"]) == 0
+    assert (repo / "runs" / "nvidia-h200" / "01_a.full.ipynb").is_file()
+    assert "executed with" not in _text(repo / "book" / "01_a.ipynb")
+    assert book.main(["--only", "01", "--device", "cpu", "--no-build"]) == 0  # a CPU run on a GPU machine
+    assert "executed with {'device': 'cpu'}" in _text(repo / "book" / "01_a.ipynb")
+    monkeypatch.setattr(book, "cuda_available", lambda: False)
+    assert book.main(["--only", "02", "--no-build"]) == 0
+    assert "executed with {}" in _text(repo / "book" / "02_b.ipynb")
