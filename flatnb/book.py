@@ -183,15 +183,13 @@ def execute(chapter: Path, output: Path, parameters: dict | None = None,
 
 
 def device_slug(device: str | None = None) -> str:
-    """Folder name of a device under ``runs/``: ``cpu``, or the GPU's name such as ``nvidia-h200``."""
+    """Folder name of a device under ``runs/``: ``cpu``, or the GPU's name such as ``nvidia-h200``
+    (the same name the chapters' records use: :func:`flatnb.records.device_slug`)."""
     import torch
 
-    dev = torch.device(device if device not in (None, "auto") else
-                       ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type != "cuda":
-        return dev.type
-    name = torch.cuda.get_device_name(dev)
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "cuda"
+    from flatnb.records import device_slug as slug
+
+    return slug(device if device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def record_paths(runs: Path, slug: str, stem: str, profile: str) -> tuple[Path, Path]:

@@ -188,6 +188,10 @@ def meta(chapter: str, profile: str, device, seed: int, wall_s: float, **extra) 
 
 
 def record_path(chapter: str, profile: str, slug: str, root=None) -> Path:
+    """``runs/<slug>/<chapter>.<profile>.json``; ``FLATNB_RUN_DIR`` (set by the book runner for a
+    full-profile run, the folder of the executed notebook) overrides the folder."""
+    if root is None and os.environ.get("FLATNB_RUN_DIR"):
+        return Path(os.environ["FLATNB_RUN_DIR"]) / f"{chapter}.{profile}.json"
     return runs_dir(root) / slug / f"{chapter}.{profile}.json"
 
 
