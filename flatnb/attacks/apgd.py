@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from flatnb.attacks.core import (APGD_LOSSES, AttackResult, _check_common, _clean_eval, _combine, _eval_mode,
                                  _LOSS_FNS, _loss_and_grad, _project, _rdims, _recorder, _Tracker, _validate_steps, _view,
-                                 _warn_zero_grad, _zero_grad_mask)
+                                 _finish, _zero_grad_mask)
 from flatnb.models import check_contract
 from flatnb.runtime import draw
 
@@ -135,7 +135,7 @@ def apgd(
     (iterate 0 is the random start; the clean input is not an iterate here).
     """
     check_contract(model)
-    _check_common(x, y, eps, norm, loss, APGD_LOSSES, clip, target)
+    _check_common(model, x, y, eps, norm, loss, APGD_LOSSES, clip, target)
     _validate_steps(steps, None)
     if not isinstance(restarts, int) or restarts < 1:
         raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
@@ -153,9 +153,7 @@ def apgd(
                       [recorder, on_iterate] if r == 0 else [on_iterate], autocast_dtype, clean)
             for r in range(restarts)
         ]
-    res = _combine(results, x, clean_correct, steps, recorder)
-    if warn:
-        _warn_zero_grad(res.zero_grad, f"APGD-{loss}")
-    return res
+    finite, res = _combine(results, x, clean_correct, steps, clean)
+    return _finish(res, finite, warn, f"APGD-{loss}", recorder)
 
 
