@@ -45,7 +45,10 @@ class AttackResult:
     (``pred == target`` when targeted), 0 for a clean misclassification, -1 if
     never (first run only when restarting); ``zero_grad``: input gradient
     exactly zero at the first step; ``steps_run``: steps actually taken (early
-    stop); ``trajectory``: with ``record=True``.
+    stop); ``trajectory``: with ``record=True``; ``attacked``: which examples the attack ran
+    on (all of them, except for APGD with ``attack_misclassified=False``, which skips the
+    examples misclassified when clean, as the reference AutoAttack does: they keep ``x_adv = x``,
+    ``success`` from their clean prediction, ``flip_step`` 0, ``zero_grad`` False).
     """
 
     x_adv: Tensor
@@ -58,6 +61,7 @@ class AttackResult:
     zero_grad: Tensor
     steps_run: int
     trajectory: "Trajectory | None" = None
+    attacked: Tensor | None = None
 
     @property
     def n_zero_grad(self) -> int:
@@ -360,6 +364,7 @@ def _combine(results, x, clean_correct, steps_run, clean=None):
     return finite, AttackResult(
         x_adv=bx, x_last=x_last, success=bs, clean_correct=clean_correct, loss_final=lf, loss_best=bl,
         flip_step=tr0.flip, zero_grad=zero, steps_run=steps_run,
+        attacked=torch.ones_like(bs),
     )
 
 
