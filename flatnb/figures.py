@@ -1,4 +1,4 @@
-"""The uncanny-valley figures (Walter et al. 2026, §5-6, Fig. 3), legible at the book's page width.
+"""The uncanny-valley figures (experiment E6 of Walter et al. 2026), legible at the book's page width.
 
 Every panel pair shows one recorded quantity (:data:`flatnb.trajectory.FIELDS`) over the
 examples that flip during the attack: median and quartile band by raw attack step, and aligned

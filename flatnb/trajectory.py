@@ -7,11 +7,11 @@ concatenation and the figure labels (:mod:`flatnb.figures`) all iterate over tha
 
 A :class:`Recorder` is an ``on_iterate`` hook of the attacks in :mod:`flatnb.attacks`:
 ``recorder(t, x_t, phi, logits, loss)`` is called once per iterate with that iterate's own
-forward pass, and the closed-form curvature terms (Walter et al. 2026, §3; Petzka et al. 2021)
+forward pass, and the closed-form curvature terms (Walter et al. 2026; Petzka et al. 2021)
 are computed from it, so recording costs no extra forward pass.  ``record=True`` on an attack
 builds one.
 
-Statistics (the "uncanny valley" of Walter et al. 2026, §5-6): :func:`align_at_flip`,
+Statistics (the "uncanny valley", experiment E6 of Walter et al. 2026): :func:`align_at_flip`,
 :func:`step_summary`, :func:`valley_stats`, :func:`valley_medians`, :func:`basin_width`;
 :func:`boundary_crossing` locates where each path crosses the decision boundary.
 Trajectories are (T+1, N) tensors, row 0 the starting point; ``flip_step`` is the first
@@ -96,7 +96,7 @@ class Recorder:
     ``x`` (N, ...) the clean inputs, ``y`` (N,) the true labels, ``norm`` the attack's norm
     (for ``delta_norm``), ``steps`` the most iterates to expect (rows ``0 .. steps``).
     Everything is computed on the device in at least float32 (curvature is never taken in bf16,
-    Walter et al. 2026, §6.7) with no host sync; :meth:`trajectory` checks once that every
+    Walter et al. 2026) with no host sync; :meth:`trajectory` checks once that every
     recorded value is finite and raises ``ValueError`` naming the rows otherwise.
     """
 
@@ -205,7 +205,7 @@ def valley_stats(traj, kappa: str = "kappa_sq", window: int = 1, num_classes: in
     ``loss_high``: the loss at the last step exceeds ``log k`` (a loss-change adversarial example
     with ε = log k, ``k = num_classes``);  ``n_flipped``: how many examples these fractions are over.
     ``min_confidence`` keeps only examples whose clean top-class probability is at least that
-    (the rise towards the boundary needs a confident start; PAPER §6.6).
+    (the rise towards the boundary needs a confident start).
     """
     k_all = _values(traj, kappa).to(torch.float64)
     f = traj.flip_step
@@ -317,7 +317,7 @@ def boundary_crossing(model: nn.Module, traj: Trajectory, y: Tensor, iters: int 
     between the last correct iterate ``x_{f-1}`` (margin ``z_y - max_{j != y} z_j > 0``) and the
     first wrong one ``x_f`` (margin <= 0) is bisected ``iters`` times, keeping a correct left end and
     a wrong right end, so the crossing is bracketed to ``2**-iters`` of the segment; κ and the other
-    closed-form terms are evaluated at the bracket's midpoint (Walter et al. 2026, §5: where the
+    closed-form terms are evaluated at the bracket's midpoint (Walter et al. 2026, E6: where the
     valley's peak is claimed to sit).  Needs the iterates (``record_inputs=True``) and the true labels
     ``y``.  One forward pass of the M flipping examples per bisection step; the model runs in eval
     mode, without gradients, in its own dtype (curvature in at least float32).

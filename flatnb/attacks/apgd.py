@@ -129,7 +129,7 @@ def apgd(
     the last checkpoint increased the loss, or if its step size was not halved
     last time and its best loss did not improve.  Random start on the ball's
     sphere; ``steps=100`` as in the reference (torchattacks' AutoAttack uses 10,
-    PAPER §6.8).  Losses ``"ce"`` and ``"dlr"``; ``target`` gives APGD-CE-T /
+    for headline numbers use :func:`autoattack`).  Losses ``"ce"`` and ``"dlr"``; ``target`` gives APGD-CE-T /
     APGD-T (targeted DLR, k >= 4).  Deviation: the oscillation count of the
     first period compares with the starting loss, where the reference code reads
     an uninitialised 0.  ``record`` / ``record_inputs`` / ``on_iterate`` as in :func:`pgd`

@@ -1,7 +1,7 @@
 """The reference AutoAttack (Croce & Hein 2020) and Square attack (Andriushchenko et al. 2020).
 
 Thin wrappers around fra31's code as packaged in ``pyautoattack`` (0.2.0): the evaluation a
-referee expects for a positive robustness claim (Walter et al. 2026, §6; issue 17 item 5).  Both
+referee expects for a positive robustness claim (issue 17 item 5; Croce & Hein 2020).  Both
 return an :class:`~flatnb.attacks.AttackResult`, so ``robust_accuracy()``, :func:`cat_results` and
 :func:`~flatnb.attacks.attack_dataset` work as for this package's attacks.  What the reference
 does not report is filled conservatively: ``flip_step`` is 0 for a clean misclassification and
@@ -95,7 +95,7 @@ def square(model: nn.Module, x: Tensor, y: Tensor, eps: float, norm: str = "linf
            p_init: float = 0.8, restarts: int = 1, seed: int = 0) -> AttackResult:
     """The reference Square attack (score-based, no gradients; margin loss), as AutoAttack runs it.
 
-    Useful where gradients are masked (a temperature-scaled head, Walter et al. 2026, §6.8):
+    Useful where gradients are masked (a temperature-scaled head, experiment E3 of Walter et al. 2026):
     it needs only the logits.  Attacks the clean-correct examples, ``n_queries`` model calls each.
     """
     _import()
