@@ -168,8 +168,9 @@ def valley_comparison_figure(trajs: dict, quantity: str = "kappa_sq", before: in
         k = _valley_panels(axes[0, j], axes[1, j], traj, quantity, before, after, color=f"C{j % 10}")
         axes[0, j].set_title(f"{name} (n={k} flip)", fontsize=FONT["title"], loc="left")
     if sharey:
-        for row in axes:
-            drawn = [ax for ax in row if ax.lines and len(ax.lines) > (1 if ax in axes[1] else 0)]
+        for r, row in enumerate(axes):
+            # the aligned row always holds the flip marker: a drawn panel has more than that
+            drawn = [ax for ax in row if len(ax.lines) > (1 if r == 1 else 0)]
             if drawn:
                 lo = min(ax.get_ylim()[0] for ax in drawn)
                 hi = max(ax.get_ylim()[1] for ax in drawn)
