@@ -37,7 +37,7 @@ def _raise_nonfinite(what: str, rows: Tensor | None = None) -> None:
 
 def _math_attention():
     """Force the math SDPA backend: flash / memory-efficient kernels have no double
-    backward and no forward-mode AD (PAPER.md §6.9)."""
+    backward and no forward-mode AD (PyTorch issues #116350, #117629)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel(SDPBackend.MATH)

@@ -80,7 +80,7 @@ def kappa_from_hessian(hessian: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]
 def last_layer_hessian_batch(phi: Tensor, probs: Tensor) -> Tensor:
     """Closed-form Hessian of the *mean* loss over the batch, ``H(w, S)``, (k*m, k*m).
 
-    ``H(w, S) = 1/N sum_i M(p_i) kron phi_i phi_i^T`` (PAPER.md §3 item 6).  Dense.
+    ``H(w, S) = 1/N sum_i M(p_i) kron phi_i phi_i^T`` (the dataset average of the per-sample Hessians).  Dense.
     """
     _check_phi(phi)
     _check_probs(probs)
