@@ -39,7 +39,7 @@ _AT_QUICK = dict(epochs=5, n_train=5_000, width=16, weight_decay=5e-4, warmup_ep
 # uses 0.2), no test-time augmentation. Measured numbers: benchmarks/train.py and the module notes below.
 _FAST = dict(batch_size=1024, lr=1.5, momentum=0.85, nesterov=True, weight_decay=0.002 / 1.5, bias_lr_scale=64.0,
              schedule="triangle", ema_every=5, cpu_bf16=True)
-_FAST_QUICK = dict(_FAST, epochs=8, warmup_epochs=0.23 * 8, ema_start_epochs=8 / 3, width=32)
+_FAST_QUICK = dict(_FAST, epochs=5, warmup_epochs=0.23 * 5, ema_start_epochs=5 / 3, width=32)
 _FAST_FULL = dict(_FAST, epochs=10, warmup_epochs=2.3, ema_start_epochs=3.0, width=64)
 
 # Cheap adversarial training of the quick main model: FGSM with a random start and step 1.25 ε

@@ -28,8 +28,8 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -40,6 +40,11 @@ import torch.nn.functional as F
 
 from flatnb import data as fdata
 from flatnb import models as fmodels
+from flatnb.optim import Lookahead as _Lookahead
+from flatnb.optim import lr_lambda as _lr_lambda
+from flatnb.optim import optimizer as _optimizer
+from flatnb.optim import plain_state as _plain_state
+from flatnb.optim import select_precision
 from flatnb.runtime import atomic_save, cache_dir, resolve_device, resolve_profile
 
 RECIPES = ("standard", "pgd_at", "trades")
@@ -58,7 +63,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     nesterov: bool = False
     batch_size: int = 128
-    schedule: str = "cosine"  # "cosine" (per step, after warmup), "constant" or "triangle" (see _lr_lambda)
+    schedule: str = "cosine"  # "cosine" (per step, after warmup), "constant" or "triangle" (optim.lr_lambda)
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
     sam_rho: float = 0.0  # > 0 enables SAM (Foret et al. 2021)
@@ -225,34 +230,6 @@ def _beta(alpha: float, generator: torch.Generator) -> float:
         return float(torch.distributions.Beta(alpha, alpha).sample())
 
 
-# the triangular schedule (airbench): lr factor TRIANGLE[0] at step 0, 1 after warmup_epochs, TRIANGLE[1] at the end
-TRIANGLE = (0.2, 0.07)
-
-
-def _lr_lambda(config: TrainConfig, steps_per_epoch: int):
-    total = config.epochs * steps_per_epoch
-    warm = int(config.warmup_epochs * steps_per_epoch)
-
-    if config.schedule == "triangle":
-        lo, end = TRIANGLE
-
-        def tri(step):
-            if step < warm:
-                return lo + (1 - lo) * step / warm
-            return 1 + (end - 1) * min(1.0, (step - warm) / max(1, total - warm))
-
-        return tri
-
-    def f(step):
-        if step < warm:
-            return (step + 1) / warm
-        if config.schedule == "constant":
-            return 1.0
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
-
-    return f
-
-
 def checkpoint_path(config: TrainConfig, data_digest: str) -> Path:
     c = config
     return cache_dir() / "checkpoints" / f"{c.arch}-{c.dataset}-{c.recipe}-{c.profile}-s{c.seed}-{c.key(data_digest)}.pt"
@@ -285,7 +262,8 @@ def _training_lock(ckpt: Path, enabled: bool = True):
 
 def train(config: TrainConfig, device=None, root=None, train_ds: fdata.Dataset | None = None,
           callback: Callable[[int, dict], None] | None = None, progress: bool | None = None,
-          use_cache: bool = True, check_every: int = 25, compile: bool = False) -> nn.Module:
+          use_cache: bool = True, check_every: int = 25, compile: bool = False,
+          eval_ds: fdata.Dataset | None = None) -> nn.Module:
     """Train ``config`` on ``device`` (resuming from its checkpoint) and return the model in eval mode.
 
     ``train_ds`` overrides the training data (default: :func:`training_data`).
@@ -299,6 +277,9 @@ def train(config: TrainConfig, device=None, root=None, train_ds: fdata.Dataset |
     ``None`` (default) the epoch lines always and the bars unless the environment
     sets ``FLATNB_PROGRESS=0`` (headless chapter runs do: a text-mode bar would
     write hundreds of lines into the executed notebook).
+
+    ``eval_ds``: evaluated after every epoch (float32), its accuracy goes into the epoch's
+    metrics as ``test_acc`` (with ``train_s``, the training wall time of the epoch).
 
     ``compile=True`` trains through :func:`torch.compile` (same recipe; pays a compile time up
     front). The precision, memory format, optimizer kind and compile choice are stored in
@@ -316,8 +297,8 @@ def train(config: TrainConfig, device=None, root=None, train_ds: fdata.Dataset |
     ds = train_ds if train_ds is not None else training_data(config, root)
     model = build_model(config).to(device)
     prec = select_precision(device, config, compile=compile)
-    if hasattr(model, "init_whitening"):  # FastNet: whitening filters from the first 5,000 training images
-        model.init_whitening(ds.images[:5000].float().div(255))
+    if hasattr(model, "init_whitening"):  # FastNet: whitening filters from the first 2,000 training images
+        model.init_whitening(ds.images[:2000].float().div(255))
     opt = _optimizer(model, config, fused=prec["fused_sgd"])
     loader = fdata.Loader(ds, config.batch_size, device, shuffle=True, augment=config.augment,
                           seed=config.seed, drop_last=len(ds) >= 2 * config.batch_size)
@@ -356,6 +337,7 @@ def train(config: TrainConfig, device=None, root=None, train_ds: fdata.Dataset |
         step = start * steps
 
         for epoch in range(start, config.epochs):
+            t_epoch = time.perf_counter()
             model.train()
             loader.set_epoch(epoch)
             g = torch.Generator().manual_seed(config.seed * 7919 + epoch)  # attack random starts
@@ -394,7 +376,9 @@ def train(config: TrainConfig, device=None, root=None, train_ds: fdata.Dataset |
             if lookahead is not None and lookahead.started:
                 lookahead.copy_to(model)  # the epoch ends on the averaged weights (airbench)
             metrics = {"epoch": epoch, "loss": losses.mean().item(), "train_acc": correct.sum().item() / seen,
-                       "lr": sched.get_last_lr()[0]}
+                       "lr": sched.get_last_lr()[0], "train_s": time.perf_counter() - t_epoch}
+            if eval_ds is not None:
+                metrics["test_acc"] = evaluate(model, eval_ds, device)["accuracy"]
             history.append(metrics)
             done = epoch + 1 == config.epochs
             info = {"config": dataclasses.asdict(config), "data_digest": ds.digest, "history": history,
@@ -412,91 +396,6 @@ def train(config: TrainConfig, device=None, root=None, train_ds: fdata.Dataset |
         model.train_info = {"config": dataclasses.asdict(config), "data_digest": ds.digest, "history": history,
                             "precision": prec}
         return model
-
-
-def select_precision(device: torch.device | str, config: TrainConfig, compile: bool = False) -> dict:
-    """How :func:`train` runs ``config`` on ``device`` (stored in ``model.train_info["precision"]``).
-
-    CUDA: channels_last, fused SGD, bf16 autocast where ``torch.cuda.is_bf16_supported()``,
-    else fp16 autocast with a gradient scaler (T4, V100); SAM keeps float32 there (its two
-    backward passes per step do not fit one scaler step). CPU: float32, or bf16 autocast with
-    channels_last when ``config.cpu_bf16``. Weights, BatchNorm statistics and the loss stay
-    float32 (autocast casts per operation).
-    """
-    dev = torch.device(device)
-    out = {"device": dev.type, "autocast": None, "grad_scaler": False, "channels_last": False,
-           "fused_sgd": False, "compile": bool(compile)}
-    if dev.type == "cuda":
-        out["channels_last"] = True
-        out["fused_sgd"] = not config.arch.startswith("vit")
-        if torch.cuda.is_bf16_supported():
-            out["autocast"] = "bf16"
-        elif config.sam_rho == 0:
-            out["autocast"], out["grad_scaler"] = "fp16", True
-    elif config.cpu_bf16:
-        out["autocast"], out["channels_last"] = "bf16", True
-    return out
-
-
-def _optimizer(model: nn.Module, config: TrainConfig, fused: bool = False) -> torch.optim.Optimizer:
-    """SGD (AdamW for ViTs, which plain SGD does not train in a few epochs) without weight decay on
-    one-dimensional parameters. With ``bias_lr_scale != 1`` the BatchNorm parameters form a third
-    group with ``lr · scale`` and ``weight_decay / scale`` (the same decay per step; airbench)."""
-    bn = set()
-    if config.bias_lr_scale != 1:
-        bn = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-              for p in m.parameters()}
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1 and id(p) not in bn]  # no weight decay on BN/LayerNorm/bias
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if bn:
-        groups.append({"params": [p for p in params if id(p) in bn], "lr": config.lr * config.bias_lr_scale,
-                       "weight_decay": config.weight_decay / config.bias_lr_scale})
-    if config.arch.startswith("vit"):
-        return torch.optim.AdamW(groups, lr=config.lr)
-    kw = {"fused": True} if fused else {}
-    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov, **kw)
-
-
-def _plain_state(model: nn.Module) -> dict:
-    """The state dict in the default memory format (checkpoints do not depend on how training ran)."""
-    return {k: v.contiguous() for k, v in model.state_dict().items()}
-
-
-class _Lookahead:
-    """Lookahead EMA of all float weights and buffers (airbench): every few steps
-    ``ema ← ema + (1 - ρ)(w - ema)`` and then ``w ← ema``, with ``ρ = 0.95^n · (progress)^3``."""
-
-    def __init__(self, model: nn.Module):
-        self.ema: dict | None = None
-
-    @property
-    def started(self) -> bool:
-        return self.ema is not None
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, progress: float, every: int) -> None:
-        sd = model.state_dict()
-        if self.ema is None:
-            self.ema = {k: v.detach().clone() for k, v in sd.items() if v.is_floating_point()}
-            return
-        rho = 0.95 ** every * progress ** 3
-        for k, e in self.ema.items():
-            e.lerp_(sd[k], 1 - rho)
-            sd[k].copy_(e)
-
-    @torch.no_grad()
-    def copy_to(self, model: nn.Module) -> None:
-        sd = model.state_dict()
-        for k, e in self.ema.items():
-            sd[k].copy_(e)
-
-    def state_dict(self) -> dict | None:
-        return None if self.ema is None else {k: v.contiguous() for k, v in self.ema.items()}
-
-    def load_state_dict(self, state: dict | None) -> None:
-        self.ema = None if state is None else dict(state)
 
 
 def _check_finite(losses: torch.Tensor, epoch: int, step: int, config: TrainConfig) -> None:
