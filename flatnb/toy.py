@@ -4,7 +4,8 @@
   :class:`flatnb.architectures.MLP` (no dataset needed).
 * :func:`train_small_relu` — chapters 2 and 3's :class:`flatnb.architectures.SmallReLUNet`, a chain of
   Lipschitz layers that :func:`flatnb.bounds.global_lipschitz` can certify, trained for a few epochs.
-* :func:`high_precision_terms` — chapter 1's 50-digit reference for ``Tr H`` and ``kappa^phi_Tr``.
+* :func:`head_hessian_through_network`, :func:`high_precision_terms` — chapter 1's references:
+  autograd through the whole network, and 50-digit ``Tr H`` and ``kappa^phi_Tr``.
 * :func:`moons`, :func:`moon_normals`, :func:`fit_full_batch`, :func:`normal_profiles`, :func:`walls` —
   chapter 4's two-moons landscape and the loss along the manifold's normals
   (Walter et al. 2026, §4.4: robustness beyond the local ball is set by how the loss curves off the
@@ -64,6 +65,21 @@ def blob_mlp(d_in: int, hidden: int, k: int, seed: int = 0, dtype=F64, device="c
     """The two-hidden-layer ReLU :class:`~flatnb.architectures.MLP` of chapter 1, seeded."""
     torch.manual_seed(seed)
     return MLP(d_in, hidden, k, depth=2).to(device=device, dtype=dtype)
+
+
+def head_hessian_through_network(net, x: Tensor, y: Tensor) -> Tensor:
+    """Per-example Hessians (N, km, km) of the cross-entropy with respect to ``net.head.weight``
+    (row-major), by autograd through the **whole** network (``torch.func.functional_call`` swaps the
+    weight in): a reference for the closed form that shares nothing with it but the network."""
+    params = {n: p.detach() for n, p in net.named_parameters()}
+    w0 = params["head.weight"]
+
+    def loss(w_flat, xi, yi):
+        p = dict(params, **{"head.weight": w_flat.reshape(w0.shape)})
+        return F.cross_entropy(torch.func.functional_call(net, p, (xi[None],)), yi[None])
+
+    return torch.stack([torch.autograd.functional.hessian(lambda w: loss(w, xi, yi), w0.reshape(-1))
+                        for xi, yi in zip(x, y)])
 
 
 def high_precision_terms(phi: Tensor, logits: Tensor, weight: Tensor, dps: int = 50) -> tuple[Tensor, Tensor]:

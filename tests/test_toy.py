@@ -79,3 +79,17 @@ def test_walls_on_a_known_profile():
     assert float(out.found) >= float(out.needed)
     never = toy.walls(torch.zeros(1, 5, dtype=DT), torch.linspace(0, 1, 5, dtype=DT), 0.1, 2)
     assert never.reached == 0 and never.radius.numel() == 0
+
+
+def test_head_hessian_through_network_is_the_kronecker_form():
+    net = toy.blob_mlp(4, 6, 3, seed=1)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 4, dtype=DT, generator=g)
+    y = torch.tensor([0, 2, 1])
+    h = toy.head_hessian_through_network(net, x, y)
+    with torch.no_grad():
+        phi = net.features(x)
+        p = torch.softmax(net(x), 1)
+    m = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    kron = torch.stack([torch.kron(mi, f[:, None] * f[None]) for mi, f in zip(m, phi)])
+    torch.testing.assert_close(h, kron, rtol=1e-12, atol=1e-14)
