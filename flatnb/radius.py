@@ -101,6 +101,7 @@ class Search(NamedTuple):
 
     change: Tensor  # (N,) max over iterates of loss(xi) - loss(x)
     flipped: Tensor  # (N,) bool
+    xi: Tensor  # the clean-start cross-entropy run's result (a point of each ball)
 
 
 def max_loss_change(model, x: Tensor, y: Tensor, delta, steps: int = 20, restarts: int = 2,
@@ -120,7 +121,7 @@ def max_loss_change(model, x: Tensor, y: Tensor, delta, steps: int = 20, restart
     ball = _Ball(model, x, r)
     with torch.no_grad():
         l0 = F.cross_entropy(model(x), y, reduction="none")
-    best, flipped = torch.zeros_like(l0), torch.zeros_like(y, dtype=torch.bool)
+    best, flipped, xi = torch.zeros_like(l0), torch.zeros_like(y, dtype=torch.bool), None
     kw = dict(eps=1.0, steps=steps, step_size=2.5 / steps, norm="l2", clip=None, generator=generator,
               warn=False, record=True)
     runs = [dict(loss="ce", random_start=i > 0) for i in range(restarts + 1)]
@@ -129,6 +130,7 @@ def max_loss_change(model, x: Tensor, y: Tensor, delta, steps: int = 20, restart
     for run in runs:
         res = fa.pgd(ball, x, y, **kw, **run)
         traj = res.trajectory
+        xi = ball.point(res.x_adv).detach() if xi is None else xi
         if run["loss"] == "ce":
             loss = traj.loss.to(l0)
         else:  # score the margin attack's iterates by the cross-entropy
@@ -136,7 +138,7 @@ def max_loss_change(model, x: Tensor, y: Tensor, delta, steps: int = 20, restart
                 loss = torch.stack([F.cross_entropy(ball(z), y, reduction="none") for z in traj.x])
         best = torch.maximum(best, (loss - l0).max(0).values)
         flipped |= (traj.pred != y).any(0)
-    return Search(best, flipped)
+    return Search(best, flipped, xi)
 
 
 class Radius(NamedTuple):
