@@ -25,6 +25,7 @@ The bound is explanatory, not a certificate for realistic ``L`` (chapter 3).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -104,6 +105,14 @@ def local_lipschitz(fn, x: Tensor, n_iter: int = 50, generator: torch.Generator 
     This is the local Lipschitz constant at ``x`` (for piecewise-linear ``phi``:
     on ``x``'s linear region); it converges from below.
     """
+    with warnings.catch_warnings():
+        # torch.func's first use imports a module that calls the deprecated torch.jit.script
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated",
+                                category=FutureWarning)
+        return _local_lipschitz(fn, x, n_iter, generator)
+
+
+def _local_lipschitz(fn, x: Tensor, n_iter: int, generator) -> Tensor:
     x = x.detach()
     shape = (-1,) + (1,) * (x.dim() - 1)
     v = draw(torch.randn, x.shape, x.device, x.dtype, generator)
