@@ -1,6 +1,7 @@
 """The paper's theory made executable: the lemma, Lipschitz constants, the local bound.
 
-PAPER.md §4.2-4.4.  Notation: ``phi`` (N, m) features, ``w`` (k, m) last-layer
+Walter et al. 2026 (``walter2026flatness``), §4.2-4.4; Petzka et al. 2021 (``petzka2021relative``)
+for relative flatness and the average over orthogonal maps.  Notation: ``phi`` (N, m) features, ``w`` (k, m) last-layer
 weight, ``p = softmax(w phi + b)``, ``L`` a Lipschitz constant of ``phi`` on the
 ball ``B_delta(x)``, ``r = ||phi(x)||``.
 
@@ -13,13 +14,18 @@ ball ``B_delta(x)``, ``r = ||phi(x)||``.
   largest radius it certifies; :func:`quadratic_radius` and :func:`cubic_cap` are
   the two regimes of §4.4.
 * :func:`reported_bound` - the form reported for the paper with its
-  **unconfirmed constants** ([S] in PAPER.md); for comparison only.
+  **unconfirmed constants** (taken from a secondary summary of §4.3, not the paper's PDF);
+  for comparison only.
+* :func:`a_posteriori` - the bound's chain of inequalities with the *realised* ``v`` and ``u``.
+* :func:`haar_orthogonal` - Haar-random orthogonal matrices (Petzka et al.'s average case).
+* :func:`log_kappa` - ``log kappa`` by log-sum-exp, finite where ``kappa`` underflows to 0.
 
-The bound is explanatory, not a certificate for realistic ``L`` (PAPER.md §6.11).
+The bound is explanatory, not a certificate for realistic ``L`` (chapter 3).
 """
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -99,6 +105,14 @@ def local_lipschitz(fn, x: Tensor, n_iter: int = 50, generator: torch.Generator 
     This is the local Lipschitz constant at ``x`` (for piecewise-linear ``phi``:
     on ``x``'s linear region); it converges from below.
     """
+    with warnings.catch_warnings():
+        # torch.func's first use imports a module that calls the deprecated torch.jit.script
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated",
+                                category=FutureWarning)
+        return _local_lipschitz(fn, x, n_iter, generator)
+
+
+def _local_lipschitz(fn, x: Tensor, n_iter: int, generator) -> Tensor:
     x = x.detach()
     shape = (-1,) + (1,) * (x.dim() - 1)
     v = draw(torch.randn, x.shape, x.device, x.dtype, generator)
@@ -146,6 +160,26 @@ def _pool_windows(kernel, stride) -> int:
     k = nn.modules.utils._pair(kernel)
     s = nn.modules.utils._pair(stride if stride is not None else kernel)
     return math.ceil(k[0] / s[0]) * math.ceil(k[1] / s[1])
+
+
+def _adaptive_pool_norm(size_in, size_out) -> float:
+    """An l2 bound of adaptive average pooling from ``size_in`` to ``size_out`` (2-D).
+
+    A window ``W`` gives ``mean(x_W)^2 <= sum_{e in W} x_e^2 / |W|``, so
+    ``||out||^2 <= max_e sum_{W contains e} 1/|W| * ||x||^2``; windows are products of 1-D
+    windows, so the sum factorises per dimension. Above 1 when the pooling upsamples.
+    """
+    out = nn.modules.utils._pair(size_out)
+    total = 1.0
+    for n_in, n_out in zip(size_in, out):
+        n_out = n_in if n_out is None else n_out
+        load = [0.0] * n_in
+        for j in range(n_out):
+            a, b = (j * n_in) // n_out, -((-(j + 1) * n_in) // n_out)
+            for e in range(a, b):
+                load[e] += 1 / (b - a)
+        total *= max(load)
+    return math.sqrt(total)
 
 
 def global_lipschitz(
@@ -214,7 +248,7 @@ def global_lipschitz(
                 ks = nn.modules.utils._pair(layer.kernel_size)
                 c = torch.tensor(math.sqrt(_pool_windows(layer.kernel_size, layer.stride) / (ks[0] * ks[1])))
             elif isinstance(layer, nn.AdaptiveAvgPool2d):
-                c = torch.ones(())  # averaging over (possibly overlapping) windows; 1 is a safe bound
+                c = torch.tensor(_adaptive_pool_norm(tuple(x.shape[-2:]), layer.output_size))
             else:
                 raise TypeError(
                     f"layer {name or '<root>'} ({type(layer).__name__}) is not handled by global_lipschitz; "
@@ -263,7 +297,7 @@ def bound_coefficients(
     r: Tensor | None = None,
     kappa: str = "neuron",
 ) -> BoundCoefficients:
-    """Coefficients of the explicit local bound of PAPER.md §4.3 [D], per sample.
+    """Coefficients of the explicit local bound (chapter 3's derivation of §4.3), per sample.
 
     For ``||xi - x|| <= delta`` and ``phi`` ``L``-Lipschitz on that ball:
     ``loss(xi) - loss(x) <= first*delta + second*delta^2 + third*delta^3`` with
@@ -352,7 +386,7 @@ def cubic_cap(weight: Tensor, lipschitz, eps) -> Tensor:
 
 
 def reported_bound(kappa: Tensor, lipschitz, r: Tensor, k: int, m: int, delta) -> BoundTerms:
-    """**Unconfirmed constants** ([S] in PAPER.md §4.3): the bound as reported for the paper,
+    """**Unconfirmed constants** (§4.3 as reported in a secondary summary): the bound as reported,
     ``delta^2 L^2 kappa / (2 r^2) + delta^3 k m L^6 / (24 r^3)``, at a local minimum
     (no first-order term).  The ``L^6`` looks dimensionally wrong; use
     :func:`bound_coefficients` for a proven bound.  Returned with ``first = 0``.
@@ -362,3 +396,80 @@ def reported_bound(kappa: Tensor, lipschitz, r: Tensor, k: int, m: int, delta) -
     second = d**2 * lip**2 * kappa / (2 * r**2)
     third = d**3 * k * m * lip**6 / (24 * r**3)
     return BoundTerms(first=torch.zeros_like(second), second=second, third=third, total=second + third)
+
+
+# ---------------------------------------------------------------------------
+# A-posteriori check, Haar matrices, log kappa
+# ---------------------------------------------------------------------------
+
+
+class APosteriori(NamedTuple):
+    """The explicit bound's chain for realised ``v = phi(xi) - phi(x)`` and ``u = w v``, each (N,).
+
+    ``actual <= expansion <= realised <= local_bound(coeffs, delta).total`` (the last with
+    ``||v|| <= L delta``): ``expansion`` is the exact first- and second-order terms plus the
+    third-order bound, ``realised`` the bound's three terms with ``||u||`` and ``||v||``.
+    """
+
+    actual: Tensor
+    expansion: Tensor
+    realised: Tensor
+
+
+def a_posteriori(phi_x: Tensor, phi_xi: Tensor, logits_x: Tensor, labels: Tensor, weight: Tensor,
+                 bias: Tensor | None = None) -> APosteriori:
+    """The bound re-evaluated with the realised feature and logit changes (chapter 3's tightness check).
+
+    ``expansion = (p - e_y)^T u + u^T M(p) u / 2 + sqrt2/12 ||u||^3`` is tight as ``u -> 0`` (the
+    Taylor expansion of the cross-entropy in the logits), so ``actual / expansion -> 1`` at small
+    radii; a wrong constant in the third-order term or a wrong ``M(p)`` makes it fail.
+    ``realised = sqrt2 (1 - p_y) ||u|| + kappa ||v||^2 / (2 ||phi(x)||^2) + sqrt2/12 ||u||^3``.
+    """
+    if phi_x.shape != phi_xi.shape or logits_x.shape != (phi_x.shape[0], weight.shape[0]):
+        raise ValueError(f"need phi_x, phi_xi (N, m) and logits_x (N, k); got {tuple(phi_x.shape)}, "
+                         f"{tuple(phi_xi.shape)}, {tuple(logits_x.shape)}")
+    b = torch.zeros(weight.shape[0], dtype=phi_x.dtype, device=phi_x.device) if bias is None else bias
+    v = phi_xi - phi_x
+    u = v @ weight.T
+    probs = torch.softmax(logits_x, dim=1)
+    onehot = F.one_hot(labels, weight.shape[0]).to(probs)
+    quad = (probs * u * u).sum(1) - (probs * u).sum(1) ** 2  # u^T (diag p - p p^T) u
+    u_norm = u.norm(dim=1)
+    actual = F.cross_entropy(phi_xi @ weight.T + b, labels, reduction="none") - F.cross_entropy(
+        logits_x, labels, reduction="none")
+    expansion = ((probs - onehot) * u).sum(1) + quad / 2 + _C3 * u_norm**3
+    kap = kappa_neuronwise(phi_x, probs, weight)
+    realised = (math.sqrt(2) * _one_minus_py(probs, labels) * u_norm + kap * v.pow(2).sum(1) / (2 * phi_x.pow(2).sum(1))
+                + _C3 * u_norm**3)
+    return APosteriori(actual, expansion, realised)
+
+
+def haar_orthogonal(n: int, m: int, generator: torch.Generator | None = None, dtype=torch.float64) -> Tensor:
+    """``n`` Haar-random orthogonal ``m x m`` matrices (n, m, m): the QR factor of a Gaussian
+    matrix with the signs of ``diag(R)`` moved into ``Q`` (Mezzadri 2007), on the CPU."""
+    g = torch.randn(n, m, m, generator=generator, dtype=dtype)
+    q, r = torch.linalg.qr(g)
+    return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+
+
+def log_kappa(phi: Tensor, logits: Tensor, weight: Tensor, kind: str = "sq") -> Tensor:
+    """``log kappa`` per sample from log-probabilities, finite where ``kappa`` underflows to 0.
+
+    ``kind="sq"``: ``log(||w||_F^2 (1 - ||p||^2) ||phi||^2)``; ``"neuron"``:
+    ``log(||phi||^2 sum_{s<s'} p_s p_s' ||w_s - w_s'||^2)``. ``1 - ||p||^2 = sum_s p_s (1 - p_s)``
+    with ``1 - p_s`` the log-sum-exp of the other classes' log-probabilities: no cancellation.
+    """
+    logp = torch.log_softmax(logits, dim=1)
+    k = logp.shape[1]
+    log_phi_sq = 2 * torch.log(phi.norm(dim=1))
+    if kind == "sq":
+        others = logp.unsqueeze(1).expand(-1, k, -1).masked_fill(torch.eye(k, dtype=torch.bool, device=logp.device),
+                                                                   float("-inf"))
+        log_gini = torch.logsumexp(logp + torch.logsumexp(others, dim=2), dim=1)
+        return 2 * torch.log(weight.norm()) + log_gini + log_phi_sq
+    if kind == "neuron":
+        iu = torch.triu_indices(k, k, offset=1, device=logp.device)
+        dist_sq = (weight[iu[0]] - weight[iu[1]]).pow(2).sum(1)
+        terms = logp[:, iu[0]] + logp[:, iu[1]] + torch.log(dist_sq)
+        return torch.logsumexp(terms, dim=1) + log_phi_sq
+    raise ValueError(f"kind must be 'sq' or 'neuron', got {kind!r}")

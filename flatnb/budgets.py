@@ -33,15 +33,19 @@ SIZES = {
                       small_train=4000, small_epochs=4, n_mc=2000, n_mc_samples=8),
         "full": dict(n_lemma=500, deltas=(0.01, 0.05, 0.25, 1.0, 2.0), pgd_steps=50, lip_iter=50, n_small=2000,
                      small_train=20000, small_epochs=10, n_mc=20000, n_mc_samples=64)},
-    "03_local_bound": {
+    "03_local_bound": {  # radius_*: chapter 3's measured loss-change radius (bisection with an attack)
         "quick": dict(n_mlp=300, n_small=200, small_train=4000, small_epochs=4, steps=20, restarts=2,
-                      n_resnet=12, resnet_deltas=(0.01, 0.05, 0.25, 1.0), resnet_steps=8, lip_iter=10),
+                      n_resnet=12, resnet_deltas=(0.01, 0.05, 0.25, 1.0), resnet_steps=8, lip_iter=10,
+                      n_radius=24, radius_scales=(1.0, 3.16, 10.0, 31.6, 100.0, 316.0), radius_steps=20,
+                      radius_restarts=1, radius_iter=8),
         "full": dict(n_mlp=2000, n_small=2000, small_train=20000, small_epochs=10, steps=100, restarts=10,
                      n_resnet=500, resnet_deltas=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0),
-                     resnet_steps=50, lip_iter=50)},
-    "04_local_not_global": {
-        "quick": dict(n_test=1000, n_pairs=200_000, grid=161, toy_steps=800),
-        "full": dict(n_test=10_000, n_pairs=2_000_000, grid=321, toy_steps=3000)},
+                     resnet_steps=50, lip_iter=50, n_radius=500,
+                     radius_scales=(1.0, 1.78, 3.16, 5.62, 10.0, 17.8, 31.6, 56.2, 100.0, 178.0, 316.0),
+                     radius_steps=50, radius_restarts=4, radius_iter=12)},
+    "04_local_not_global": {  # toy_seeds: networks per condition in the two-moons comparison
+        "quick": dict(n_test=1000, n_pairs=200_000, grid=161, toy_steps=800, toy_seeds=3),
+        "full": dict(n_test=10_000, n_pairs=2_000_000, grid=321, toy_steps=3000, toy_seeds=20)},
     "05_uncanny_valley": {
         "quick": dict(n_test=128, batch=128, confident=0.8),
         "full": dict(n_test=10_000, batch=500, confident=0.9)},

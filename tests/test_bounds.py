@@ -246,3 +246,112 @@ def test_bound_bad_input():
         bd.bound_coefficients(phi, logits, y, w, 1.0, r=phi.norm(dim=1) * 2)
     with pytest.raises(ValueError, match="eps"):
         bd.robust_radius(bd.bound_coefficients(phi, logits, y, w, 1.0), 0.0)
+
+
+# ----------------------------------------------------------------------------- adaptive pooling, a posteriori, Haar, log kappa
+
+
+@pytest.mark.parametrize("size_in,size_out", [((8, 8), 4), ((7, 5), (3, 2)), ((3, 3), 5), ((4, 6), (4, 6))])
+def test_adaptive_pool_bound_is_an_upper_bound_and_tight_when_regular(size_in, size_out):
+    pool = nn.AdaptiveAvgPool2d(size_out)
+    jac = torch.autograd.functional.jacobian(lambda v: pool(v[None, None])[0, 0], torch.zeros(size_in, dtype=DT))
+    dense = float(torch.linalg.matrix_norm(jac.reshape(-1, math.prod(size_in)), ord=2))
+    got = float(bd.global_lipschitz(nn.Sequential(pool), (1, *size_in)))
+    assert got >= dense * (1 - 1e-12)
+    if size_in[0] % 4 == 0 and size_out == 4:  # non-overlapping equal windows: exactly 1/sqrt(window)
+        assert math.isclose(got, dense, rel_tol=1e-12) and math.isclose(got, 0.5, rel_tol=1e-12)
+    if size_in == (3, 3):  # upsampling: the norm exceeds 1, which the old "1 is safe" missed
+        assert dense > 1.0
+
+
+def _linear_net(k, m, seed):
+    from flatnb.models import HeadModel
+
+    torch.manual_seed(seed)
+    return HeadModel(nn.Sequential(nn.Linear(6, m), nn.ReLU()), nn.Linear(m, k)).double().eval()
+
+
+@pytest.mark.parametrize("scale", [1e-4, 1e-2, 0.5])
+def test_a_posteriori_chain_holds_and_is_tight_at_small_perturbations(scale):
+    net = _linear_net(5, 12, 0)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 6, dtype=DT, generator=g)
+    xi = x + scale * torch.randn(300, 6, dtype=DT, generator=g)
+    with torch.no_grad():
+        phi_x, phi_xi = net.features(x), net.features(xi)
+        z = net(x)
+    y = torch.randint(0, 5, (300,), generator=g)
+    w, b = net.head.weight.detach(), net.head.bias.detach()
+    ap = bd.a_posteriori(phi_x, phi_xi, z, y, w, b)
+    # independent: the loss change from the network's own forward pass
+    with torch.no_grad():
+        ref = F.cross_entropy(net(xi), y, reduction="none") - F.cross_entropy(z, y, reduction="none")
+    torch.testing.assert_close(ap.actual, ref, rtol=1e-12, atol=1e-15)
+    assert bool((ap.actual <= ap.expansion + 1e-15).all())
+    assert bool((ap.expansion <= ap.realised * (1 + 1e-12) + 1e-15).all())
+    lip = torch.linalg.matrix_norm(net.body[0].weight.detach(), ord=2)
+    delta = (xi - x).norm(dim=1)
+    coeffs = bd.bound_coefficients(phi_x, z, y, w, lip)
+    assert bool((ap.realised <= bd.local_bound(coeffs, delta).total * (1 + 1e-12)).all())
+    if scale == 1e-4:  # the expansion is the Taylor series: tight to O(|u|^3)
+        ratio = ap.actual / ap.expansion
+        keep = ap.expansion.abs() > 1e-9
+        assert float((ratio[keep] - 1).abs().max()) < 1e-2
+
+
+def test_a_posteriori_catches_a_wrong_constant():
+    # halve the second-order term: the expansion then falls below the truth somewhere
+    net = _linear_net(4, 10, 3)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(400, 6, dtype=DT, generator=g)
+    d = torch.randn(400, 6, dtype=DT, generator=g)
+    with torch.no_grad():
+        phi_x, z = net.features(x), net(x)
+        y = z.argmax(1)
+        # direction where the first-order term vanishes: along the classes' mean, second order dominates
+        phi_xi = net.features(x + 0.3 * d)
+    ap = bd.a_posteriori(phi_x, phi_xi, z, y, net.head.weight.detach(), net.head.bias.detach())
+    u = (phi_xi - phi_x) @ net.head.weight.detach().T
+    p = torch.softmax(z, 1)
+    quad = (p * u * u).sum(1) - (p * u).sum(1) ** 2
+    wrong = ap.expansion - quad / 4 - bd._C3 * u.norm(dim=1) ** 3  # second order halved, no third-order term
+    assert bool((ap.actual > wrong + 1e-12).any())
+    assert bool((ap.actual <= ap.expansion + 1e-15).all())
+
+
+def test_haar_orthogonal_is_orthogonal_and_uniform():
+    a = bd.haar_orthogonal(4000, 5, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a @ a.transpose(1, 2), torch.eye(5, dtype=DT).expand(4000, 5, 5), rtol=0, atol=1e-13)
+    phi = torch.tensor([3.0, -1.0, 0.5, 2.0, 0.0], dtype=DT)
+    ap = a @ phi  # uniform on the sphere of radius |phi|: E[(A phi)_i^2] = |phi|^2 / m
+    mean, se = ap.pow(2).mean(0), ap.pow(2).std(0) / math.sqrt(4000)
+    assert bool(((mean - phi.pow(2).sum() / 5).abs() < 4.5 * se).all())
+    # without the sign fix the first column of Q is biased towards positive first entries
+    assert abs(float((a[:, 0, 0] > 0).double().mean()) - 0.5) < 0.05
+
+
+def test_log_kappa_matches_closed_form_and_survives_underflow():
+    import mpmath
+
+    g = torch.Generator().manual_seed(2)
+    phi = torch.rand(6, 8, dtype=DT, generator=g) + 0.1
+    w = torch.randn(4, 8, dtype=DT, generator=g)
+    z = phi @ w.T
+    t = fl.closed_form(phi, z, w)
+    torch.testing.assert_close(bd.log_kappa(phi, z, w, "sq"), t.kappa_sq.log(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(bd.log_kappa(phi, z, w, "neuron"), t.kappa_neuron.log(), rtol=1e-12, atol=1e-12)
+    s = 5000.0  # kappa underflows to exactly 0 in float64 here
+    big = fl.closed_form(phi, s * z, s * w)
+    assert float(big.kappa_sq.min()) == 0.0 and float(big.kappa_neuron.min()) == 0.0
+    got = bd.log_kappa(phi, s * z, s * w, "sq")
+    assert bool(torch.isfinite(got).all())
+    mpmath.mp.dps = 60
+    for i in range(3):  # 60-digit reference: log(||sw||^2 sum_{s != s'} p_s p_s' ||phi||^2)
+        e = [mpmath.exp(mpmath.mpf(float(v))) for v in s * z[i]]
+        tot = mpmath.fsum(e)
+        p = [q / tot for q in e]  # 1 - p_s as the sum of the others: 60 digits cannot hold 1 - (1 - 1e-3000)
+        gini = mpmath.fsum(p[a] * mpmath.fsum(p[b] for b in range(len(p)) if b != a) for a in range(len(p)))
+        ref = mpmath.log(gini * mpmath.mpf(float((s * w).pow(2).sum())) * mpmath.mpf(float(phi[i].pow(2).sum())))
+        assert math.isclose(float(got[i]), float(ref), rel_tol=1e-10)
+    with pytest.raises(ValueError, match="kind"):
+        bd.log_kappa(phi, z, w, "other")
