@@ -144,15 +144,14 @@ class Chapter:
 
         _display(Markdown(fclaims.paper_markdown(rows)))
 
-    def verdicts(self, rows: list[dict], **extra_meta) -> str:
-        """Save the chapter's verdict rows as this run's record and show them; returns the path."""
+    def verdicts(self, rows: list[dict], **extra_meta) -> None:
+        """Save the chapter's verdict rows as this run's record (``self.record``) and show them."""
         from IPython.display import Markdown
 
         meta = records.meta(self.stem, self.profile, self.device, self.seed, time.time() - self.start,
                             data=self.data, models=self.models, **extra_meta)
-        path = records.save(rows, meta)
+        self.record = records.save(rows, meta)
         _display(Markdown(fclaims.claims_markdown(rows)))
-        return str(path)
 
     def provenance(self) -> None:
         """Print how this page's numbers were produced."""
