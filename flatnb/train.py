@@ -433,28 +433,44 @@ def _sam_second_step(model, x, y, config, generator, autocast):
 @torch.no_grad()
 def evaluate(model: nn.Module, ds: fdata.Dataset, device=None, batch_size: int = 500) -> dict:
     """Clean metrics in float32 and eval mode: accuracy, mean confidence (max softmax),
-    mean confidence on correct / wrong points, mean loss, n."""
+    mean confidence on correct / wrong points (None when there are none), mean loss, n.
+
+    Non-finite parameters or logits raise ``ValueError`` naming the parameters or the rows
+    (dataset indices): a NaN logit must not be counted as a prediction of class 0.
+    """
     device = resolve_device(device)
+    bad = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"model parameters/buffers {bad[:5]} contain NaN or inf; every accuracy computed "
+                         "from them would be meaningless: check the checkpoint or the training run")
     was_training = model.training
     model.eval()
-    n, correct, conf, conf_c, loss = 0, 0.0, 0.0, 0.0, 0.0
+    n = 0
     stats = torch.zeros(4, dtype=torch.float64, device=device)
-    for x, y in fdata.Loader(ds, batch_size, device):
-        if x.is_cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        logits = model(x).float()
-        p = logits.softmax(1)
-        c, pred = p.max(1)
-        ok = pred == y
-        stats += torch.stack([ok.sum().double(), c.sum().double(), (c * ok).sum().double(),
-                              F.cross_entropy(logits, y, reduction="sum").double()])
-        n += len(y)
+    nonfinite = []
+    with torch.no_grad():
+        for x, y in fdata.Loader(ds, batch_size, device):
+            if x.is_cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            logits = model(x).float()
+            nonfinite.append(~torch.isfinite(logits).all(dim=1))
+            p = logits.softmax(1)
+            c, pred = p.max(1)
+            ok = pred == y
+            stats += torch.stack([ok.sum().double(), c.sum().double(), (c * ok).sum().double(),
+                                  F.cross_entropy(logits, y, reduction="sum").double()])
+            n += len(y)
     model.train(was_training)
+    rows = torch.cat(nonfinite).nonzero()[:, 0]
+    if len(rows):  # the one host sync of the check
+        raise ValueError(f"the model's logits are NaN or inf for {len(rows)} of {n} inputs (dataset rows "
+                         f"{rows[:10].tolist()}); check those images (pixels in [0, 1]) and the weights")
     correct, conf, conf_c, loss = stats.tolist()
     wrong = n - correct
     return {"accuracy": correct / n, "mean_confidence": conf / n,
-            "confidence_correct": conf_c / correct if correct else float("nan"),
-            "confidence_wrong": (conf - conf_c) / wrong if wrong else float("nan"),
+            "confidence_correct": conf_c / correct if correct else None,
+            "confidence_wrong": (conf - conf_c) / wrong if wrong else None,
             "loss": loss / n, "n": n}
 
 

@@ -152,3 +152,27 @@ def test_finite_in_finite_out_nonfinite_in_raises(name, n, seed, poison, row, co
     assert all(torch.isfinite(torch.tensor(v)) for v in vals)
     if isinstance(out, (attacks.AttackResult, attacks.TransferResult)):
         assert all(0.0 <= v <= 1.0 for v in vals)
+
+
+def test_evaluate_rejects_nan_weights_and_nan_pixels():
+    import torch
+    from torch import nn
+
+    from flatnb import data as fdata
+    from flatnb import models, train
+
+    torch.manual_seed(0)
+    model = models.build("resnet18", 3, width=4).eval()
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    ds = fdata.Dataset(images, torch.tensor([0, 1, 2, 0, 1, 2]), ["a", "b", "c"], "test", "toy")
+    ev = train.evaluate(model, ds, "cpu")
+    assert 0 <= ev["accuracy"] <= 1 and ev["n"] == 6
+    with torch.no_grad():
+        model.head.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="head.weight"):
+        train.evaluate(model, ds, "cpu")
+    with torch.no_grad():
+        model.head.weight[0, 0] = 0.0
+        model.head.bias.fill_(float("inf"))  # finite parameters are checked; this one is not finite
+    with pytest.raises(ValueError, match="NaN or inf"):
+        train.evaluate(model, ds, "cpu")
