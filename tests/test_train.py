@@ -379,3 +379,11 @@ def test_quick_main_model_real_cifar10(monkeypatch):
 
 
 QUICK_MAIN_MIN_ACCURACY = 0.80
+
+
+def test_compile_switch_goes_through_torch_compile_and_is_recorded(cifar_root, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(m) or m)  # the switch, not inductor
+    model = T.train(tiny_config(epochs=1, n_train=32), "cpu", root=cifar_root, use_cache=False, progress=False,
+                    compile=True)
+    assert len(compiled) == 1 and model.train_info["precision"]["compile"] is True
