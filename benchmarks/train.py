@@ -1,14 +1,19 @@
-"""Training and evaluation throughput (images/s) on the current device, and data load times.
+"""The old and the new quick main model side by side: training images/s and test accuracy.
 
-    python benchmarks/train.py --arch resnet18 --dataset cifar10 --profile quick --device cpu
-    python benchmarks/train.py --full-run     # train the profile's config end to end, print time and test accuracy
+    python benchmarks/train.py                       # images/s of both recipes (a few timed steps each)
+    python benchmarks/train.py --full-run            # also train both end to end: accuracy after each epoch
+    python benchmarks/train.py --recipes main:pgd_at --full-run   # any table entries, "arch:recipe"
 
-Absolute numbers only mean something on a GPU; on a shared CPU they are indicative.
+Both run on the same device with the same thread count, one after the other. The rows name the
+load average before and after: on a shared CPU another busy process slows both, and the process
+CPU time (user + system) is printed beside the wall time so the two can be told apart.
+Absolute numbers only mean something on an otherwise idle machine.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import time
 
 import torch
@@ -17,84 +22,91 @@ from flatnb import data as fdata
 from flatnb import train as T
 from flatnb.runtime import describe_device, resolve_device
 
+OLD, NEW = "resnet18:standard", "main:standard"
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", default="resnet18")
-    ap.add_argument("--dataset", default="cifar10")
-    ap.add_argument("--recipe", default="standard")
-    ap.add_argument("--profile", default="quick", choices=["quick", "full"])
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--steps", type=int, default=10, help="timed training steps")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--root", default=None, help="data root (default: FLATNB_DATA)")
-    ap.add_argument("--full-run", action="store_true", help="also train the whole config (no cache) and evaluate")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    cfg = T.config_for(args.arch, args.dataset, args.recipe, args.profile)
-    rows = [("device", describe_device(device)), ("config", f"{cfg.arch} {cfg.dataset} {cfg.recipe} {cfg.profile}")]
 
-    t = time.perf_counter()
-    fdata.load(cfg.dataset, "train", root=args.root)
-    rows.append(("first train load (s, decodes unless cached)", f"{time.perf_counter() - t:.2f}"))
-    t = time.perf_counter()
-    fdata.load(cfg.dataset, "train", root=args.root)
-    rows.append(("second train load (s)", f"{time.perf_counter() - t:.3f}"))
-    t = time.perf_counter()
-    test = T.test_data(cfg, args.root)
-    rows.append(("test load (s)", f"{time.perf_counter() - t:.2f}"))
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
-    # training throughput: a few steps of the real loop (warm-up step excluded)
-    ds = fdata.subset(T.training_data(cfg, args.root), n=(args.steps + 1) * cfg.batch_size, seed=0)
-    bench_cfg = dataclasses.replace(cfg, epochs=1, n_train=None, warmup_epochs=0)
-    times = []
 
-    def timer(epoch, metrics):
-        pass
-
-    orig = T._loss
+def throughput(cfg: T.TrainConfig, device, root, steps: int) -> float:
+    """Training images/s of ``cfg`` over ``steps`` steps of the real loop (the first step excluded)."""
+    ds = fdata.subset(T.training_data(cfg, root), n=(steps + 1) * cfg.batch_size, seed=0)
+    bench = dataclasses.replace(cfg, epochs=1, n_train=None, warmup_epochs=0, ema_start_epochs=0)
+    times, orig = [], T._loss
 
     def timed_loss(*a, **k):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         times.append(time.perf_counter())
         return orig(*a, **k)
 
     T._loss = timed_loss
     try:
-        T.train(bench_cfg, device, train_ds=ds, use_cache=False, progress=False, callback=timer)
+        T.train(bench, device, train_ds=ds, use_cache=False, progress=False)
     finally:
         T._loss = orig
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    _sync(device)
     times.append(time.perf_counter())
-    steps = len(times) - 2
-    rows.append(("train images/s", f"{steps * cfg.batch_size / (times[-1] - times[1]):.0f}"))
+    return (len(times) - 2) * cfg.batch_size / (times[-1] - times[1])
 
-    model = T.build_model(cfg).to(device).eval()
-    ev = fdata.subset(test, n=min(len(test), 2000), seed=0)
-    T.evaluate(model, fdata.subset(ev, n=min(len(ev), 250)), device)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+
+def full_run(cfg: T.TrainConfig, device, root, n_eval: int) -> list[tuple[str, str]]:
+    """Train ``cfg`` without the cache; test accuracy (``n_eval`` seeded test images) after each epoch."""
+    test = T.test_data(cfg, root)
+    sub = test if n_eval >= len(test) else fdata.subset(test, n=n_eval, seed=0)
+    rows, cum = [], [0.0, 0.0]
+    cpu0 = time.process_time()
+
+    def cb(epoch, m):
+        cum[0] += m["train_s"]
+        rows.append((f"  epoch {epoch + 1}/{cfg.epochs}", f"train {cum[0]:.0f} s wall (cumulative), "
+                     f"test acc {m['test_acc']:.4f} ({len(sub)} images), train loss {m['loss']:.3f}"))
+        print(*rows[-1], flush=True)
+
     t = time.perf_counter()
-    T.evaluate(model, ev, device)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    rows.append(("eval images/s", f"{len(ev) / (time.perf_counter() - t):.0f}"))
+    model = T.train(cfg, device, root=root, use_cache=False, progress=False, callback=cb, eval_ds=sub)
+    wall, cpu = time.perf_counter() - t, time.process_time() - cpu0
+    r = T.evaluate(model, test, device)
+    rows += [("  training wall time (s, sum of epochs)", f"{cum[0]:.1f}"),
+             ("  wall incl. per-epoch evaluation (s)", f"{wall:.1f}"),
+             ("  process CPU time incl. evaluation (s)", f"{cpu:.1f}"),
+             ("  final test accuracy (all test images, no TTA)", f"{r['accuracy']:.4f}"),
+             ("  mean confidence", f"{r['mean_confidence']:.4f}"),
+             ("  precision", str(model.train_info["precision"]))]
+    if cfg.recipe != "standard":
+        rob = T.robust_accuracy(model, fdata.subset(test, n=1000, seed=0), device)
+        rows.append(("  PGD-10 8/255 robust accuracy (1000 images)", f"{rob:.4f}"))
+    return rows
 
-    if args.full_run:
-        t = time.perf_counter()
-        model = T.train(cfg, device, root=args.root, use_cache=False, progress=True)
-        wall = time.perf_counter() - t
-        r = T.evaluate(model, test, device)
-        rows += [("full run: train wall time (s)", f"{wall:.1f}"), ("full run: test accuracy", f"{r['accuracy']:.4f}"),
-                 ("full run: mean confidence", f"{r['mean_confidence']:.4f}")]
-        if cfg.recipe != "standard":
-            sub = fdata.subset(test, n=500, seed=0)
-            rows.append(("full run: PGD-10 8/255 robust acc (500 pts)", f"{T.robust_accuracy(model, sub, device):.4f}"))
 
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipes", nargs="+", default=[OLD, NEW], help="table entries arch:recipe (cifar10)")
+    ap.add_argument("--profile", default="quick", choices=["quick", "full"])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--steps", type=int, default=5, help="timed training steps per recipe")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--root", default=None, help="data root (default: FLATNB_DATA)")
+    ap.add_argument("--full-run", action="store_true", help="also train each recipe end to end")
+    ap.add_argument("--n-eval", type=int, default=10_000, help="test images evaluated after each epoch")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    rows = [("device", describe_device(device)), ("load average before", " ".join(f"{v:.2f}" for v in os.getloadavg()))]
+    for spec in args.recipes:
+        arch, recipe = spec.split(":")
+        cfg = T.config_for(arch, "cifar10", recipe, args.profile)
+        rows.append((f"{spec} → {cfg.arch} {cfg.recipe} {cfg.profile}",
+                     f"{cfg.epochs} epochs, batch {cfg.batch_size}, width {cfg.width}, "
+                     f"n_train {cfg.n_train or 'all'}, precision {T.select_precision(device, cfg)['autocast'] or 'fp32'}"))
+        rows.append(("  train images/s", f"{throughput(cfg, device, args.root, args.steps):.0f}"))
+        print(*rows[-1], flush=True)
+        if args.full_run:
+            rows += full_run(cfg, device, args.root, args.n_eval)
+    rows.append(("load average after", " ".join(f"{v:.2f}" for v in os.getloadavg())))
     w = max(len(k) for k, _ in rows)
+    print()
     for k, v in rows:
         print(f"{k:<{w}}  {v}")
 

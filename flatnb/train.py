@@ -160,6 +160,16 @@ def test_data(config: TrainConfig, root=None) -> fdata.Dataset:
     return ds
 
 
+def _noise(fn, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``fn(x.shape)`` on ``x``'s device, seeded from the CPU ``generator``. On the CPU it draws from
+    ``generator`` itself; on a GPU from a device generator seeded by one CPU draw, so no image-sized
+    host-to-device copy (which waits for the queued kernels) happens per training step."""
+    if x.device.type == "cpu":
+        return fn(x.shape, generator=generator, dtype=x.dtype)
+    g = torch.Generator(device=x.device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    return fn(x.shape, generator=g, device=x.device, dtype=x.dtype)
+
+
 def _pgd_linf(model, x, y, eps, step, steps, random_start, generator, loss_fn=None):
     """Minimal ℓ∞ PGD for training (private; flatnb.attacks is the public one).
 
@@ -169,7 +179,7 @@ def _pgd_linf(model, x, y, eps, step, steps, random_start, generator, loss_fn=No
     loss_fn = loss_fn or (lambda logits, t: F.cross_entropy(logits, t))
     x_adv = x.detach().clone()
     if random_start:
-        noise = torch.rand(x.shape, generator=generator).to(x.device) * 2 - 1
+        noise = _noise(torch.rand, x, generator) * 2 - 1
         x_adv = (x_adv + eps * noise).clamp_(0, 1)
     for _ in range(steps):
         x_adv.requires_grad_(True)
@@ -212,7 +222,7 @@ def _loss(model, x, y, config: TrainConfig, generator, autocast):
     with autocast():
         p_clean = F.softmax(model(x).float(), 1).detach()
         kl = lambda logits, _t: F.kl_div(F.log_softmax(logits.float(), 1), p_clean, reduction="batchmean")
-        x0 = (x + 0.001 * torch.randn(x.shape, generator=generator).to(x.device)).clamp(0, 1)
+        x0 = (x + 0.001 * _noise(torch.randn, x, generator)).clamp(0, 1)
         x_adv = _pgd_linf(model, x0, y, config.eps, config.pgd_step_size, config.pgd_steps, False, generator, kl)
         x_adv = torch.min(torch.max(x_adv, x - config.eps), x + config.eps)
     model.train()

@@ -386,3 +386,34 @@ def test_eval_ds_reports_test_accuracy_per_epoch(cifar_root):
                     callback=lambda e, m: seen.append(m))
     assert seen[0]["test_acc"] == pytest.approx(T.evaluate(model, test, "cpu")["accuracy"])
     assert seen[0]["train_s"] > 0
+
+
+@pytest.mark.slow
+def test_quick_main_model_real_cifar10(monkeypatch):
+    """The quick profile's main model (FastNet) on the real data, no label smoothing, no test-time
+    augmentation: measured numbers in benchmarks/train.py's report. Shared with the chapters through the cache."""
+    if _CALLER_CACHE:
+        monkeypatch.setenv("FLATNB_CACHE", _CALLER_CACHE)
+    else:
+        monkeypatch.delenv("FLATNB_CACHE")
+    try:
+        test = data.load("cifar10", "test")
+    except FileNotFoundError as e:
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(f"real CIFAR-10 not available (set FLATNB_DATA): {e}")
+    torch.set_num_threads(2)
+    model = T.trained_model("main", "cifar10", profile="quick", device="cpu", progress=False)
+    assert model.train_info["config"]["arch"] == "fastnet" and model.train_info["config"]["label_smoothing"] == 0
+    acc = T.evaluate(model, test, "cpu")["accuracy"]
+    print(f"quick main model (FastNet): test accuracy {acc:.4f}")
+    assert acc > QUICK_MAIN_MIN_ACCURACY
+
+
+QUICK_MAIN_MIN_ACCURACY = 0.80
+
+
+def test_compile_switch_goes_through_torch_compile_and_is_recorded(cifar_root, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(m) or m)  # the switch, not inductor
+    model = T.train(tiny_config(epochs=1, n_train=32), "cpu", root=cifar_root, use_cache=False, progress=False,
+                    compile=True)
+    assert len(compiled) == 1 and model.train_info["precision"]["compile"] is True
