@@ -75,5 +75,11 @@ SIZES = {
 # (arch, dataset, recipe) trained before the chapters execute in the tests (tests/conftest.py), so that no
 # chapter trains inside a cell; the same list is what `make book` trains on a cold cache.
 CHAPTER_MODELS = [
-    ("resnet18", "cifar10", "standard"),
+    ("main", "cifar10", "standard"),   # chapters 2, 3, 5-11
+    ("main", "cifar10", "pgd_at"),     # chapters 9, 11
+    ("wrn28_4", "cifar10", "standard"),  # chapter 10 (quick: WRN-16-1)
+    ("vgg11_bn", "cifar10", "standard"),
+    ("vit_tiny", "cifar10", "standard"),
+    ("resnet18", "tinyimagenet", "standard"),
+    ("vit_tiny", "tinyimagenet", "standard"),
 ]
