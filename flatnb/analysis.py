@@ -55,38 +55,10 @@ def scaled_head(model: nn.Module, s: float) -> nn.Module:
 
 
 def cat_results(results: list):
-    """Concatenate :class:`flatnb.attacks.AttackResult` objects of consecutive batches.
+    """Deprecated name of :func:`flatnb.attacks.cat_results`."""
+    from flatnb.attacks import cat_results as _cat
 
-    Per-example tensors are joined along the example axis (dim 0; dim 1 for the
-    (T+1, N) trajectory rows), so an attack run batch by batch gives one result.
-    """
-    from dataclasses import fields, replace
-
-    from flatnb.attacks import Trajectory
-
-    if not results:
-        raise ValueError("cat_results needs at least one AttackResult")
-    first = results[0]
-    out = {}
-    for f in fields(first):
-        vals = [getattr(r, f.name) for r in results]
-        if f.name == "steps_run":
-            out[f.name] = min(vals)
-        elif f.name == "trajectory":
-            if any(v is None for v in vals):
-                out[f.name] = None
-                continue
-            tr = {}
-            for g in fields(Trajectory):
-                tv = [getattr(v, g.name) for v in vals]
-                if tv[0] is None:
-                    tr[g.name] = None
-                else:
-                    tr[g.name] = torch.cat(tv, dim=0 if g.name == "flip_step" else 1)
-            out[f.name] = Trajectory(**tr)
-        else:
-            out[f.name] = torch.cat(vals, dim=0)
-    return replace(first, **out)
+    return _cat(results)
 
 
 def _values(traj, name: str) -> Tensor:
