@@ -39,13 +39,24 @@ Conventions shared by all attacks
 
 Layout: :mod:`~flatnb.attacks.losses` (CE, CW, DLR, the true margin), :mod:`~flatnb.attacks.core`
 (results, validation, projection, the best-iterate tracker, :func:`cat_results`),
-:mod:`~flatnb.attacks.pgd` (PGD, FGSM), :mod:`~flatnb.attacks.apgd`, :mod:`~flatnb.attacks.transfer`.
+:mod:`~flatnb.attacks.pgd` (PGD, FGSM), :mod:`~flatnb.attacks.apgd`, :mod:`~flatnb.attacks.transfer`,
+:mod:`~flatnb.attacks.dataset` (:func:`attack_dataset`: any attack over a dataset, batch by batch).
 """
 from flatnb.attacks.apgd import apgd, apgd_checkpoints
-from flatnb.attacks.core import APGD_LOSSES, LOSSES, NORMS, AttackResult, TransferResult, Trajectory, cat_results
+from flatnb.attacks.core import APGD_LOSSES, LOSSES, NORMS, AttackResult, TransferResult, cat_results
+from flatnb.attacks.dataset import attack_dataset
 from flatnb.attacks.losses import ce_loss, cw_loss, dlr_loss, true_margin
 from flatnb.attacks.pgd import fgsm, pgd
 from flatnb.attacks.transfer import transfer
 
 __all__ = ["APGD_LOSSES", "LOSSES", "NORMS", "AttackResult", "TransferResult", "Trajectory", "apgd",
-           "apgd_checkpoints", "cat_results", "ce_loss", "cw_loss", "dlr_loss", "fgsm", "pgd", "transfer", "true_margin"]
+           "apgd_checkpoints", "attack_dataset", "cat_results", "ce_loss", "cw_loss", "dlr_loss", "fgsm", "pgd", "transfer", "true_margin"]
+
+
+def __getattr__(name: str):
+    # Trajectory lives in flatnb.trajectory (it depends on flatnb.curvature); imported on first use
+    if name == "Trajectory":
+        from flatnb.trajectory import Trajectory
+
+        return Trajectory
+    raise AttributeError(f"module 'flatnb.attacks' has no attribute {name!r}")

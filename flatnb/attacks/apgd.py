@@ -1,11 +1,13 @@
 """Auto-PGD (Croce & Hein 2020): step-size schedule with checkpoints, momentum 0.75."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 
 from flatnb.attacks.core import (APGD_LOSSES, AttackResult, _check_common, _clean_eval, _combine, _eval_mode,
-                                 _LOSS_FNS, _loss_and_grad, _project, _rdims, _Tracker, _validate_steps, _view,
+                                 _LOSS_FNS, _loss_and_grad, _project, _rdims, _recorder, _Tracker, _validate_steps, _view,
                                  _warn_zero_grad, _zero_grad_mask)
 from flatnb.models import check_contract
 from flatnb.runtime import draw
@@ -28,9 +30,8 @@ def apgd_checkpoints(steps: int) -> list[int]:
     return out
 
 
-def _apgd_run(model, x, y, target, eps, steps, norm, loss, rho, clip, generator, record, record_inputs,
-              autocast_dtype, clean):
-    tr = _Tracker(model, x, y, target, loss, norm, steps, record, record_inputs)
+def _apgd_run(model, x, y, target, eps, steps, norm, loss, rho, clip, generator, hooks, autocast_dtype, clean):
+    tr = _Tracker(x, y, target, loss, hooks)
     loss_fn = tr.loss_fn
     _, c_logits, c_loss = clean
     n = x.shape[0]
@@ -118,6 +119,7 @@ def apgd(
     autocast_dtype: torch.dtype | None = None,
     generator: torch.Generator | None = None,
     warn: bool = True,
+    on_iterate: Callable | None = None,
 ) -> AttackResult:
     """Auto-PGD (Croce & Hein 2020): step size ``2 eps`` halved at checkpoints, momentum 0.75.
 
@@ -129,7 +131,8 @@ def apgd(
     PAPER §6.8).  Losses ``"ce"`` and ``"dlr"``; ``target`` gives APGD-CE-T /
     APGD-T (targeted DLR, k >= 4).  Deviation: the oscillation count of the
     first period compares with the starting loss, where the reference code reads
-    an uninitialised 0.  ``record`` / ``record_inputs`` as in :func:`pgd`.
+    an uninitialised 0.  ``record`` / ``record_inputs`` / ``on_iterate`` as in :func:`pgd`
+    (iterate 0 is the random start; the clean input is not an iterate here).
     """
     check_contract(model)
     _check_common(x, y, eps, norm, loss, APGD_LOSSES, clip, target)
@@ -144,12 +147,13 @@ def apgd(
     with _eval_mode(model):
         clean = _clean_eval(model, x, y, target, _LOSS_FNS[loss], autocast_dtype)
         clean_correct = clean[1].argmax(dim=1) == y
+        recorder = _recorder(record, model, x, y, norm, steps, record_inputs)
         results = [
-            _apgd_run(model, x, y, target, eps, steps, norm, loss, rho, clip, generator, record, record_inputs,
-                      autocast_dtype, clean)
-            for _ in range(restarts)
+            _apgd_run(model, x, y, target, eps, steps, norm, loss, rho, clip, generator,
+                      [recorder, on_iterate] if r == 0 else [on_iterate], autocast_dtype, clean)
+            for r in range(restarts)
         ]
-    res = _combine(results, x, clean_correct, steps, record)
+    res = _combine(results, x, clean_correct, steps, recorder)
     if warn:
         _warn_zero_grad(res.zero_grad, f"APGD-{loss}")
     return res

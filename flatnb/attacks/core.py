@@ -9,13 +9,16 @@ import contextlib
 import math
 import warnings
 from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
 from flatnb.attacks.losses import LOSS_FNS, true_margin
-from flatnb.curvature.last_layer import class_distances, closed_form
 from flatnb.runtime import draw
+
+if TYPE_CHECKING:
+    from flatnb.trajectory import Trajectory
 
 Tensor = torch.Tensor
 
@@ -28,50 +31,6 @@ _LOSS_FNS = LOSS_FNS
 # ---------------------------------------------------------------------------
 # Results
 # ---------------------------------------------------------------------------
-
-
-@dataclass
-class Trajectory:
-    """Per-iterate, per-example quantities, each (T+1, N) on the attack's device.
-
-    Row ``t`` belongs to iterate ``x_t`` (row 0: the starting point).  ``margin`` is
-    ``z_y - max_{j != y} z_j`` for the true label (positive: correctly
-    classified).  ``kappa_sq = ||w||_F^2 Tr H``, ``kappa_unsq = ||w||_F Tr H``,
-    ``kappa_neuron`` the neuron-wise value (see :func:`flatnb.flatness.closed_form`).
-    ``delta_norm`` is ``||x_t - x||`` in the attack's norm.  ``x`` holds the
-    iterates (T+1, N, ...) only with ``record_inputs=True``.
-    """
-
-    loss: Tensor
-    p_y: Tensor
-    p_top: Tensor
-    pred: Tensor
-    margin: Tensor
-    phi_sq: Tensor
-    gini: Tensor
-    kappa_sq: Tensor
-    kappa_unsq: Tensor
-    kappa_neuron: Tensor
-    delta_norm: Tensor
-    flip_step: Tensor
-    x: Tensor | None = None
-
-    def truncate(self, steps: int) -> "Trajectory":
-        """The first ``steps + 1`` rows (used after an early stop)."""
-        out = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            out[f.name] = v if f.name == "flip_step" or v is None else v[: steps + 1]
-        return Trajectory(**out)
-
-    @classmethod
-    def cat(cls, trajs: list["Trajectory"]) -> "Trajectory":
-        """Join trajectories of consecutive batches along the example axis."""
-        out = {}
-        for f in fields(cls):
-            vals = [getattr(t, f.name) for t in trajs]
-            out[f.name] = None if vals[0] is None else torch.cat(vals, dim=0 if f.name == "flip_step" else 1)
-        return cls(**out)
 
 
 @dataclass
@@ -98,7 +57,7 @@ class AttackResult:
     flip_step: Tensor
     zero_grad: Tensor
     steps_run: int
-    trajectory: Trajectory | None = None
+    trajectory: "Trajectory | None" = None
 
     @property
     def n_zero_grad(self) -> int:
@@ -206,12 +165,6 @@ def _view(v: Tensor, x: Tensor) -> Tensor:
     return v.reshape((-1,) + (1,) * (x.dim() - 1))
 
 
-def _norm(d: Tensor, norm: str) -> Tensor:
-    if norm == "linf":
-        return d.abs().amax(dim=_rdims(d))
-    return d.pow(2).sum(dim=_rdims(d)).sqrt()
-
-
 def _project(x_new: Tensor, x: Tensor, eps: float, norm: str, clip) -> Tensor:
     """Project onto the eps-ball around ``x`` (same ops as torchattacks), then onto ``clip``."""
     delta = x_new - x
@@ -244,25 +197,19 @@ def _random_start(x: Tensor, eps: float, norm: str, clip, generator) -> Tensor:
 
 
 class _Tracker:
-    """Device-side state of one attack run; no host syncs."""
+    """Device-side state of one attack run (best iterate, flip step); no host syncs.
 
-    def __init__(self, model, x, y, target, loss_name, norm, steps, record, record_inputs):
-        self.x, self.y, self.target, self.norm = x, y, target, norm
+    ``hooks`` are ``on_iterate(t, x_t, phi, logits, loss)`` callables, called once per iterate
+    with that iterate's own forward pass (``logits`` in at least float32, everything detached).
+    """
+
+    def __init__(self, x, y, target, loss_name, hooks=()):
+        self.x, self.y, self.target = x, y, target
         self.loss_fn = _LOSS_FNS[loss_name]
-        n = x.shape[0]
-        dev = x.device
-        self.flip = torch.full((n,), -1, dtype=torch.long, device=dev)
+        self.flip = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+        self.finite = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         self.best_x = None
-        self.record = record
-        if record:
-            w = model.head.weight.detach()
-            w = w.to(torch.promote_types(w.dtype, torch.float32))  # never record curvature in bf16
-            self.weight, self.distances = w, class_distances(w)
-            names = ("loss", "p_y", "p_top", "margin", "phi_sq", "gini", "kappa_sq", "kappa_unsq",
-                     "kappa_neuron", "delta_norm")
-            self.buf = {k: torch.empty(steps + 1, n, device=dev, dtype=w.dtype) for k in names}
-            self.buf["pred"] = torch.empty(steps + 1, n, dtype=torch.long, device=dev)
-            self.xs = torch.empty((steps + 1,) + tuple(x.shape), device=dev, dtype=x.dtype) if record_inputs else None
+        self.hooks = [h for h in hooks if h is not None]
 
     def success_of(self, pred: Tensor) -> Tensor:
         return pred == self.target if self.target is not None else pred != self.y
@@ -274,7 +221,8 @@ class _Tracker:
 
     def step(self, t: int, x_t: Tensor, phi: Tensor, logits: Tensor, loss: Tensor) -> Tensor:
         """Book iterate ``t``; returns its success mask."""
-        logits, loss = logits.detach(), loss.detach()
+        logits, loss = _at_least_fp32(logits.detach()), loss.detach()
+        self.finite &= torch.isfinite(logits).all(dim=1)
         pred = logits.argmax(dim=1)
         succ = self.success_of(pred)
         self.flip = torch.where((self.flip < 0) & succ, torch.full_like(self.flip, t), self.flip)
@@ -283,31 +231,21 @@ class _Tracker:
         self.best_x = torch.where(_view(better, x_t), x_t.detach(), self.best_x)
         self.best_loss = torch.where(better, loss, self.best_loss)
         self.best_succ = self.best_succ | succ
-        if self.record:
-            phi, logits = phi.detach().to(self.weight.dtype), logits.to(self.weight.dtype)
-            probs = torch.softmax(logits, dim=1)
-            terms = closed_form(phi, logits, self.weight, self.distances)
-            b = self.buf
-            b["loss"][t] = loss
-            b["p_y"][t] = probs.gather(1, self.y[:, None])[:, 0]
-            b["p_top"][t] = probs.amax(dim=1)
-            b["pred"][t] = pred
-            b["margin"][t] = true_margin(logits, self.y)
-            b["phi_sq"][t] = terms.phi_sq
-            b["gini"][t] = terms.gini
-            b["kappa_sq"][t] = terms.kappa_sq
-            b["kappa_unsq"][t] = terms.kappa_unsq
-            b["kappa_neuron"][t] = terms.kappa_neuron
-            b["delta_norm"][t] = _norm(x_t.detach() - self.x, self.norm)
-            if self.xs is not None:
-                self.xs[t] = x_t.detach()
+        for hook in self.hooks:
+            hook(t, x_t.detach(), phi.detach(), logits, loss)
         return succ
 
-    def trajectory(self, steps_run: int) -> Trajectory | None:
-        if not self.record:
-            return None
-        traj = Trajectory(**self.buf, flip_step=self.flip.clone(), x=self.xs)
-        return traj.truncate(steps_run)
+
+def _recorder(record: bool, model, x, y, norm, steps, record_inputs):
+    """A :class:`flatnb.trajectory.Recorder` hook when ``record``, else ``None``.
+
+    Imported here, at call time, so that the attack modules import nothing from
+    :mod:`flatnb.curvature` (the recorder computes the closed-form curvature terms)."""
+    if not record:
+        return None
+    from flatnb.trajectory import Recorder
+
+    return Recorder(model, x, y, norm, steps, record_inputs)
 
 
 def _loss_and_grad(model, x_t, y, target, loss_fn, autocast_dtype):
@@ -354,7 +292,7 @@ def _validate_steps(steps, step_size):
         raise ValueError(f"step_size must be > 0, got {step_size!r}")
 
 
-def _combine(results, x, clean_correct, steps_run, record):
+def _combine(results, x, clean_correct, steps_run, recorder=None):
     """Merge runs (restarts) with the same success-then-loss rule as within a run."""
     tr0, x_last, lf, zero = results[0][:4]
     bx, bl, bs = tr0.best_x, tr0.best_loss, tr0.best_succ
@@ -366,7 +304,7 @@ def _combine(results, x, clean_correct, steps_run, record):
     return AttackResult(
         x_adv=bx, x_last=x_last, success=bs, clean_correct=clean_correct, loss_final=lf, loss_best=bl,
         flip_step=tr0.flip, zero_grad=zero, steps_run=steps_run,
-        trajectory=tr0.trajectory(results[0][4]) if record else None,
+        trajectory=None if recorder is None else recorder.trajectory(tr0.flip, results[0][4]),
     )
 
 

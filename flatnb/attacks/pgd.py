@@ -1,22 +1,24 @@
 """Projected gradient descent (Madry et al. 2018) and FGSM (Goodfellow et al. 2015)."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 
 from flatnb.attacks.core import (LOSSES, AttackResult, _check_common, _clean_eval, _combine, _eval_mode, _forward,
                                  _LOSS_FNS, _at_least_fp32, _loss_and_grad, _project, _random_start, _rdims,
-                                 _Tracker, _validate_steps, _view, _warn_zero_grad, _zero_grad_mask)
+                                 _recorder, _Tracker, _validate_steps, _view, _warn_zero_grad, _zero_grad_mask)
 from flatnb.models import check_contract
 
 Tensor = torch.Tensor
 
 
 def _pgd_run(model, x, y, target, eps, steps, step_size, norm, loss, random_start, clip, generator,
-             early_stop, check_every, record, record_inputs, autocast_dtype, clean):
+             early_stop, check_every, hooks, autocast_dtype, clean):
     """One PGD run.  ``clean`` is ``None`` without a random start: iterate 0 is then
     the clean input and its forward pass doubles as the clean evaluation."""
-    tr = _Tracker(model, x, y, target, loss, norm, steps, record, record_inputs)
+    tr = _Tracker(x, y, target, loss, hooks)
     loss_fn = tr.loss_fn
     if random_start:
         x_t = _random_start(x, eps, norm, clip, generator)
@@ -74,6 +76,7 @@ def pgd(
     autocast_dtype: torch.dtype | None = None,
     generator: torch.Generator | None = None,
     warn: bool = True,
+    on_iterate: Callable | None = None,
 ) -> AttackResult:
     """Projected gradient descent (Madry et al. 2018), ℓ∞ (sign steps) or ℓ2 (normalised steps).
 
@@ -82,7 +85,10 @@ def pgd(
     ``step_size`` defaults to ``2.5 * eps / steps``.  No random start by default
     (the Uncanny Valley setting for trajectories); use ``random_start=True`` and
     ``restarts`` for robustness numbers.  ``target`` (N,) makes it targeted.
-    ``record=True`` fills ``result.trajectory`` (needs ``restarts == 1``);
+    ``on_iterate(t, x_t, phi, logits, loss)`` is called once per iterate (``t = 0 .. T``, again
+    from 0 for each restart) with that iterate's own forward pass, all detached, ``logits`` in at
+    least float32.  ``record=True`` fills ``result.trajectory`` through such a hook, a
+    :class:`flatnb.trajectory.Recorder` (needs ``restarts == 1``);
     ``early_stop`` stops once every example succeeded, checked every
     ``check_every`` steps.  ``clip=None`` lifts the [0, 1] box and its input check.
     """
@@ -102,13 +108,15 @@ def pgd(
     x = x.detach()
     with _eval_mode(model):
         clean = _clean_eval(model, x, y, target, _LOSS_FNS[loss], autocast_dtype) if random_start else None
+        recorder = _recorder(record, model, x, y, norm, steps, record_inputs)
         results = [
             _pgd_run(model, x, y, target, eps, steps, step_size, norm, loss, random_start, clip, generator,
-                     early_stop, check_every, record, record_inputs, autocast_dtype, clean)
-            for _ in range(restarts)
+                     early_stop, check_every, [recorder, on_iterate] if r == 0 else [on_iterate], autocast_dtype,
+                     clean)
+            for r in range(restarts)
         ]
     clean_correct = clean[1].argmax(dim=1) == y if random_start else results[0][5]
-    res = _combine(results, x, clean_correct, results[-1][4], record)
+    res = _combine(results, x, clean_correct, results[-1][4], recorder)
     if warn:
         _warn_zero_grad(res.zero_grad, loss)
     return res
@@ -127,6 +135,7 @@ def fgsm(
     clip: tuple[float, float] | None = (0.0, 1.0),
     autocast_dtype: torch.dtype | None = None,
     warn: bool = True,
+    on_iterate: Callable | None = None,
 ) -> AttackResult:
     """Fast gradient sign method (Goodfellow et al. 2015): one step of size ``eps``.
 
@@ -135,6 +144,6 @@ def fgsm(
     """
     return pgd(model, x, y, eps, steps=1, step_size=eps if eps > 0 else 1.0, norm=norm, loss=loss,
                target=target, record=record, record_inputs=record_inputs, clip=clip,
-               autocast_dtype=autocast_dtype, warn=warn)
+               autocast_dtype=autocast_dtype, warn=warn, on_iterate=on_iterate)
 
 
