@@ -42,9 +42,9 @@ SIZES = {
     "04_local_not_global": {
         "quick": dict(n_test=1000, n_pairs=200_000, grid=161, toy_steps=800),
         "full": dict(n_test=10_000, n_pairs=2_000_000, grid=321, toy_steps=3000)},
-    "05_uncanny_valley": {
-        "quick": dict(n_test=128, batch=128, confident=0.8),
-        "full": dict(n_test=10_000, batch=500, confident=0.9)},
+    "05_uncanny_valley": {  # bisect: halvings of the flip segment; grid: κ points inside it
+        "quick": dict(n_test=256, batch=128, confident=0.8, bisect=24, grid=8),
+        "full": dict(n_test=10_000, batch=500, confident=0.9, bisect=30, grid=8)},
     "06_scale_sweep": {
         "quick": dict(n_test=32, batch=32),
         "full": dict(n_test=10_000, batch=500)},

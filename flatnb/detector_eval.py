@@ -19,7 +19,7 @@ adversarial inputs and report 5-fold accuracies of 0.92-0.93.  A detector needs 
   distribution, so adversarial and clean inputs look alike to a confidence score.
 
 Scores are plain 1-D arrays (numpy or torch), labels 0 (clean) / 1 (adversarial), groups the image
-index of each sample.  The stump is :func:`flatnb.analysis.fit_stump` (one threshold on one number).
+index of each sample.  The stump is :func:`flatnb.detector.fit_stump` (one threshold on one number).
 """
 from __future__ import annotations
 
@@ -101,18 +101,18 @@ def grouped_folds(groups, folds: int = 5, seed: int = 0) -> np.ndarray:
 
 
 def out_of_fold_scores(scores, labels, groups, folds: int = 5, seed: int = 0):
-    """Grouped cross-validation of a stump: ``(oriented, accuracies, polarities)``.
+    """Grouped cross-validation of a stump: ``(oriented, predictions, accuracies, polarities)``.
 
-    In each fold a stump (:func:`flatnb.analysis.fit_stump`) is fitted on the other folds; its
+    In each fold a stump (:func:`flatnb.detector.fit_stump`) is fitted on the other folds; its
     polarity orients the held-out scores (``polarity * score``: larger means "adversarial"), so the
     direction of the rule is never chosen on test data.  ``oriented`` holds every sample's
-    out-of-fold oriented score (for :func:`auroc`, :func:`tpr_at_fpr`), ``accuracies`` the stump's
-    test accuracy per fold, ``polarities`` the fitted direction per fold (+1: adversarial if the
-    score is large).
+    out-of-fold oriented score (for :func:`auroc`, :func:`tpr_at_fpr`), ``predictions`` its
+    out-of-fold 0/1 prediction, ``accuracies`` the stump's test accuracy per fold, ``polarities``
+    the fitted direction per fold (+1: adversarial if the score is large).
     """
     s, t, g = _check(scores, labels, groups)
     fold = grouped_folds(g, folds, seed)
-    oriented = np.empty_like(s)
+    oriented, pred = np.empty_like(s), np.empty_like(t)
     accs, pols = [], []
     for f in range(folds):
         test = fold == f
@@ -120,9 +120,10 @@ def out_of_fold_scores(scores, labels, groups, folds: int = 5, seed: int = 0):
             raise ValueError(f"fold {f}: its training folds hold one class only")
         thr, pol, _ = fit_stump(s[~test], t[~test])
         oriented[test] = pol * s[test]
-        accs.append(float((predict_stump(s[test], thr, pol) == t[test]).mean()))
+        pred[test] = predict_stump(s[test], thr, pol)
+        accs.append(float((pred[test] == t[test]).mean()))
         pols.append(pol)
-    return oriented, np.array(accs), np.array(pols)
+    return oriented, pred, np.array(accs), np.array(pols)
 
 
 def auroc_ci(scores, labels, groups, n_boot: int = 1000, seed: int = 0, level: float = 0.95):
@@ -175,3 +176,43 @@ def confidence_matched_steps(traj, target_confidence, generator: torch.Generator
     out = torch.where(matched, first_hit, torch.where(last_wrong >= 1, last_wrong,
                                                        torch.full_like(first_hit, T1 - 1)))
     return out, matched
+
+
+def samples(traj, field: str, end_step=None):
+    """``(scores, labels, groups)`` for a detector from a recorded attack: every path's start (the
+    clean input, label 0) and its end point (label 1), grouped by image.
+
+    All paths count: clean inputs that are misclassified and attacks that failed are not dropped
+    (a deployed detector sees them too).  ``end_step`` (N,) picks each path's end iterate (e.g.
+    :func:`confidence_matched_steps`); default the last one.  κ-type fields (``kappa_*``,
+    ``trace_h``, ``gini``) are returned as ``log10`` (a stump is invariant to monotone maps; the log
+    only makes thresholds readable), with exact zeros (float32 underflow) at ``log10(1e-300)``.
+    """
+    v = getattr(traj, field).detach().double().cpu()
+    n = v.shape[1]
+    end = v[-1] if end_step is None else v[torch.as_tensor(end_step).long().cpu(), torch.arange(n)]
+    x = torch.cat([v[0], end])
+    if field.startswith("kappa") or field in ("trace_h", "gini"):
+        if bool((x < 0).any()):
+            raise ValueError(f"{field} has negative values; it cannot be a flatness measure")
+        x = torch.log10(x.clamp_min(1e-300))
+    labels = np.r_[np.zeros(n, dtype=np.int64), np.ones(n, dtype=np.int64)]
+    groups = np.r_[np.arange(n), np.arange(n)]
+    return _arr(x, field), labels, groups
+
+
+def evaluate(scores, labels, groups, folds: int = 5, seed: int = 0, fpr: float = 0.05,
+             n_boot: int = 1000) -> dict:
+    """A stump evaluated as a detector on grouped folds: ``accuracy`` (out-of-fold, a
+    :class:`flatnb.stats.Fraction`), ``fold_accuracies``, ``polarity`` (per fold), ``auroc``
+    ``(estimate, lo, hi)`` with an image-bootstrap interval, and ``tpr`` (a Fraction of the
+    adversarial inputs detected at a false-positive rate of at most ``fpr`` on clean inputs)."""
+    from flatnb.stats import Fraction
+
+    oriented, pred, accs, pols = out_of_fold_scores(scores, labels, groups, folds, seed)
+    t = _arr(labels, "labels", np.int64)
+    tpr = tpr_at_fpr(oriented, t, fpr)
+    n1 = int(t.sum())
+    return dict(accuracy=Fraction(int((pred == t).sum()), t.size), fold_accuracies=accs,
+                polarity=pols, auroc=auroc_ci(oriented, t, groups, n_boot, seed),
+                tpr=Fraction(int(round(tpr * n1)), n1))

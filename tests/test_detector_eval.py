@@ -59,14 +59,14 @@ def test_out_of_fold_scores_learn_the_direction_on_training_folds():
     s = np.r_[clean, adv]
     t = np.r_[np.zeros(n), np.ones(n)]
     g = np.r_[np.arange(n), np.arange(n)]
-    oriented, accs, pols = de.out_of_fold_scores(s, t, g, folds=5, seed=0)
+    oriented, pred, accs, pols = de.out_of_fold_scores(s, t, g, folds=5, seed=0)
     assert (pols == -1).all() and accs.mean() > 0.95
     assert de.auroc(oriented, t) > 0.97
     est, lo, hi = de.auroc_ci(oriented, t, g, n_boot=200)
     assert lo <= est <= hi and hi - lo < 0.1
     # pure noise: chance level, and the interval covers 0.5
     noise = rng.normal(0, 1, 2 * n)
-    oriented, accs, _ = de.out_of_fold_scores(noise, t, g, folds=5, seed=0)
+    oriented, pred, accs, _ = de.out_of_fold_scores(noise, t, g, folds=5, seed=0)
     est, lo, hi = de.auroc_ci(oriented, t, g, n_boot=200)
     assert lo < 0.5 < hi
 
@@ -91,3 +91,24 @@ def test_confidence_matched_steps_stop_at_the_first_wrong_iterate_that_is_confid
     assert steps.tolist() == [1, 2, 4] and matched.tolist() == [True, True, False]
     with pytest.raises(ValueError):
         de.confidence_matched_steps(traj, [float("nan")])
+
+
+def test_samples_and_evaluate_keep_every_path_and_pool_the_folds():
+    # 6 iterates, 40 paths: κ falls along every path, so the end points are flatter than the start
+    g = torch.Generator().manual_seed(0)
+    kappa = torch.rand(6, 40, generator=g).cumsum(0).flip(0) + 1
+    kappa[:, 0] = 0.0  # an underflowed path stays finite on the log scale
+    traj = SimpleNamespace(kappa_sq=kappa, p_top=torch.rand(6, 40, generator=g))
+    s, t, grp = de.samples(traj, "kappa_sq")
+    assert s.shape == (80,) and np.isfinite(s).all() and t.sum() == 40
+    assert s[0] == pytest.approx(-300.0)
+    np.testing.assert_allclose(s[41:], np.log10(kappa[-1, 1:].double().numpy()))
+    s2, _, _ = de.samples(traj, "kappa_sq", end_step=torch.full((40,), 2))
+    np.testing.assert_allclose(s2[41:], np.log10(kappa[2, 1:].double().numpy()))
+    np.testing.assert_allclose(de.samples(traj, "p_top")[0][:40], traj.p_top[0].double().numpy())
+    out = de.evaluate(s, t, grp, folds=5, seed=0, n_boot=100)
+    assert out["accuracy"].n == 80 and out["tpr"].n == 40
+    # pooled out-of-fold accuracy equals the fold accuracies weighted by fold size (16 each)
+    assert out["accuracy"].value == pytest.approx(out["fold_accuracies"].mean())
+    lo, hi = out["auroc"][1:]
+    assert lo <= out["auroc"][0] <= hi
