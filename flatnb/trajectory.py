@@ -147,3 +147,141 @@ class Recorder:
         steps = self.rows - 1 if steps_run is None else steps_run
         return Trajectory(flip_step.clone(), None if self.xs is None else self.xs[: steps + 1],
                           **{f: v[: steps + 1] for f, v in self.buf.items()})
+
+
+# ----------------------------------------------------------------------------- statistics over paths
+
+
+def _values(traj, name: str) -> Tensor:
+    if name not in FIELDS:
+        raise ValueError(f"unknown trajectory quantity {name!r}; choose one of {FIELDS}")
+    return getattr(traj, name)
+
+
+def align_at_flip(values: Tensor, flip_step: Tensor, before: int, after: int) -> tuple[np.ndarray, Tensor]:
+    """Re-index (T+1, N) per-step values at each example's flip step.
+
+    Returns ``offsets`` (``-before .. after``) and a (before+after+1, N') float
+    tensor whose row ``j`` holds the value at step ``flip_step + offsets[j]``
+    (NaN where that step lies outside ``0 .. T``).  Only examples that start
+    correctly classified and flip during the attack (``flip_step >= 1``) are
+    kept: the others have no flip to align at.
+    """
+    if values.dim() != 2 or flip_step.dim() != 1 or values.shape[1] != flip_step.shape[0]:
+        raise ValueError(f"values must be (T+1, N) and flip_step (N,), got {tuple(values.shape)}, {tuple(flip_step.shape)}")
+    if before < 0 or after < 0:
+        raise ValueError(f"before and after must be >= 0, got {before}, {after}")
+    keep = flip_step >= 1
+    v = values[:, keep].to(torch.float64)
+    f = flip_step[keep].to(values.device)
+    offsets = np.arange(-before, after + 1)
+    idx = f[None, :] + torch.as_tensor(offsets, device=values.device)[:, None]
+    valid = (idx >= 0) & (idx < values.shape[0])
+    got = v.gather(0, idx.clamp(0, values.shape[0] - 1))
+    return offsets, torch.where(valid, got, torch.full_like(got, float("nan")))
+
+
+def step_summary(values: Tensor, quantiles=(0.25, 0.5, 0.75)) -> dict[float, np.ndarray]:
+    """Per-row quantiles of a (L, N) tensor, ignoring NaNs (rows with no value give NaN)."""
+    v = values.detach().to(torch.float64).cpu()
+    q = torch.tensor(list(quantiles), dtype=torch.float64)
+    out = torch.full((len(quantiles), v.shape[0]), float("nan"), dtype=torch.float64)
+    for i in range(v.shape[0]):
+        row = v[i][~torch.isnan(v[i])]
+        if row.numel():
+            out[:, i] = torch.quantile(row, q)
+    return {float(qq): out[j].numpy() for j, qq in enumerate(quantiles)}
+
+
+def valley_stats(traj, kappa: str = "kappa_sq", window: int = 1, num_classes: int = 10,
+                 min_confidence: float = 0.0) -> dict[str, float]:
+    """Fractions, over examples that flip during the attack, that describe the valley shape.
+
+    ``peak_near_flip``: the step of maximal κ lies within ``window`` steps of the flip;
+    ``flip_gt_start`` / ``flip_gt_last``: κ at the flip step exceeds κ at step 0 / at the last step;
+    ``conf_rises``: the top-class confidence at the last step exceeds the one at the flip;
+    ``loss_high``: the loss at the last step exceeds ``log k`` (a loss-change adversarial example
+    with ε = log k, ``k = num_classes``);  ``n_flipped``: how many examples these fractions are over.
+    ``min_confidence`` keeps only examples whose clean top-class probability is at least that
+    (the rise towards the boundary needs a confident start; PAPER §6.6).
+    """
+    k_all = _values(traj, kappa).to(torch.float64)
+    f = traj.flip_step
+    keep = (f >= 1) & (traj.p_top[0] >= min_confidence)
+    n = int(keep.sum())
+    if n == 0:
+        return {"n_flipped": 0}
+    kv, fv = k_all[:, keep], f[keep]
+    cols = torch.arange(n, device=kv.device)
+    at_flip = kv[fv, cols]
+    peak = kv.argmax(dim=0)
+    p_top, loss = traj.p_top[:, keep], traj.loss[:, keep]
+    out = {
+        "n_flipped": n,
+        "peak_near_flip": float(((peak - fv).abs() <= window).double().mean()),
+        "flip_gt_start": float((at_flip > kv[0]).double().mean()),
+        "flip_gt_last": float((at_flip > kv[-1]).double().mean()),
+        "conf_rises": float((p_top[-1] > p_top[fv, cols]).double().mean()),
+        "loss_high": float((loss[-1] > math.log(num_classes)).double().mean()),
+    }
+    return out
+
+
+def basin_width(loss: Tensor, rise: float | None = None, fraction: float | None = None) -> Tensor:
+    """Attack iterations before the loss "takes off", per example, from (T+1, N) losses (row 0 clean).
+
+    Exactly one criterion:
+
+    * ``rise``: the first iterate ``t >= 1`` with ``loss[t] - loss[0] > rise`` (an absolute
+      threshold, e.g. ``0.1 * log k``; with ``rise = ε`` this is the first loss-change
+      adversarial example of the paper's Definition 4 along the path);
+    * ``fraction``: the first iterate with ``loss[t] - loss[0] >= fraction * R``, where
+      ``R = max_t (loss[t] - loss[0]) > 0`` is the largest rise along the path (scale-free:
+      the step by which the loss has covered that fraction of its rise).
+
+    Returns float64 (N,) iterate indices; ``inf`` where the criterion is never met within
+    the T steps (for ``fraction``: where the loss never rises above its clean value), so a
+    median of ``inf`` reads "wider than the attack is long".  With a fixed step size the
+    width times the step is the distance travelled before take-off.
+    """
+    if not isinstance(loss, Tensor) or loss.dim() != 2 or loss.shape[0] < 2:
+        raise ValueError(f"loss must be a (T+1, N) tensor with T >= 1 attack steps, got "
+                         f"{tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__}")
+    if (rise is None) == (fraction is None):
+        raise ValueError("give exactly one of rise= (absolute loss increase) or fraction= (share of the largest rise)")
+    v = loss.detach().to(torch.float64)
+    if not bool(torch.isfinite(v).all()):
+        raise ValueError("loss has NaN or inf entries; basin width is undefined there")
+    up = v[1:] - v[:1]  # rise over the clean loss at iterates 1..T
+    if rise is not None:
+        if not math.isfinite(rise) or rise < 0:
+            raise ValueError(f"rise must be a finite number >= 0, got {rise!r}")
+        hit = up > rise
+    else:
+        if not (0 < fraction <= 1):
+            raise ValueError(f"fraction must lie in (0, 1], got {fraction!r}")
+        top = up.max(dim=0).values
+        hit = (up >= fraction * top) & (top > 0)
+    steps = torch.arange(1, v.shape[0], dtype=torch.float64, device=v.device)[:, None].expand_as(up)
+    first = torch.where(hit, steps, torch.full_like(steps, math.inf)).min(dim=0).values
+    return first
+
+
+def _flipping_columns(traj) -> Tensor:
+    """Indices of the examples that start correct and flip during the attack (``flip_step >= 1``)."""
+    return torch.nonzero(traj.flip_step >= 1)[:, 0]
+
+
+def valley_medians(traj, quantity: str = "kappa_sq") -> dict[str, float]:
+    """Median of ``quantity`` at the start, at the flip step and at the last step, over the examples
+    that flip during the attack (NaN each when none flips); ``n_flipped`` says how many."""
+    vals = _values(traj, quantity).to(torch.float64)
+    cols = _flipping_columns(traj).to(vals.device)
+    if cols.numel() == 0:
+        return {"n_flipped": 0, "start": float("nan"), "flip": float("nan"), "end": float("nan")}
+    flip = traj.flip_step.to(vals.device)[cols]
+    # quantile(0.5), not Tensor.median: the latter returns the lower middle value for an even count
+    return {"n_flipped": int(cols.numel()),
+            "start": float(vals[0, cols].quantile(0.5)),
+            "flip": float(vals[flip, cols].quantile(0.5)),
+            "end": float(vals[-1, cols].quantile(0.5))}
