@@ -26,10 +26,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-try:  # the stump's home after the analysis module is split
-    from flatnb.detector import fit_stump, predict_stump
-except ImportError:  # pragma: no cover - before that split
-    from flatnb.analysis import fit_stump, predict_stump
+from flatnb.detector import fit_stump, predict_stump
 
 
 def _arr(v, name: str, dtype=np.float64) -> np.ndarray:
