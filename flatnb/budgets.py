@@ -50,7 +50,7 @@ SIZES = {
         "full": dict(n_test=10_000, batch=500, scales=(0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 50.0))},
     "07_gradient_masking": {  # n_ref: images for the reference AutoAttack and Square at s = 100
         "quick": dict(n_test=128, batch=128, apgd_steps=25, scales=(1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0),
-                      n_ref=32, square_queries=1000),
+                      n_ref=32, square_queries=5000),
         "full": dict(n_test=10_000, batch=500, apgd_steps=100, scales=(1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0),
                      n_ref=1000, square_queries=5000)},
     "08_flatness_detector": {
