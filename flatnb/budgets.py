@@ -46,15 +46,17 @@ SIZES = {
     "04_local_not_global": {  # toy_seeds: networks per condition in the two-moons comparison
         "quick": dict(n_test=1000, n_pairs=200_000, grid=161, toy_steps=800, toy_seeds=3),
         "full": dict(n_test=10_000, n_pairs=2_000_000, grid=321, toy_steps=3000, toy_seeds=20)},
-    "05_uncanny_valley": {
-        "quick": dict(n_test=128, batch=128, confident=0.8),
-        "full": dict(n_test=10_000, batch=500, confident=0.9)},
-    "06_scale_sweep": {
-        "quick": dict(n_test=32, batch=32),
-        "full": dict(n_test=10_000, batch=500)},
-    "07_gradient_masking": {
-        "quick": dict(n_test=48, batch=48, apgd_steps=25),
-        "full": dict(n_test=10_000, batch=500, apgd_steps=100)},
+    "05_uncanny_valley": {  # bisect: halvings of the flip segment; grid: κ points inside it
+        "quick": dict(n_test=256, batch=128, confident=0.8, bisect=24, grid=8),
+        "full": dict(n_test=10_000, batch=500, confident=0.9, bisect=30, grid=8)},
+    "06_scale_sweep": {  # scales: the paper's E1 grid of head scales s
+        "quick": dict(n_test=128, batch=128, scales=(0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 50.0)),
+        "full": dict(n_test=10_000, batch=500, scales=(0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 50.0))},
+    "07_gradient_masking": {  # n_ref: images for the reference AutoAttack and Square at s = 100
+        "quick": dict(n_test=128, batch=128, apgd_steps=25, scales=(1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0),
+                      n_ref=32, square_queries=5000),
+        "full": dict(n_test=10_000, batch=500, apgd_steps=100, scales=(1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0),
+                     n_ref=1000, square_queries=5000)},
     "08_flatness_detector": {
         "quick": dict(n_test=256, batch=128, archs=("main",)),
         "full": dict(n_test=10_000, batch=500, archs=("main", "wrn28_4"))},
