@@ -42,6 +42,13 @@ PAIRS_PER_ROW = 2  # two (raw, aligned) pairs: four panels per row
 FONT = {"label": 9, "tick": 8, "title": 9.5, "legend": 8, "suptitle": 10.5}
 
 
+
+def _layout(fig) -> None:
+    """Tight layout unless the figure already has a layout engine (the chapters use constrained
+    layout; calling tight_layout on such a figure warns)."""
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
+
 def valley_axes(n: int, titles=None):
     """An empty figure for ``n`` (raw, aligned) panel pairs, two pairs per row.
 
@@ -142,7 +149,7 @@ def uncanny_valley_figure(traj, title: str = "", before: int = 5, after: int = 1
     if own:
         fig.suptitle(f"{title} (n={int(keep.sum())} examples that flip; no random start)".strip(),
                      fontsize=FONT["suptitle"])
-        fig.tight_layout()
+        _layout(fig)
     return fig
 
 
@@ -178,7 +185,7 @@ def valley_comparison_figure(trajs: dict, quantity: str = "kappa_sq", before: in
                     ax.set_ylim(lo, hi)
     axes[0, 0].legend(fontsize=FONT["legend"])
     fig.suptitle(title or f"{QUANTITIES[quantity]} along PGD paths (no random start)", fontsize=FONT["suptitle"])
-    fig.tight_layout()
+    _layout(fig)
     return fig
 
 
