@@ -136,7 +136,8 @@ class ChapterFailure(Exception):
         )
 
 
-_KERNEL_ENV = {"FLATNB_PROGRESS": "0", "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
+_KERNEL_ENV = {"FLATNB_PROGRESS": "0", "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+               "OMP_WAIT_POLICY": "PASSIVE"}  # OpenMP threads sleep at barriers (benchmarks/threads.py)
 
 
 def execute(chapter: Path, output: Path, parameters: dict | None = None,

@@ -25,7 +25,7 @@ from flatnb import records
 from flatnb.runtime import describe_device, resolve_device, resolve_profile
 
 # Threads on the CPU: see the README ("Threads") for the measurement behind the default.
-DEFAULT_CPU_THREADS = 2
+DEFAULT_CPU_THREADS = 1
 
 
 def _style() -> None:

@@ -19,7 +19,7 @@ def chapter_models():
 
     from flatnb import budgets, train
 
-    torch.set_num_threads(int(os.environ.get("FLATNB_THREADS", "2")))
+    torch.set_num_threads(int(os.environ.get("FLATNB_THREADS", "1")))
     needed = getattr(budgets, "CHAPTER_MODELS", [])
     for i, (arch, dataset, recipe) in enumerate(needed, 1):
         t0 = time.time()
