@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from flatnb import architectures as arch
 
-MODELS = ("resnet18", "wrn28_4", "vgg11_bn", "vit_tiny", "vit_small")
+MODELS = ("resnet18", "wrn28_4", "vgg11_bn", "vit_tiny", "vit_small", "fastnet")
 
 
 # ----------------------------------------------------------------------------- the contract
@@ -75,7 +75,7 @@ class HeadModel(nn.Module):
 def build(name: str, num_classes: int, image_size: int = 32, **kw) -> nn.Module:
     """Build one of the book's networks by name (``MODELS``); inputs are [0,1] images of ``image_size``.
 
-    kw: ``width`` (resnet18, default 64; vgg11_bn, default 64), ``depth``/``widen``
+    kw: ``width`` (resnet18, default 64; vgg11_bn, default 64; fastnet, default 32), ``depth``/``widen``
     (wrn28_4), ``dim``/``depth``/``heads``/``patch`` (ViTs), ``mean``/``std`` for the
     internal normalisation (default: CIFAR-10 statistics).
     """
@@ -91,6 +91,8 @@ def build(name: str, num_classes: int, image_size: int = 32, **kw) -> nn.Module:
         return arch.ViT(num_classes, image_size, **{"dim": 192, "depth": 12, "heads": 3, **kw})
     if name == "vit_small":
         return arch.ViT(num_classes, image_size, **{"dim": 384, "depth": 12, "heads": 6, **kw})
+    if name == "fastnet":
+        return arch.FastNet(num_classes, **kw)
     raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
 
 

@@ -12,7 +12,15 @@ shares one trained model per configuration. A checkpoint is written atomically
 after every epoch; an interrupted run resumes from the last finished epoch and,
 on the CPU, ends bit-identical to an uninterrupted one (per-epoch seeds).
 
-On CUDA: bf16 autocast and channels_last; on the CPU: float32.
+Precision (:func:`select_precision`, stored in ``model.train_info["precision"]``): on CUDA
+channels_last with bf16 autocast where the device supports it, else fp16 autocast with a
+gradient scaler (T4/V100), and fused SGD; on the CPU float32, or bf16 autocast with
+channels_last where the config asks for it (``cpu_bf16``: the quick FastNet; oneDNN uses
+AMX/AVX-512-BF16 where the CPU has them). Curvature and attacks always run in float32: the
+returned model is float32 in the default memory format. ``train(..., compile=True)`` runs the
+training steps through :func:`torch.compile`.
+
+The configurations themselves are one explicit table, :mod:`flatnb.recipes`.
 """
 from __future__ import annotations
 
@@ -20,8 +28,8 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -32,7 +40,12 @@ import torch.nn.functional as F
 
 from flatnb import data as fdata
 from flatnb import models as fmodels
-from flatnb.runtime import atomic_save, cache_dir, resolve_device
+from flatnb.optim import Lookahead as _Lookahead
+from flatnb.optim import lr_lambda as _lr_lambda
+from flatnb.optim import optimizer as _optimizer
+from flatnb.optim import plain_state as _plain_state
+from flatnb.optim import select_precision
+from flatnb.runtime import atomic_save, cache_dir, resolve_device, resolve_profile
 
 RECIPES = ("standard", "pgd_at", "trades")
 
@@ -50,7 +63,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     nesterov: bool = False
     batch_size: int = 128
-    schedule: str = "cosine"  # "cosine" (per step, after warmup) or "constant"
+    schedule: str = "cosine"  # "cosine" (per step, after warmup), "constant" or "triangle" (optim.lr_lambda)
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
     sam_rho: float = 0.0  # > 0 enables SAM (Foret et al. 2021)
@@ -67,6 +80,12 @@ class TrainConfig:
     trades_beta: float = 6.0
     seed: int = 0
     profile: str = "custom"
+    # Added later; left out of the checkpoint key while at their defaults (old checkpoints stay valid).
+    bias_lr_scale: float = 1.0  # lr multiplier of the BatchNorm parameters (their decay per step stays the same)
+    ema_every: int = 0  # > 0: lookahead EMA of the weights every n steps, copied back into the model (airbench)
+    ema_start_epochs: float = 0.0  # when the lookahead EMA starts
+    mixup_alpha: float = 0.0  # > 0: mixup (Zhang et al. 2018) with Beta(α, α) weights
+    cpu_bf16: bool = False  # bf16 autocast + channels_last on the CPU (training only)
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
@@ -75,14 +94,18 @@ class TrainConfig:
             raise ValueError(f"arch must be one of {fmodels.MODELS}, got {self.arch!r}")
         if self.dataset not in fdata.DATASETS:
             raise ValueError(f"dataset must be one of {fdata.DATASETS}, got {self.dataset!r}")
-        if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if self.schedule not in ("cosine", "constant", "triangle"):
+            raise ValueError(f"schedule must be 'cosine', 'constant' or 'triangle', got {self.schedule!r}")
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
 
     def key(self, data_digest: str = "") -> str:
         """Hash of the whole configuration plus the training data's identity."""
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str) + "|" + data_digest
+        d = dataclasses.asdict(self)
+        for f in _LATER_FIELDS:
+            if d[f.name] == f.default:
+                del d[f.name]
+        blob = json.dumps(d, sort_keys=True, default=str) + "|" + data_digest
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @property
@@ -94,73 +117,18 @@ class TrainConfig:
         return 64 if self.dataset == "tinyimagenet" else 32
 
 
-# Quick profile: minutes on 2 CPU cores, clearly above chance. Measured on a shared
-# 2-core CPU: ResNet-18 width 16, all 50k CIFAR-10 images, 2 epochs: 64.2% test accuracy, ~5 min
-# (4 epochs on a 10k subset gave 47.8%: more distinct images beat more passes) → see the report in
-# benchmarks/train.py. Larger batch + higher peak lr with warmup trains faster per
-# wall second on a CPU; label smoothing stays off (it changes confidence).
-_QUICK = {
-    ("standard", "cifar10"): dict(epochs=2, n_train=50_000, width=16, batch_size=128, lr=0.2, warmup_epochs=0.3,
-                                  weight_decay=5e-4),
-    # CIFAR-100 (chapter 10, only where it can be downloaded): about 3 minutes on 2 CPU cores
-    ("standard", "cifar100"): dict(epochs=3, n_train=20_000, width=16, batch_size=128, lr=0.2, warmup_epochs=0.3,
-                                   weight_decay=5e-4),
-    ("standard", "tinyimagenet"): dict(epochs=2, num_classes=20, width=8, batch_size=128, lr=0.2,
-                                       warmup_epochs=0.3, weight_decay=5e-4),
-    ("pgd_at", "cifar10"): dict(epochs=5, n_train=5_000, width=16, batch_size=128, lr=0.1, warmup_epochs=1,
-                                weight_decay=5e-4, pgd_steps=3, pgd_step_size=3 / 255),
-    ("trades", "cifar10"): dict(epochs=5, n_train=5_000, width=16, batch_size=128, lr=0.1, warmup_epochs=1,
-                                weight_decay=5e-4, pgd_steps=3, pgd_step_size=3 / 255),
-}
-
-
-# Per-architecture quick overrides of the standard recipe (chapter 10 trains all five of these from a cold
-# cache within its CI budget of 9 minutes on 2 cores). The quick models are smaller than the paper's:
-# WRN-16-1 instead of WRN-28-4 (WRN-16-2 on 10k images cost ~4 min of 2 cores for 39 % test accuracy), a
-# 4-block ViT of width 96 (patch 8 on 64-pixel Tiny ImageNet: 64 tokens, as on CIFAR). Applied after the
-# (recipe, dataset) entry; measured accuracies and times: chapter 10 and the notes of its generator.
-_QUICK_ARCH = {
-    ("standard", "wrn28_4", "cifar10"): dict(epochs=2, n_train=20_000, warmup_epochs=0.3,
-                                             model_kw=(("depth", 16), ("widen", 1))),
-    ("standard", "vgg11_bn", "cifar10"): dict(epochs=2, n_train=20_000, width=16, lr=0.1, warmup_epochs=0.3),
-    ("standard", "vit_tiny", "cifar10"): dict(epochs=1, n_train=20_000, warmup_epochs=0.3,
-                                              model_kw=(("depth", 4), ("dim", 96), ("heads", 3))),
-    ("standard", "vit_tiny", "tinyimagenet"): dict(epochs=2, warmup_epochs=0.3,
-                                                   model_kw=(("depth", 4), ("dim", 96), ("heads", 3), ("patch", 8))),
-}
-
-
-# train() optimises ViTs with AdamW (plain SGD does not train them in a few epochs): its lr and weight decay
-_VIT_ADAMW = dict(lr=1e-3, weight_decay=0.05)
+_LATER_FIELDS = tuple(f for f in dataclasses.fields(TrainConfig)
+                      if f.name in ("bias_lr_scale", "ema_every", "ema_start_epochs", "mixup_alpha", "cpu_bf16"))
 
 
 def config_for(arch: str, dataset: str, recipe: str = "standard", profile: str = "quick", seed: int = 0) -> TrainConfig:
-    """The configuration of a profile.
+    """The configuration of ``(arch, dataset, recipe)`` in ``profile`` ("quick" or "full"), read from
+    the table :data:`flatnb.recipes.TABLE` with ``seed`` filled in. ``arch="main"`` is the profile's
+    main model (:data:`flatnb.recipes.MAIN`). Resolve ``profile="auto"`` first with
+    :func:`flatnb.runtime.resolve_profile` (or call :func:`trained_model`, which does)."""
+    from flatnb import recipes
 
-    ``full``: the paper's recipe (100 epochs, SGD 0.9, lr 0.1, wd 1e-4, cosine,
-    batch 128, crop+flip, full width; AT: PGD-10 8/255 step 2/255; TRADES β = 6).
-    ``quick``: a few minutes on 2 CPU cores — a seeded subset, ResNet/VGG width 16,
-    a short warmup+cosine schedule and weight decay 5e-4 (helps short runs);
-    adversarial recipes use 3 PGD steps of 3/255 during training.
-    """
-    if profile == "full":
-        kw = {}
-        if arch.startswith("vit"):  # the paper's SGD lr 0.1 would diverge under AdamW
-            kw = dict(_VIT_ADAMW, warmup_epochs=5)
-        return TrainConfig(arch=arch, dataset=dataset, recipe=recipe, epochs=100, seed=seed, profile="full", **kw)
-    if profile != "quick":
-        raise ValueError(f"profile must be 'quick' or 'full' (resolve 'auto' with flatnb.runtime.resolve_profile), got {profile!r}")
-    kw = dict(_QUICK.get((recipe, dataset)) or _QUICK.get((recipe, "cifar10")) or _QUICK[("standard", dataset)])
-    if dataset == "tinyimagenet" and recipe != "standard":
-        kw["num_classes"] = 20
-        kw.pop("n_train", None)
-    if arch not in ("resnet18", "vgg11_bn"):
-        kw.pop("width", None)
-    if arch.startswith("vit"):
-        kw.update(_VIT_ADAMW)  # the CNNs' SGD lr 0.2 diverges under AdamW
-        kw["model_kw"] = (("depth", 6),)
-    kw.update(_QUICK_ARCH.get((recipe, arch, dataset), {}))
-    return TrainConfig(arch=arch, dataset=dataset, recipe=recipe, seed=seed, profile="quick", **kw)
+    return recipes.lookup(arch, dataset, recipe, profile, seed)
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -214,6 +182,15 @@ def _pgd_linf(model, x, y, eps, step, steps, random_start, generator, loss_fn=No
 def _loss(model, x, y, config: TrainConfig, generator, autocast):
     """Training loss and logits of the recipe (logits for the running accuracy)."""
     if config.recipe == "standard":
+        if config.mixup_alpha > 0:  # mixup (Zhang et al. 2018): one Beta(α, α) weight and one pairing per batch
+            lam = _beta(config.mixup_alpha, generator)
+            perm = torch.randperm(len(y), generator=generator).to(x.device)
+            with autocast():
+                logits = model(lam * x + (1 - lam) * x[perm])
+                lf = logits.float()
+                loss = lam * F.cross_entropy(lf, y, label_smoothing=config.label_smoothing) + \
+                    (1 - lam) * F.cross_entropy(lf, y[perm], label_smoothing=config.label_smoothing)
+                return loss, logits
         with autocast():
             logits = model(x)
             return F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing), logits
@@ -246,18 +223,11 @@ def _loss(model, x, y, config: TrainConfig, generator, autocast):
         return loss, logits
 
 
-def _lr_lambda(config: TrainConfig, steps_per_epoch: int):
-    total = config.epochs * steps_per_epoch
-    warm = int(config.warmup_epochs * steps_per_epoch)
-
-    def f(step):
-        if step < warm:
-            return (step + 1) / warm
-        if config.schedule == "constant":
-            return 1.0
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
-
-    return f
+def _beta(alpha: float, generator: torch.Generator) -> float:
+    """A Beta(α, α) draw seeded from ``generator`` (so a resumed run draws the same weights)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        return float(torch.distributions.Beta(alpha, alpha).sample())
 
 
 def checkpoint_path(config: TrainConfig, data_digest: str) -> Path:
@@ -292,7 +262,8 @@ def _training_lock(ckpt: Path, enabled: bool = True):
 
 def train(config: TrainConfig, device=None, root=None, train_ds: fdata.Dataset | None = None,
           callback: Callable[[int, dict], None] | None = None, progress: bool | None = None,
-          use_cache: bool = True, check_every: int = 25) -> nn.Module:
+          use_cache: bool = True, check_every: int = 25, compile: bool = False,
+          eval_ds: fdata.Dataset | None = None) -> nn.Module:
     """Train ``config`` on ``device`` (resuming from its checkpoint) and return the model in eval mode.
 
     ``train_ds`` overrides the training data (default: :func:`training_data`).
@@ -306,6 +277,13 @@ def train(config: TrainConfig, device=None, root=None, train_ds: fdata.Dataset |
     ``None`` (default) the epoch lines always and the bars unless the environment
     sets ``FLATNB_PROGRESS=0`` (headless chapter runs do: a text-mode bar would
     write hundreds of lines into the executed notebook).
+
+    ``eval_ds``: evaluated after every epoch (float32), its accuracy goes into the epoch's
+    metrics as ``test_acc`` (with ``train_s``, the training wall time of the epoch).
+
+    ``compile=True`` trains through :func:`torch.compile` (same recipe; pays a compile time up
+    front). The precision, memory format, optimizer kind and compile choice are stored in
+    ``model.train_info["precision"]`` (:func:`select_precision`).
     """
     bars = progress if progress is not None else os.environ.get("FLATNB_PROGRESS", "1") != "0"
     # tqdm.auto warns about missing ipywidgets on import in a bare kernel: only import it for bars
@@ -318,19 +296,10 @@ def train(config: TrainConfig, device=None, root=None, train_ds: fdata.Dataset |
     device = resolve_device(device)
     ds = train_ds if train_ds is not None else training_data(config, root)
     model = build_model(config).to(device)
-    cuda = device.type == "cuda"
-    # channels_last only on CUDA: on the CPU (torch 2.15, oneDNN) it hung or segfaulted at small widths
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]  # no weight decay on BN/LayerNorm/bias
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": config.weight_decay},
-                           {"params": no_decay, "weight_decay": 0.0}],
-                          lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
-    if config.arch.startswith("vit"):  # ViTs do not train with plain SGD in a few epochs
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    prec = select_precision(device, config, compile=compile)
+    if hasattr(model, "init_whitening"):  # FastNet: whitening filters from the first 2,000 training images
+        model.init_whitening(ds.images[:2000].float().div(255))
+    opt = _optimizer(model, config, fused=prec["fused_sgd"])
     loader = fdata.Loader(ds, config.batch_size, device, shuffle=True, augment=config.augment,
                           seed=config.seed, drop_last=len(ds) >= 2 * config.batch_size)
     steps = len(loader)
@@ -351,10 +320,24 @@ def train(config: TrainConfig, device=None, root=None, train_ds: fdata.Dataset |
             sched.load_state_dict(state["scheduler"])
             start, history = state["epoch"] + 1, state["history"]
 
+        if prec["channels_last"]:  # in place: the optimizer keeps the same parameter objects
+            model = model.to(memory_format=torch.channels_last)
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec["autocast"])
+
         def autocast():
-            return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+            return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+        scaler = torch.amp.GradScaler(device.type) if prec["grad_scaler"] else None
+        if scaler is not None and use_cache and ckpt.exists() and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        lookahead = _Lookahead(model) if config.ema_every > 0 else None
+        if lookahead is not None and use_cache and ckpt.exists() and state.get("lookahead") is not None:
+            lookahead.load_state_dict(state["lookahead"])
+        net = torch.compile(model) if compile else model
+        step = start * steps
 
         for epoch in range(start, config.epochs):
+            t_epoch = time.perf_counter()
             model.train()
             loader.set_epoch(epoch)
             g = torch.Generator().manual_seed(config.seed * 7919 + epoch)  # attack random starts
@@ -364,15 +347,24 @@ def train(config: TrainConfig, device=None, root=None, train_ds: fdata.Dataset |
             bar = tqdm(loader, total=steps, desc=f"{config.arch} {config.recipe} epoch {epoch + 1}/{config.epochs}",
                        disable=not bars, leave=False, mininterval=1.0)
             for i, (x, y) in enumerate(bar):
-                if cuda:
+                if prec["channels_last"]:
                     x = x.contiguous(memory_format=torch.channels_last)
-                loss, logits = _loss(model, x, y, config, g, autocast)
+                loss, logits = _loss(net, x, y, config, g, autocast)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.sam_rho > 0:
-                    _sam_second_step(model, x, y, config, g, autocast)
-                opt.step()
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    if config.sam_rho > 0:
+                        _sam_second_step(net, x, y, config, g, autocast)
+                    opt.step()
                 sched.step()
+                step += 1
+                if lookahead is not None and step % config.ema_every == 0 and \
+                        step >= config.ema_start_epochs * steps:
+                    lookahead.update(model, step / (config.epochs * steps), config.ema_every)
                 losses[i] = loss.detach()
                 correct[i] = (logits.detach().argmax(1) == y).sum()
                 seen += len(y)
@@ -381,20 +373,28 @@ def train(config: TrainConfig, device=None, root=None, train_ds: fdata.Dataset |
                     if bars:
                         bar.set_postfix(loss=f"{losses[max(0, i - check_every + 1): i + 1].mean().item():.3f}",
                                         acc=f"{correct[: i + 1].sum().item() / seen:.3f}", refresh=False)
+            if lookahead is not None and lookahead.started:
+                lookahead.copy_to(model)  # the epoch ends on the averaged weights (airbench)
             metrics = {"epoch": epoch, "loss": losses.mean().item(), "train_acc": correct.sum().item() / seen,
-                       "lr": sched.get_last_lr()[0]}
+                       "lr": sched.get_last_lr()[0], "train_s": time.perf_counter() - t_epoch}
+            if eval_ds is not None:
+                metrics["test_acc"] = evaluate(model, eval_ds, device)["accuracy"]
             history.append(metrics)
             done = epoch + 1 == config.epochs
-            info = {"config": dataclasses.asdict(config), "data_digest": ds.digest, "history": history}
+            info = {"config": dataclasses.asdict(config), "data_digest": ds.digest, "history": history,
+                    "precision": prec}
             if use_cache:
-                atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                              "epoch": epoch, "history": history, "done": done, "info": info}, ckpt)
+                atomic_save({"model": _plain_state(model), "optimizer": opt.state_dict(),
+                             "scheduler": sched.state_dict(), "epoch": epoch, "history": history, "done": done,
+                             "info": info, "scaler": None if scaler is None else scaler.state_dict(),
+                             "lookahead": None if lookahead is None else lookahead.state_dict()}, ckpt)
             if epoch_lines:
                 print(f"epoch {epoch + 1}/{config.epochs}: loss {metrics['loss']:.3f}, train acc {metrics['train_acc']:.3f}")
             if callback is not None:
                 callback(epoch, metrics)
-        model.eval()
-        model.train_info = {"config": dataclasses.asdict(config), "data_digest": ds.digest, "history": history}
+        model = model.to(memory_format=torch.contiguous_format).eval()
+        model.train_info = {"config": dataclasses.asdict(config), "data_digest": ds.digest, "history": history,
+                            "precision": prec}
         return model
 
 
@@ -476,6 +476,11 @@ def robust_accuracy(model: nn.Module, ds: fdata.Dataset, device=None, eps: float
 def trained_model(arch: str, dataset: str, recipe: str = "standard", profile: str = "quick", seed: int = 0,
                   device=None, root=None, progress: bool | None = None) -> nn.Module:
     """The model of ``config_for(arch, dataset, recipe, profile, seed)`` in eval mode on ``device``:
-    loaded from the checkpoint cache, or trained once (resuming an interrupted run)."""
-    config = config_for(arch, dataset, recipe, profile, seed)
+    loaded from the checkpoint cache, or trained once (resuming an interrupted run).
+
+    ``arch="main"`` is the profile's main model (FastNet in the quick profile, the paper's
+    ResNet-18 in the full one; :data:`flatnb.recipes.MAIN`); ``profile="auto"`` is resolved by
+    :func:`flatnb.runtime.resolve_profile` for ``device`` (full on CUDA, quick elsewhere)."""
+    device = resolve_device(device)
+    config = config_for(arch, dataset, recipe, resolve_profile(profile, device), seed)
     return train(config, device, root=root, progress=progress)

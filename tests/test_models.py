@@ -16,6 +16,8 @@ SMALL = [
     ("vgg11_bn", 64, dict(width=8)),
     ("vit_tiny", 32, dict(dim=32, depth=2, heads=2)),
     ("vit_small", 64, dict(dim=32, depth=1, heads=4)),
+    ("fastnet", 32, dict(width=8)),
+    ("fastnet", 64, dict(width=8)),
 ]
 
 
@@ -39,7 +41,7 @@ def test_contract(name, size, kw):
 
 
 @pytest.mark.parametrize("name,m", [("resnet18", 512), ("wrn28_4", 256), ("vgg11_bn", 256),
-                                    ("vit_tiny", 192), ("vit_small", 384)])
+                                    ("vit_tiny", 192), ("vit_small", 384), ("fastnet", 128)])
 def test_default_feature_dimension(name, m):
     """Feature dimensions of the paper's models (PAPER §5: ResNet-18 512, WRN-28-4 256, VGG-BN 256)."""
     with torch.device("meta"):  # structure only: no time spent initialising weights
@@ -116,7 +118,7 @@ def test_vit_math_attention_flag_gives_same_output():
 
 
 @pytest.mark.parametrize("name,kw", [("resnet18", dict(width=8)), ("vgg11_bn", dict(width=8)),
-                                     ("wrn28_4", dict(depth=10, widen=1))])
+                                     ("wrn28_4", dict(depth=10, widen=1)), ("fastnet", dict(width=8))])
 def test_fold_batchnorm_is_the_same_function_in_float64(name, kw):
     torch.manual_seed(0)
     model = models.build(name, 10, **kw).double()
@@ -212,3 +214,44 @@ def test_scale_head_is_temperature():
     for bad in (0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="scale"):
             models.scale_head(model, bad)
+
+
+# ----------------------------------------------------------------------------- FastNet
+
+
+def test_fastnet_logit_scale_is_inside_the_features():
+    """airbench's 1/9 logit factor multiplies φ, so forward == head(features) with head the final Linear."""
+    torch.manual_seed(0)
+    model = models.build("fastnet", 10, width=8).eval()
+    with torch.no_grad():
+        model.head.bias.uniform_(-1, 1)
+        x = torch.rand(4, 3, 32, 32)
+        raw = torch.nn.functional.adaptive_max_pool2d(model.groups(torch.nn.functional.gelu(
+            model.whiten(model.norm(x)))), 1).flatten(1)
+        assert torch.allclose(model.features(x), raw / 9, atol=1e-6)
+        assert torch.allclose(model(x), raw @ model.head.weight.T / 9 + model.head.bias, atol=1e-5)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "whiten.weight" not in trainable and "groups.0.norm1.weight" not in trainable
+    assert {"whiten.bias", "groups.0.norm1.bias", "head.weight", "head.bias"} <= trainable
+
+
+def test_fastnet_whitening_decorrelates_patches_in_float64():
+    """After init_whitening the positive filters map the images' 2×2 patches to (uncentred) covariance
+    diag(λ/(λ + eps)), checked against an independent eigendecomposition (numpy) of the patch covariance."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(64, 3, 8, 8, generator=g, dtype=torch.float64)
+    images = (0.6 * base + 0.4 * base.roll(1, dims=1)).clamp(0, 1)  # correlated channels
+    model = models.build("fastnet", 10, width=8).double()
+    eps = 5e-4
+    model.init_whitening(images, eps=eps)
+    x = model.norm(images).numpy()
+    patches = np.stack([x[:, :, i:i + 2, j:j + 2].reshape(len(x), -1)
+                        for i in range(7) for j in range(7)], 1).reshape(-1, 12)
+    lam = np.linalg.eigvalsh(patches.T @ patches / len(patches))[::-1]
+    with torch.no_grad():
+        out = torch.nn.functional.conv2d(model.norm(images), model.whiten.weight[:12]).permute(0, 2, 3, 1).reshape(-1, 12)
+    cov = (out.T @ out / len(out)).numpy()
+    assert np.allclose(cov, np.diag(lam / (lam + eps)), atol=1e-8)
+    assert torch.equal(model.whiten.weight[12:], -model.whiten.weight[:12])

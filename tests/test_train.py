@@ -242,3 +242,117 @@ def test_full_profile_vit_uses_an_adamw_learning_rate():
     assert vit.lr == 1e-3 and vit.weight_decay == 0.05 and vit.epochs == 100
     # the CNNs keep the paper's SGD recipe
     assert T.config_for("wrn28_4", "cifar10", profile="full").lr == 0.1
+
+
+# ----------------------------------------------------------------------------- the recipe table, the fast paths
+
+def test_recipe_table_covers_the_chapters_and_keeps_old_checkpoint_keys():
+    from flatnb import recipes
+
+    for arch, ds in [("resnet18", "cifar10"), ("resnet18", "cifar100"), ("resnet18", "tinyimagenet"),
+                     ("wrn28_4", "cifar10"), ("vgg11_bn", "cifar10"), ("vit_tiny", "cifar10"),
+                     ("vit_tiny", "tinyimagenet"), ("main", "cifar10")]:
+        for prof in ("quick", "full"):
+            cfg = T.config_for(arch, ds, "standard", prof, seed=2)
+            assert cfg.profile == prof and cfg.seed == 2 and cfg.label_smoothing == 0
+    for recipe in ("pgd_at", "trades"):
+        for prof in ("quick", "full"):
+            assert T.config_for("main", "cifar10", recipe, prof).recipe == recipe
+    # the table reproduces the configurations of the former override chain bit for bit (same checkpoints)
+    assert T.config_for("resnet18", "cifar10").key("x") == "056f96b829817e12"
+    assert T.config_for("wrn28_4", "cifar10").key("x") == "1109f558cfcab5fb"
+    assert T.config_for("vit_tiny", "tinyimagenet", profile="full").key("x") == "a9770125151d8f5b"
+    assert T.config_for("resnet18", "cifar10", "pgd_at").key("x") == "3a6a58d97d003d62"
+    # roles
+    assert recipes.resolve_arch("main", "quick") == "fastnet" and recipes.resolve_arch("main", "full") == "resnet18"
+    assert T.config_for("main", "cifar10", profile="full") == T.config_for("resnet18", "cifar10", profile="full")
+    q = T.config_for("main", "cifar10")
+    assert (q.arch, q.label_smoothing, q.mixup_alpha, q.sam_rho) == ("fastnet", 0.0, 0.0, 0.0)
+    at = T.config_for("main", "cifar10", "pgd_at")
+    assert (at.pgd_steps, at.pgd_step_size, at.pgd_random_start, at.eps) == (1, 10 / 255, True, 8 / 255)
+    for variant, field in [("sam", "sam_rho"), ("label_smoothing", "label_smoothing"), ("mixup", "mixup_alpha")]:
+        v = T.config_for("main", "cifar10", variant)
+        assert getattr(v, field) > 0 and dataclasses.replace(v, **{field: 0.0}) == q
+    with pytest.raises(ValueError, match="flatnb.recipes.TABLE"):
+        T.config_for("vgg11_bn", "tinyimagenet")
+
+
+def test_trained_model_resolves_main_and_auto(monkeypatch):
+    seen = []
+    monkeypatch.setattr(T, "train", lambda config, device, **kw: seen.append((config, device)) or "model")
+    assert T.trained_model("main", "cifar10", profile="auto", device="cpu") == "model"
+    assert seen[-1][0] == T.config_for("fastnet", "cifar10", profile="quick") and seen[-1][1].type == "cpu"
+    T.trained_model("main", "cifar10", "pgd_at", profile="full", seed=1, device="cpu")
+    assert seen[-1][0] == T.config_for("resnet18", "cifar10", "pgd_at", profile="full", seed=1)
+
+
+def test_precision_selection(monkeypatch):
+    fast, plain = T.config_for("main", "cifar10"), T.config_for("resnet18", "cifar10")
+    assert T.select_precision("cpu", plain) == {"device": "cpu", "autocast": None, "grad_scaler": False,
+                                                "channels_last": False, "fused_sgd": False, "compile": False}
+    p = T.select_precision("cpu", fast, compile=True)
+    assert (p["autocast"], p["channels_last"], p["grad_scaler"], p["compile"]) == ("bf16", True, False, True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    p = T.select_precision("cuda", plain)
+    assert (p["autocast"], p["grad_scaler"], p["channels_last"], p["fused_sgd"]) == ("bf16", False, True, True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # T4, V100
+    p = T.select_precision("cuda", plain)
+    assert (p["autocast"], p["grad_scaler"]) == ("fp16", True)
+    p = T.select_precision("cuda", dataclasses.replace(plain, sam_rho=0.05))  # SAM: two backwards, no scaler
+    assert (p["autocast"], p["grad_scaler"]) == (None, False)
+    assert not T.select_precision("cuda", T.config_for("vit_tiny", "cifar10"))["fused_sgd"]  # AdamW
+
+
+def test_triangle_schedule_and_batchnorm_groups():
+    from flatnb import optim
+
+    cfg = tiny_config(arch="fastnet", width=4, schedule="triangle", epochs=2, warmup_epochs=0.5, bias_lr_scale=8.0)
+    f = optim.lr_lambda(cfg, 10)  # 20 steps, peak at step 5
+    assert f(0) == pytest.approx(0.2) and f(5) == pytest.approx(1.0) and f(20) == pytest.approx(0.07)
+    assert f(12) == pytest.approx(1 + (0.07 - 1) * 7 / 15)
+    model = T.build_model(cfg)
+    opt = optim.optimizer(model, cfg)
+    bn = {id(p) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()
+          if p.requires_grad}
+    (group,) = [g for g in opt.param_groups if {id(p) for p in g["params"]} == bn]
+    assert group["lr"] == pytest.approx(cfg.lr * 8) and group["weight_decay"] * group["lr"] == \
+        pytest.approx(cfg.weight_decay * cfg.lr)
+    assert len(optim.optimizer(model, dataclasses.replace(cfg, bias_lr_scale=1.0)).param_groups) == 2
+
+
+def fast_tiny(**kw):
+    return tiny_config(**{**dict(arch="fastnet", width=4, batch_size=16, lr=0.2, momentum=0.85, nesterov=True,
+                                 bias_lr_scale=4.0, schedule="triangle", warmup_epochs=0.5, ema_every=2,
+                                 ema_start_epochs=0.3, cpu_bf16=True), **kw})
+
+
+def test_fastnet_recipe_trains_resumes_identically_and_records_precision(cifar_root):
+    cfg = fast_tiny()
+    ref = T.train(cfg, "cpu", root=cifar_root, use_cache=False, progress=False)
+    assert ref.train_info["precision"]["autocast"] == "bf16"
+    assert ref.whiten.weight.is_contiguous() and not ref.training  # default memory format for curvature
+    assert ref.whiten.weight.abs().sum() > 0  # whitening was initialised from the data
+    with pytest.raises(Stop):
+        T.train(cfg, "cpu", root=cifar_root, progress=False, callback=lambda e, m: (_ for _ in ()).throw(Stop()))
+    got = T.train(cfg, "cpu", root=cifar_root, progress=False)
+    for k, v in _state(ref).items():
+        assert torch.allclose(got.state_dict()[k].float(), v.float(), atol=1e-6), k
+    assert all(torch.isfinite(p).all() for p in got.parameters())
+
+
+def test_lookahead_and_mixup_change_the_result(cifar_root):
+    base = fast_tiny(epochs=1, n_train=48)
+    a = T.train(base, "cpu", root=cifar_root, use_cache=False, progress=False)
+    b = T.train(dataclasses.replace(base, ema_every=0), "cpu", root=cifar_root, use_cache=False, progress=False)
+    c = T.train(dataclasses.replace(base, mixup_alpha=0.4), "cpu", root=cifar_root, use_cache=False, progress=False)
+    assert not torch.allclose(a.head.weight, b.head.weight) and not torch.allclose(a.head.weight, c.head.weight)
+
+
+def test_eval_ds_reports_test_accuracy_per_epoch(cifar_root):
+    cfg = tiny_config(epochs=1)
+    test = T.test_data(cfg, cifar_root)
+    seen = []
+    model = T.train(cfg, "cpu", root=cifar_root, use_cache=False, progress=False, eval_ds=test,
+                    callback=lambda e, m: seen.append(m))
+    assert seen[0]["test_acc"] == pytest.approx(T.evaluate(model, test, "cpu")["accuracy"])
+    assert seen[0]["train_s"] > 0

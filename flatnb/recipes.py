@@ -1,0 +1,159 @@
+"""Every training configuration of the book, written out: ``TABLE[(arch, dataset, recipe)][profile]``.
+
+No override chain: each entry is the whole :class:`flatnb.train.TrainConfig` (fields left out are
+the dataclass defaults, i.e. the paper's recipe, §5: SGD momentum 0.9, lr 0.1, weight decay
+1e-4, cosine, batch 128, crop+flip, 100 epochs, PGD-10 8/255 step 2/255, TRADES β = 6).
+``seed`` is filled in by :func:`lookup`.
+
+Profiles: ``quick`` = minutes on 2 CPU cores (smaller models, seeded subsets, short
+warmup+cosine schedules, weight decay 5e-4); ``full`` = the paper's scale.
+
+Roles: ``arch="main"`` is the model the chapters study (:data:`MAIN`): in the quick profile the
+FastNet (:class:`flatnb.architectures.FastNet`, ≳ 85 % CIFAR-10 test accuracy in a few CPU
+minutes), in the full profile the paper's ResNet-18.
+
+The table's recipe names are ``standard``, ``pgd_at``, ``trades`` (the training losses of
+:data:`flatnb.train.RECIPES`) and variants of the standard loss: ``sam`` (Foret et al. 2021),
+``label_smoothing`` and ``mixup`` (Zhang et al. 2018); the variants change confidence, hence the
+flatness measures (§6.10), which is why the main models use none of them.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from flatnb.train import TrainConfig
+
+MAIN = {"quick": "fastnet", "full": "resnet18"}
+
+# The quick CNN recipes share this warmup+cosine SGD setting (weight decay 5e-4 helps short runs).
+_Q = dict(lr=0.2, weight_decay=5e-4, warmup_epochs=0.3)
+_VIT = dict(lr=1e-3, weight_decay=0.05)  # train() optimises ViTs with AdamW; SGD's lr 0.1 diverges under it
+_AT_QUICK = dict(epochs=5, n_train=5_000, width=16, weight_decay=5e-4, warmup_epochs=1, pgd_steps=3,
+                 pgd_step_size=3 / 255)
+
+# FastNet, after airbench94 (Jordan 2024) translated to a mean (not summed) loss: Nesterov SGD with
+# momentum 0.85, lr 11.5/(1 + 1/(1 - 0.85)) = 1.5, decay per step 0.0153·1024/7850 = 0.002 (so the
+# coupled weight_decay is 0.002/1.5), BatchNorm shifts at 64× the lr with the same decay per step,
+# a triangular schedule (0.2 → 1 at 23 % of the steps → 0.07), lookahead EMA every 5 steps from a third
+# of the run, batch 1024, bf16 autocast + channels_last on the CPU. No label smoothing (airbench
+# uses 0.2), no test-time augmentation. Measured numbers: benchmarks/train.py and the module notes below.
+_FAST = dict(batch_size=1024, lr=1.5, momentum=0.85, nesterov=True, weight_decay=0.002 / 1.5, bias_lr_scale=64.0,
+             schedule="triangle", ema_every=5, cpu_bf16=True)
+_FAST_QUICK = dict(_FAST, epochs=5, warmup_epochs=0.23 * 5, ema_start_epochs=5 / 3, width=32)
+_FAST_FULL = dict(_FAST, epochs=10, warmup_epochs=2.3, ema_start_epochs=3.0, width=64)
+
+# Cheap adversarial training of the quick main model: FGSM with a random start and step 1.25 ε
+# ("Fast is better than free", Wong et al. 2020), one attack step per batch.
+_FGSM_RS = dict(pgd_steps=1, pgd_step_size=10 / 255, pgd_random_start=True)
+
+TABLE: dict[tuple[str, str, str], dict[str, TrainConfig]] = {
+    # ---------------------------------------------------------------- ResNet-18
+    ("resnet18", "cifar10", "standard"): {
+        # 2 epochs, all 50k images: 64.2 % test accuracy, ~4-5 min on 2 cores
+        "quick": TrainConfig("resnet18", "cifar10", "standard", epochs=2, n_train=50_000, width=16, **_Q),
+        "full": TrainConfig("resnet18", "cifar10", "standard", epochs=100),
+    },
+    ("resnet18", "cifar10", "pgd_at"): {
+        "quick": TrainConfig("resnet18", "cifar10", "pgd_at", lr=0.1, **_AT_QUICK),
+        "full": TrainConfig("resnet18", "cifar10", "pgd_at", epochs=100),
+    },
+    ("resnet18", "cifar10", "trades"): {
+        "quick": TrainConfig("resnet18", "cifar10", "trades", lr=0.1, **_AT_QUICK),
+        "full": TrainConfig("resnet18", "cifar10", "trades", epochs=100),
+    },
+    ("resnet18", "cifar100", "standard"): {
+        "quick": TrainConfig("resnet18", "cifar100", "standard", epochs=3, n_train=20_000, width=16, **_Q),
+        "full": TrainConfig("resnet18", "cifar100", "standard", epochs=100),
+    },
+    ("resnet18", "tinyimagenet", "standard"): {
+        "quick": TrainConfig("resnet18", "tinyimagenet", "standard", epochs=2, num_classes=20, width=8, **_Q),
+        "full": TrainConfig("resnet18", "tinyimagenet", "standard", epochs=100),
+    },
+    # ---------------------------------------------------------------- other architectures (chapters 8, 10)
+    ("wrn28_4", "cifar10", "standard"): {  # quick: WRN-16-1 (WRN-16-2 on 10k images: ~4 min, 39 %)
+        "quick": TrainConfig("wrn28_4", "cifar10", "standard", epochs=2, n_train=20_000,
+                             model_kw=(("depth", 16), ("widen", 1)), **_Q),
+        "full": TrainConfig("wrn28_4", "cifar10", "standard", epochs=100),
+    },
+    ("wrn28_4", "cifar100", "standard"): {
+        "quick": TrainConfig("wrn28_4", "cifar100", "standard", epochs=3, n_train=20_000, **_Q),
+        "full": TrainConfig("wrn28_4", "cifar100", "standard", epochs=100),
+    },
+    ("vgg11_bn", "cifar10", "standard"): {
+        "quick": TrainConfig("vgg11_bn", "cifar10", "standard", epochs=2, n_train=20_000, width=16, lr=0.1,
+                             weight_decay=5e-4, warmup_epochs=0.3),
+        "full": TrainConfig("vgg11_bn", "cifar10", "standard", epochs=100),
+    },
+    ("vit_tiny", "cifar10", "standard"): {  # quick: 4 blocks of width 96
+        "quick": TrainConfig("vit_tiny", "cifar10", "standard", epochs=1, n_train=20_000, warmup_epochs=0.3,
+                             model_kw=(("depth", 4), ("dim", 96), ("heads", 3)), **_VIT),
+        "full": TrainConfig("vit_tiny", "cifar10", "standard", epochs=100, warmup_epochs=5, **_VIT),
+    },
+    ("vit_tiny", "tinyimagenet", "standard"): {  # quick: patch 8 on 64 pixels (64 tokens, as on CIFAR)
+        "quick": TrainConfig("vit_tiny", "tinyimagenet", "standard", epochs=2, num_classes=20, warmup_epochs=0.3,
+                             model_kw=(("depth", 4), ("dim", 96), ("heads", 3), ("patch", 8)), **_VIT),
+        "full": TrainConfig("vit_tiny", "tinyimagenet", "standard", epochs=100, warmup_epochs=5, **_VIT),
+    },
+    # ---------------------------------------------------------------- FastNet: the quick main model
+    ("fastnet", "cifar10", "standard"): {
+        "quick": TrainConfig("fastnet", "cifar10", "standard", **_FAST_QUICK),
+        "full": TrainConfig("fastnet", "cifar10", "standard", **_FAST_FULL),
+    },
+    ("fastnet", "cifar10", "pgd_at"): {  # FGSM-RS in the quick profile, PGD-10 in the full one
+        "quick": TrainConfig("fastnet", "cifar10", "pgd_at", **{**_FAST_QUICK, "ema_every": 0, **_FGSM_RS}),
+        "full": TrainConfig("fastnet", "cifar10", "pgd_at", **{**_FAST_FULL, "ema_every": 0}),
+    },
+    ("fastnet", "cifar10", "trades"): {  # 2 KL-PGD steps of 4/255 in the quick profile
+        "quick": TrainConfig("fastnet", "cifar10", "trades",
+                             **{**_FAST_QUICK, "ema_every": 0, "pgd_steps": 2, "pgd_step_size": 4 / 255}),
+        "full": TrainConfig("fastnet", "cifar10", "trades", **{**_FAST_FULL, "ema_every": 0}),
+    },
+    ("fastnet", "cifar10", "sam"): {
+        "quick": TrainConfig("fastnet", "cifar10", "standard", sam_rho=0.05, **_FAST_QUICK),
+        "full": TrainConfig("fastnet", "cifar10", "standard", sam_rho=0.05, **_FAST_FULL),
+    },
+    ("fastnet", "cifar10", "label_smoothing"): {  # airbench's own setting
+        "quick": TrainConfig("fastnet", "cifar10", "standard", label_smoothing=0.2, **_FAST_QUICK),
+        "full": TrainConfig("fastnet", "cifar10", "standard", label_smoothing=0.2, **_FAST_FULL),
+    },
+    ("fastnet", "cifar10", "mixup"): {
+        "quick": TrainConfig("fastnet", "cifar10", "standard", mixup_alpha=0.2, **_FAST_QUICK),
+        "full": TrainConfig("fastnet", "cifar10", "standard", mixup_alpha=0.2, **_FAST_FULL),
+    },
+}
+
+
+def _check_table() -> None:
+    for (arch, dataset, _), profiles in TABLE.items():
+        if set(profiles) != {"quick", "full"}:
+            raise AssertionError(f"{arch}/{dataset}: needs exactly a quick and a full profile")
+        for prof, cfg in profiles.items():
+            if (cfg.arch, cfg.dataset) != (arch, dataset) or cfg.profile not in ("custom", prof):
+                raise AssertionError(f"TABLE entry {arch}/{dataset}/{prof} holds {cfg}")
+
+
+_check_table()
+
+
+def resolve_arch(arch: str, profile: str) -> str:
+    """``"main"`` → the profile's main architecture (:data:`MAIN`); any other name as it is."""
+    if arch == "main":
+        if profile not in MAIN:
+            raise ValueError(f"profile must be 'quick' or 'full' to resolve arch='main', got {profile!r} "
+                             "(resolve 'auto' with flatnb.runtime.resolve_profile)")
+        return MAIN[profile]
+    return arch
+
+
+def lookup(arch: str, dataset: str, recipe: str = "standard", profile: str = "quick", seed: int = 0) -> TrainConfig:
+    """The table's configuration for ``(arch, dataset, recipe)`` in ``profile``, with ``seed`` set."""
+    if profile not in ("quick", "full"):
+        raise ValueError(f"profile must be 'quick' or 'full' (resolve 'auto' with flatnb.runtime.resolve_profile), "
+                         f"got {profile!r}")
+    name = resolve_arch(arch, profile)
+    entry = TABLE.get((name, dataset, recipe))
+    if entry is None:
+        have = sorted(r for (a, d, r) in TABLE if (a, d) == (name, dataset))
+        raise ValueError(f"no training recipe {recipe!r} for {name} on {dataset} in flatnb.recipes.TABLE "
+                         f"(recipes there for this pair: {have or 'none'}); add an entry to the table")
+    return dataclasses.replace(entry[profile], profile=profile, seed=seed)
