@@ -54,9 +54,9 @@ SIZES = {
     "08_flatness_detector": {
         "quick": dict(n_test=256, batch=128, archs=("main",)),
         "full": dict(n_test=10_000, batch=500, archs=("main", "wrn28_4"))},
-    "09_adversarial_training": {
-        "quick": dict(n_test=128, n_eval=256, batch=128),
-        "full": dict(n_test=1000, n_eval=10_000, batch=500)},
+    "09_adversarial_training": {  # n_test: recorded paths; n_eval: clean + PGD; n_aa: AutoAttack
+        "quick": dict(n_test=128, n_eval=512, n_aa=64, batch=128),
+        "full": dict(n_test=1000, n_eval=10_000, n_aa=1000, batch=500)},
     "10_architectures": {
         "quick": dict(n_test=64, batch=64, n_eval=2000, confident=0.8),
         "full": dict(n_test=1000, batch=500, n_eval=None, confident=0.9)},
