@@ -60,8 +60,8 @@ SIZES = {
     "10_architectures": {
         "quick": dict(n_test=64, batch=64, n_eval=2000, confident=0.8),
         "full": dict(n_test=1000, batch=500, n_eval=None, confident=0.9)},
-    "11_off_manifold": {
-        "quick": dict(n_test=64, n_pool=5000, n_random=4, batch=64),
-        "full": dict(n_test=1000, n_pool=50_000, n_random=16, batch=250)},
+    "11_off_manifold": {  # n_cal: held-out images for the temperature; n_aa: AutoAttack check
+        "quick": dict(n_test=64, n_cal=1000, n_pool=5000, n_random=4, n_aa=32, batch=64),
+        "full": dict(n_test=1000, n_cal=5000, n_pool=50_000, n_random=16, n_aa=1000, batch=250)},
     "12_verdict": {"quick": {}, "full": {}},
 }
