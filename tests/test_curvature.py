@@ -293,6 +293,30 @@ def test_neighbour_directions():
         torch.testing.assert_close(d[i], ref, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_neighbour_directions_many_rows_and_duplicates(dtype):
+    """> 25 rows: torch.cdist's matmul path gives self-distances of ~3e-8, not 0 (issue 14)."""
+    g = torch.Generator().manual_seed(1)
+    pool = torch.rand(200, 3, 4, 4, generator=g).to(dtype)
+    labels = torch.randint(0, 4, (200,), generator=g)
+    x, y = pool[:60], labels[:60]
+    for kw in ({}, {"index": torch.arange(60)}):
+        d = fl.neighbour_directions(x, y, pool, labels, **kw)
+        assert torch.isfinite(d).all()
+        torch.testing.assert_close(d.flatten(1).norm(dim=1), torch.ones(60, dtype=dtype))
+        for i in (0, 17, 59):
+            cands = [j for j in range(200) if labels[j] == labels[i] and j != i]
+            j = min(cands, key=lambda j: float((pool[j].double() - pool[i].double()).norm()))
+            ref = (pool[j] - pool[i]) / (pool[j] - pool[i]).norm()
+            torch.testing.assert_close(d[i], ref)
+    # a duplicate of x_0 in the pool has no direction: the next nearest point is taken
+    dup = torch.cat([pool, pool[:1]])
+    d = fl.neighbour_directions(x[:1], y[:1], dup, torch.cat([labels, labels[:1]]), index=torch.tensor([0]))
+    assert torch.isfinite(d).all()
+    with pytest.raises(ValueError, match="index"):
+        fl.neighbour_directions(x, y, pool, labels, index=torch.arange(3))
+
+
 @settings(max_examples=15, deadline=None)
 @given(k=st.integers(2, 6), m=st.integers(1, 6), n=st.integers(1, 5), seed=st.integers(0, 10_000))
 def test_model_flatness_matches_autograd_property(k, m, n, seed):

@@ -17,10 +17,21 @@ def _require_eval(model: torch.nn.Module) -> None:
             )
 
 
-def _raise_nonfinite(what: str) -> None:
-    raise FloatingPointError(
-        f"{what} contain NaN or inf, so flatness would be NaN; check the inputs (pixels in [0,1]), "
-        "the weights, or use dtype=torch.float64 for extreme weight scales"
+class NonFiniteError(ValueError, FloatingPointError):
+    """NaN or inf where a finite value is needed.  A ``ValueError`` (bad input); also a
+    ``FloatingPointError`` so that code written against the earlier error keeps working."""
+
+
+def _bad_rows(rows: Tensor) -> str:
+    shown = rows[:10].tolist()
+    return f"{rows.numel()} row(s) {shown}{' ...' if rows.numel() > 10 else ''}"
+
+
+def _raise_nonfinite(what: str, rows: Tensor | None = None) -> None:
+    where = "" if rows is None else f" in {_bad_rows(rows)}"
+    raise NonFiniteError(
+        f"{what} contain NaN or inf{where}, so flatness would be NaN; check those inputs (pixels in [0,1]), "
+        "the weights (a NaN or inf parameter), or use dtype=torch.float64 for extreme weight scales"
     )
 
 

@@ -89,12 +89,26 @@ def directional_curvature(model, x: Tensor, y: Tensor, directions: Tensor, loss_
     return out[0] if single else out
 
 
-def neighbour_directions(x: Tensor, y: Tensor, pool_x: Tensor, pool_y: Tensor) -> Tensor:
-    """Unit direction from each ``x_i`` to its nearest same-class point of the pool (itself excluded)."""
+def neighbour_directions(x: Tensor, y: Tensor, pool_x: Tensor, pool_y: Tensor, index: Tensor | None = None) -> Tensor:
+    """Unit direction from each ``x_i`` to its nearest same-class point of the pool.
+
+    ``index`` (N,) gives the position of each ``x_i`` in the pool when the inputs are drawn from it:
+    that point is excluded by index.  Pool points identical to ``x_i`` (its own copy when ``index`` is
+    not given, or a duplicate image) give no direction and are excluded too; distances are computed
+    exactly (no matrix-multiplication shortcut, whose self-distances come out as ~3e-8 rather than 0
+    for more than 25 rows), so "identical" means bit-identical.
+    """
     _check_xy(x, y)
-    dist = torch.cdist(x.flatten(1), pool_x.flatten(1).to(x))
+    xf, pf = x.flatten(1), pool_x.flatten(1).to(x)
+    dist = torch.cdist(xf, pf, compute_mode="donot_use_mm_for_euclid_dist")
     dist = dist.masked_fill(pool_y.to(y.device)[None, :] != y[:, None], float("inf"))
-    dist = dist.masked_fill(dist == 0, float("inf"))
+    dist = dist.masked_fill(dist == 0, float("inf"))  # exact: zero only for an identical point
+    if index is not None:
+        index = torch.as_tensor(index, device=x.device, dtype=torch.long)
+        if index.shape != (x.shape[0],) or bool(((index < 0) | (index >= pool_x.shape[0])).any()):
+            raise ValueError(f"index must hold one pool position per input, got shape {tuple(index.shape)} "
+                             f"for {x.shape[0]} inputs and a pool of {pool_x.shape[0]}")
+        dist = dist.scatter(1, index[:, None], float("inf"))
     idx = dist.argmin(dim=1)
     if not bool(torch.isfinite(dist.gather(1, idx[:, None])).all()):
         raise ValueError("some inputs have no other same-class point in the pool")

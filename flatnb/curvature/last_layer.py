@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from flatnb.curvature._common import _raise_nonfinite, _require_eval
+from flatnb.curvature._common import NonFiniteError, _bad_rows, _raise_nonfinite, _require_eval
 from flatnb.models import check_contract
 
 Tensor = torch.Tensor
@@ -41,6 +41,21 @@ def _check_weight(weight: Tensor, k: int | None = None, m: int | None = None) ->
         raise ValueError(f"weight has {weight.shape[0]} rows but probs has {k} classes")
     if m is not None and weight.shape[1] != m:
         raise ValueError(f"weight has {weight.shape[1]} columns but phi has {m} features")
+
+
+def _check_finite_rows(phi: Tensor, logits: Tensor, weight: Tensor) -> None:
+    """One host sync: an empty batch, or NaN/inf in ``weight``, ``phi`` or ``logits``, raise ``ValueError``."""
+    if phi.shape[0] == 0:
+        raise ValueError("the batch is empty (N = 0); pass at least one sample")
+    row_ok = torch.isfinite(phi).all(dim=1) & torch.isfinite(logits).all(dim=1)
+    flags = torch.cat([torch.isfinite(weight).all().reshape(1), row_ok]).cpu()
+    if not bool(flags[0]):
+        raise NonFiniteError("the last-layer weight contains NaN or inf; check the model's head (a diverged "
+                             "training run, a corrupt checkpoint, or an overflowing scale factor)")
+    if not bool(flags[1:].all()):
+        rows = torch.nonzero(~flags[1:])[:, 0]
+        raise NonFiniteError(f"phi or logits contain NaN or inf in {_bad_rows(rows)}; check those inputs "
+                             "(pixels in [0, 1], no NaN) and the weights, or use float64 if the logits overflow")
 
 
 def softmax_hessian(probs: Tensor) -> Tensor:
@@ -124,12 +139,20 @@ class FlatnessTerms(NamedTuple):
     kappa_neuron: Tensor  # neuron-wise kappa^phi_Tr
 
 
-def closed_form(phi: Tensor, logits: Tensor, weight: Tensor, distances: Tensor | None = None) -> FlatnessTerms:
-    """All closed-form flatness quantities from one forward pass' ``phi`` and ``logits``."""
+def closed_form(phi: Tensor, logits: Tensor, weight: Tensor, distances: Tensor | None = None,
+                check: bool = True) -> FlatnessTerms:
+    """All closed-form flatness quantities from one forward pass' ``phi`` and ``logits``.
+
+    ``check=True`` raises ``ValueError`` on an empty batch or on NaN/inf in ``phi``, ``logits`` or
+    ``weight``, naming the rows (one host sync); callers that check once at the end of a loop
+    (the trajectory recorder, :func:`flatness_over`) pass ``check=False``.
+    """
     _check_phi(phi)
     if logits.dim() != 2 or logits.shape[0] != phi.shape[0]:
         raise ValueError(f"logits must have shape (N, k) with N={phi.shape[0]}, got {tuple(logits.shape)}")
     _check_weight(weight, logits.shape[-1], phi.shape[-1])
+    if check:
+        _check_finite_rows(phi, logits, weight)
     probs = torch.softmax(logits, dim=-1)
     phi_sq = phi.pow(2).sum(dim=-1)
     g = gini(probs)
@@ -159,9 +182,7 @@ def model_flatness(
     if phi.dim() != 2:
         raise ValueError(f"model.features(x) must return (N, m) features, got {tuple(phi.shape)}")
     logits = model.head(phi)
-    if check and not bool(torch.isfinite(logits).all()):
-        _raise_nonfinite("logits")
-    return closed_form(phi, logits, model.head.weight, distances), logits
+    return closed_form(phi, logits, model.head.weight, distances, check=check), logits
 
 
 class FlatnessOver(NamedTuple):
@@ -195,7 +216,8 @@ def flatness_over(
     to the model's; ``dtype`` (default: the model's) is the computation dtype: a
     copy of the model is cast if it differs, the model itself is never changed.
     Per-sample values stay on the device; the only host sync is one finite-check
-    at the end (NaN/inf logits raise ``FloatingPointError``).  The bias enters the
+    at the end: NaN/inf features, logits or head weights raise ``ValueError`` naming the rows
+    (in loader order), as does a loader whose batches are all empty.  The bias enters the
     logits but not ``w``: curvature and ``||w||`` are w.r.t. the weight matrix.
     """
     check_contract(model)
@@ -212,13 +234,13 @@ def flatness_over(
     distances = class_distances(model.head.weight.detach())
     parts: dict[str, list[Tensor]] = {f: [] for f in FlatnessTerms._fields if f != "weight_sq"}
     preds, labels, losses = [], [], []
-    finite = torch.ones((), dtype=torch.bool, device=device)
+    finite = []
     with torch.no_grad():
         for batch in batches:
             x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
             x = x.to(device=device, dtype=dtype, non_blocking=True)
             terms, logits = model_flatness(model, x, distances, check=False)
-            finite &= torch.isfinite(logits).all()
+            finite.append(torch.isfinite(logits).all(dim=1) & torch.isfinite(terms.phi_sq))
             for f in parts:
                 parts[f].append(getattr(terms, f))
             preds.append(logits.argmax(-1))
@@ -228,8 +250,15 @@ def flatness_over(
                 losses.append(F.cross_entropy(logits, y, reduction="none"))
     if not preds:
         raise ValueError("batches was empty: pass a loader (or list) yielding at least one batch")
-    if not bool(finite):
-        _raise_nonfinite("logits")
+    row_ok = torch.cat(finite)
+    if row_ok.numel() == 0:
+        raise ValueError("every batch was empty (N = 0): pass at least one sample")
+    flags = torch.cat([torch.isfinite(model.head.weight.detach()).all().reshape(1), row_ok]).cpu()  # the one sync
+    if not bool(flags[0]):
+        raise NonFiniteError("the last-layer weight contains NaN or inf; check the model's head (a diverged "
+                             "training run, a corrupt checkpoint, or an overflowing scale factor)")
+    if not bool(flags[1:].all()):
+        _raise_nonfinite("features or logits", torch.nonzero(~flags[1:])[:, 0])
     cat = {f: torch.cat(v) for f, v in parts.items()}
     terms = FlatnessTerms(weight_sq=weight_norm(model.head.weight.detach()).to(dtype), **cat)
     mean = {f: v.mean() for f, v in cat.items()}

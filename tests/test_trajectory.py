@@ -1,4 +1,4 @@
-"""Tests of flatnb.analysis against independent computations (brute force, direct indexing)."""
+"""Statistics over attack trajectories (flatnb.trajectory) against independent computations."""
 import itertools
 import math
 
@@ -9,8 +9,8 @@ import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flatnb import analysis as an
-from flatnb.attacks import pgd
+from flatnb import trajectory as an
+from flatnb.attacks import cat_results, pgd
 
 
 class Tiny(nn.Module):
@@ -27,37 +27,6 @@ class Tiny(nn.Module):
     def forward(self, x):
         return self.head(self.features(x))
 
-
-# ----------------------------------------------------------------------------- scaled_head
-
-
-def test_scaled_head_scales_weight_and_bias_keeps_argmax_and_original():
-    torch.manual_seed(0)
-    model = Tiny().double()
-    x = torch.rand(64, 12, dtype=torch.float64)
-    w0, b0 = model.head.weight.clone(), model.head.bias.clone()
-    for s in (0.25, 3.0, 100.0):
-        ms = an.scaled_head(model, s)
-        assert ms is not model
-        torch.testing.assert_close(ms.head.weight, s * w0)
-        torch.testing.assert_close(ms.head.bias, s * b0)
-        # logits of the copy are s times the original's: temperature 1/s
-        torch.testing.assert_close(ms(x), s * model(x))
-        assert torch.equal(ms(x).argmax(1), model(x).argmax(1))
-    # the original is untouched
-    assert torch.equal(model.head.weight, w0) and torch.equal(model.head.bias, b0)
-
-
-def test_scaled_head_rejects_bad_scale_and_models():
-    with pytest.raises(ValueError, match="scale"):
-        an.scaled_head(Tiny(), 0.0)
-    with pytest.raises(ValueError, match="scale"):
-        an.scaled_head(Tiny(), float("nan"))
-    with pytest.raises(TypeError, match="head"):
-        an.scaled_head(nn.Linear(3, 2), 2.0)
-
-
-# ----------------------------------------------------------------------------- alignment
 
 
 def test_align_at_flip_matches_direct_indexing():
@@ -126,74 +95,18 @@ def test_trajectory_helpers_run_on_a_real_attack():
     kept = torch.nonzero(tr.flip_step >= 1)[:, 0]
     ref = tr.kappa_sq[tr.flip_step[kept], kept].double()
     torch.testing.assert_close(al[3], ref)
-    fig = an.uncanny_valley_figure(tr, "tiny", before=3, after=3, quantities=("kappa_sq", "trace_h", "loss"))
-    assert len(fig.axes) == 6
+    from flatnb import figures
+
+    fig = figures.uncanny_valley_figure(tr, "tiny", before=3, after=3, quantities=("kappa_sq", "trace_h", "loss"))
+    assert sum(ax.get_visible() for ax in fig.axes) == 6
     import matplotlib.pyplot as plt
 
     plt.close(fig)
     tr.flip_step = torch.full_like(tr.flip_step, -1)
     with pytest.raises(ValueError, match="no example flips"):
-        an.uncanny_valley_figure(tr)
-
-
-# ----------------------------------------------------------------------------- stump
-
-
-def _brute_force_best(s, t):
-    """Best accuracy over every threshold in {values, values +- tiny, +-inf} and both polarities."""
-    cands = np.concatenate([s, s - 1e-9, s + 1e-9, [-np.inf, np.inf]])
-    best = 0.0
-    for thr, pol in itertools.product(cands, (1, -1)):
-        pred = (pol * (s - thr) > 0).astype(int)
-        best = max(best, float((pred == t).mean()))
-    return best
-
-
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.integers(-5, 5), st.integers(0, 1)), min_size=1, max_size=25))
-def test_stump_matches_brute_force(rows):
-    s = np.array([r[0] for r in rows], dtype=float)
-    t = np.array([r[1] for r in rows])
-    thr, pol, acc = an.fit_stump(s, t)
-    assert acc == pytest.approx(_brute_force_best(s, t))
-    # the returned rule really achieves the reported accuracy
-    assert float((an.predict_stump(s, thr, pol) == t).mean()) == pytest.approx(acc)
-
-
-def test_stump_separable_and_reversed():
-    s = np.array([0.1, 0.2, 0.3, 5.0, 6.0, 7.0])
-    thr, pol, acc = an.fit_stump(s, [0, 0, 0, 1, 1, 1])
-    assert acc == 1.0 and pol == 1 and 0.3 < thr < 5.0
-    thr, pol, acc = an.fit_stump(s, [1, 1, 1, 0, 0, 0])
-    assert acc == 1.0 and pol == -1
-
-
-def test_cross_validation_uses_held_out_folds():
-    rng = np.random.default_rng(0)
-    # separable data: every fold is perfect
-    s = np.concatenate([rng.normal(0, 1, 100), rng.normal(10, 1, 100)])
-    t = np.repeat([0, 1], 100)
-    accs = an.cross_validate_stump(s, t, folds=5, seed=0)
-    assert accs.shape == (5,) and np.all(accs == 1.0)
-    # pure noise: training accuracy of a stump overfits above 0.5, held-out accuracy stays near 0.5
-    s = rng.normal(size=400)
-    t = rng.integers(0, 2, 400)
-    accs = an.cross_validate_stump(s, t, folds=5, seed=1)
-    assert abs(accs.mean() - 0.5) < 0.1
-    # two Gaussians with a known Bayes accuracy Phi(1) = 0.841
-    s = np.concatenate([rng.normal(-1, 1, 2000), rng.normal(1, 1, 2000)])
-    t = np.repeat([0, 1], 2000)
-    accs = an.cross_validate_stump(s, t, folds=5, seed=2)
-    assert abs(accs.mean() - 0.8413) < 0.03
-
-
-def test_stump_rejects_bad_input():
-    with pytest.raises(ValueError, match="0 or 1"):
-        an.fit_stump([1.0, 2.0], [0, 2])
-    with pytest.raises(ValueError, match="finite"):
-        an.fit_stump([1.0, float("inf")], [0, 1])
-    with pytest.raises(ValueError, match="fewer than folds"):
-        an.cross_validate_stump([1.0, 2.0, 3.0], [0, 1, 1], folds=5)
+        figures.uncanny_valley_figure(tr)
+    # trace_h is recorded, and is gini * phi_sq
+    torch.testing.assert_close(tr.trace_h, tr.gini * tr.phi_sq)
 
 
 def test_cat_results_equals_one_big_attack():
@@ -203,7 +116,7 @@ def test_cat_results_equals_one_big_attack():
     y = model(x).argmax(1)
     kw = dict(eps=3.0, steps=5, step_size=0.5, record=True, clip=None, warn=False)
     whole = pgd(model, x, y, **kw)
-    parts = an.cat_results([pgd(model, x[:7], y[:7], **kw), pgd(model, x[7:], y[7:], **kw)])
+    parts = cat_results([pgd(model, x[:7], y[:7], **kw), pgd(model, x[7:], y[7:], **kw)])
     torch.testing.assert_close(parts.x_adv, whole.x_adv)
     assert torch.equal(parts.flip_step, whole.flip_step)
     assert torch.equal(parts.trajectory.flip_step, whole.trajectory.flip_step)
@@ -314,65 +227,3 @@ def test_valley_medians_match_direct_loops(steps, n, seed):
     assert got["start"] == pytest.approx(np.median([k[0, i] for i in idx]))
     assert got["flip"] == pytest.approx(np.median([k[int(flip[i]), i] for i in idx]))
     assert got["end"] == pytest.approx(np.median([k[-1, i] for i in idx]))
-
-
-def test_valley_comparison_figure_draws_each_model_and_survives_no_flips():
-    import matplotlib.pyplot as plt
-
-    torch.manual_seed(0)
-    model = Tiny(k=3, m=5, n_in=4).eval()
-    x = torch.rand(32, 4)
-    y = model(x).argmax(1)
-    tr = pgd(model, x, y, eps=3.0, steps=12, step_size=0.5, record=True, clip=None, warn=False).trajectory
-    none = _Traj(torch.rand(13, 4, dtype=torch.float64), torch.full((4,), -1))
-    fig = an.valley_comparison_figure({"a": tr, "b": tr, "nothing flips": none}, "kappa_sq", before=3, after=4)
-    axes = np.array(fig.axes).reshape(2, 3)
-    # bottom row, first column: the median line at offset 0 is the median κ at each example's own flip step
-    kept = [i for i in range(32) if tr.flip_step[i] >= 1]
-    assert len(kept) >= 5
-    at_flip = np.median([float(tr.kappa_sq[int(tr.flip_step[i]), i]) for i in kept])
-    line = next(l for l in axes[1, 0].lines if len(l.get_xdata()) == 8)  # the median, not the flip marker
-    xs, ys = line.get_data()
-    assert list(xs) == list(range(-3, 5))
-    assert ys[3] == pytest.approx(at_flip, rel=1e-6)
-    # top row: by raw step, over the same (flipping) examples
-    raw = next(l for l in axes[0, 1].lines if len(l.get_xdata()) == 13)
-    assert raw.get_ydata()[0] == pytest.approx(np.median([float(tr.kappa_sq[0, i]) for i in kept]), rel=1e-6)
-    assert "n=0" in axes[0, 2].get_title() and any("no example flips" in t.get_text() for t in axes[0, 2].texts)
-    assert f"n={len(kept)}" in axes[0, 0].get_title()
-    plt.close(fig)
-    with pytest.raises(ValueError, match="at least one"):
-        an.valley_comparison_figure({})
-    with pytest.raises(ValueError, match="unknown quantity"):
-        an.valley_comparison_figure({"a": tr}, "sharpness")
-
-
-def test_uncanny_valley_figure_overlays_models_in_given_axes():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    torch.manual_seed(0)
-    model = Tiny(k=3, m=5, n_in=4).eval()
-    x = torch.rand(32, 4)
-    y = model(x).argmax(1)
-    trs = [pgd(model, x, y, eps=3.0, steps=12, step_size=s, record=True, clip=None, warn=False).trajectory
-           for s in (0.5, 0.25)]
-    qs = ("kappa_sq", "loss")
-    fig, axes = plt.subplots(2, len(qs), squeeze=False)
-    for tr, name, c in zip(trs, ("a", "b"), ("C0", "C3")):
-        out = an.uncanny_valley_figure(tr, before=2, after=2, quantities=qs, axes=axes, label=name, color=c)
-        assert out is fig
-    for ax in axes.flat:
-        # one median line per model, in its colour, labelled with its name and n
-        lines = [ln for ln in ax.get_lines() if ln.get_label().startswith(("a (", "b ("))]
-        assert [ln.get_label().split(" ")[0] for ln in lines] == ["a", "b"]
-        assert [ln.get_color() for ln in lines] == ["C0", "C3"]
-        # the first median is the raw/aligned median of model a's flipping examples
-    top = [ln for ln in axes[0, 1].get_lines() if ln.get_label().startswith("a (")][0]
-    keep = trs[0].flip_step >= 1
-    np.testing.assert_allclose(top.get_ydata(), np.nanmedian(trs[0].loss[:, keep].double().numpy(), axis=1))
-    with pytest.raises(ValueError, match="axes"):
-        an.uncanny_valley_figure(trs[0], quantities=qs, axes=axes[:1])
-    plt.close(fig)

@@ -1,0 +1,333 @@
+"""What every attack shares: results, validation, projection, the best-iterate tracker.
+
+See :mod:`flatnb.attacks` for the conventions (eval mode, iterates, best iterate,
+no host synchronisation per step, mixed precision, zero gradients).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+
+from flatnb.attacks.losses import LOSS_FNS, true_margin
+from flatnb.runtime import draw
+
+if TYPE_CHECKING:
+    from flatnb.trajectory import Trajectory
+
+Tensor = torch.Tensor
+
+NORMS = ("linf", "l2")
+LOSSES = ("ce", "cw", "dlr")
+APGD_LOSSES = ("ce", "dlr")
+
+_LOSS_FNS = LOSS_FNS
+
+# ---------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class AttackResult:
+    """What an attack returns; all tensors on the attack's device.
+
+    ``x_adv``: best iterate per example (see module docstring); ``x_last``: the
+    final iterate of the (last) run; ``success``: ``x_adv`` is misclassified
+    (or hits the target); ``clean_correct``: the clean input is classified
+    correctly; ``loss_final``/``loss_best``: attack loss at ``x_last``/``x_adv``;
+    ``flip_step``: first iterate index whose prediction differs from ``y``
+    (``pred == target`` when targeted), 0 for a clean misclassification, -1 if
+    never (first run only when restarting); ``zero_grad``: input gradient
+    exactly zero at the first step; ``steps_run``: steps actually taken (early
+    stop); ``trajectory``: with ``record=True``.
+    """
+
+    x_adv: Tensor
+    x_last: Tensor
+    success: Tensor
+    clean_correct: Tensor
+    loss_final: Tensor
+    loss_best: Tensor
+    flip_step: Tensor
+    zero_grad: Tensor
+    steps_run: int
+    trajectory: "Trajectory | None" = None
+
+    @property
+    def n_zero_grad(self) -> int:
+        return int(self.zero_grad.sum())
+
+    def robust_accuracy(self) -> float:
+        """Fraction of examples classified correctly and not broken by the attack."""
+        return float((self.clean_correct & ~self.success).float().mean())
+
+    def clean_accuracy(self) -> float:
+        return float(self.clean_correct.float().mean())
+
+
+@dataclass
+class TransferResult:
+    """Evaluation of given (adversarial) inputs on another model, (N,) each."""
+
+    pred: Tensor
+    success: Tensor
+    loss_ce: Tensor
+    margin: Tensor
+
+    def success_rate(self) -> float:
+        return float(self.success.float().mean())
+
+    def accuracy(self) -> float:
+        """Accuracy of the evaluated model on the given inputs (untargeted meaning)."""
+        return float((~self.success).float().mean())
+
+
+# ---------------------------------------------------------------------------
+# Validation and model handling
+# ---------------------------------------------------------------------------
+
+
+def _check_common(x: Tensor, y: Tensor, eps: float, norm: str, loss: str, losses: tuple, clip, target) -> None:
+    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if loss not in losses:
+        raise ValueError(f"loss must be one of {losses}, got {loss!r}")
+    if y.dim() != 1 or x.dim() < 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"x must be (N, ...) and y (N,) with the same N, got x {tuple(x.shape)} and y {tuple(y.shape)}"
+        )
+    if y.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
+    if target is not None:
+        if target.shape != y.shape or target.dtype != y.dtype:
+            raise ValueError(f"target must have the shape and dtype of y {tuple(y.shape)}, got {tuple(target.shape)}")
+        if bool((target == y).any()):
+            raise ValueError("target must differ from y for every example (a targeted attack towards y is void)")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor in [0, 1], got dtype {x.dtype}")
+    if clip is not None:
+        lo, hi = clip
+        if not lo < hi:
+            raise ValueError(f"clip must be (low, high) with low < high, got {clip!r}")
+        # one host sync per attack call, not per step
+        if bool(((x < lo) | (x > hi)).any()):
+            raise ValueError(
+                f"x has values outside [{lo}, {hi}] = clip; pass pixels in [0, 1] "
+                "(models normalise inside themselves) or clip=None to attack unbounded inputs"
+            )
+
+
+@contextlib.contextmanager
+def _eval_mode(*models: nn.Module):
+    modes = [m.training for m in models]
+    try:
+        for m in models:
+            m.eval()
+        yield
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+
+
+def _autocast(device: torch.device, dtype):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _forward(model: nn.Module, x: Tensor, autocast_dtype) -> tuple[Tensor, Tensor]:
+    """``phi`` and fp32 ``logits`` from one pass; the head runs in float32 outside autocast."""
+    with _autocast(x.device, autocast_dtype):
+        phi = model.features(x)
+    if autocast_dtype is not None:
+        phi = phi.float()
+    return phi, model.head(phi)
+
+
+def _at_least_fp32(t: Tensor) -> Tensor:
+    """bf16/fp16 logits go up to float32; float64 logits stay float64 (the float64 control needs it)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _rdims(x: Tensor) -> tuple[int, ...]:
+    return tuple(range(1, x.dim()))
+
+
+def _view(v: Tensor, x: Tensor) -> Tensor:
+    return v.reshape((-1,) + (1,) * (x.dim() - 1))
+
+
+def _project(x_new: Tensor, x: Tensor, eps: float, norm: str, clip) -> Tensor:
+    """Project onto the eps-ball around ``x`` (same ops as torchattacks), then onto ``clip``."""
+    delta = x_new - x
+    if norm == "linf":
+        delta = torch.clamp(delta, min=-eps, max=eps)
+    else:
+        n = delta.pow(2).sum(dim=_rdims(delta)).sqrt()
+        factor = torch.clamp(eps / (n + 1e-12), max=1.0)
+        delta = delta * _view(factor, delta)
+    out = x + delta
+    if clip is not None:
+        out = torch.clamp(out, min=clip[0], max=clip[1])
+    return out
+
+
+def _random_start(x: Tensor, eps: float, norm: str, clip, generator) -> Tensor:
+    if norm == "linf":
+        delta = (draw(torch.rand, x.shape, x.device, x.dtype, generator) * 2 - 1) * eps
+    else:
+        d = draw(torch.randn, x.shape, x.device, x.dtype, generator)
+        d = d / _view(d.pow(2).sum(dim=_rdims(d)).sqrt() + 1e-12, d)
+        r = draw(torch.rand, (x.shape[0],), x.device, x.dtype, generator)
+        delta = d * _view(r * eps, d)
+    return _project(x + delta, x, eps, norm, clip)
+
+
+# ---------------------------------------------------------------------------
+# Per-step bookkeeping: best iterate, flip step, trajectory
+# ---------------------------------------------------------------------------
+
+
+class _Tracker:
+    """Device-side state of one attack run (best iterate, flip step); no host syncs.
+
+    ``hooks`` are ``on_iterate(t, x_t, phi, logits, loss)`` callables, called once per iterate
+    with that iterate's own forward pass (``logits`` in at least float32, everything detached).
+    """
+
+    def __init__(self, x, y, target, loss_name, hooks=()):
+        self.x, self.y, self.target = x, y, target
+        self.loss_fn = _LOSS_FNS[loss_name]
+        self.flip = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+        self.finite = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        self.best_x = None
+        self.hooks = [h for h in hooks if h is not None]
+
+    def success_of(self, pred: Tensor) -> Tensor:
+        return pred == self.target if self.target is not None else pred != self.y
+
+    def init_best(self, x0: Tensor, loss: Tensor, pred: Tensor) -> None:
+        self.best_x = x0.detach().clone()
+        self.best_loss = loss.detach().clone()
+        self.best_succ = self.success_of(pred)
+
+    def step(self, t: int, x_t: Tensor, phi: Tensor, logits: Tensor, loss: Tensor) -> Tensor:
+        """Book iterate ``t``; returns its success mask."""
+        logits, loss = _at_least_fp32(logits.detach()), loss.detach()
+        self.finite &= torch.isfinite(logits).all(dim=1)
+        pred = logits.argmax(dim=1)
+        succ = self.success_of(pred)
+        self.flip = torch.where((self.flip < 0) & succ, torch.full_like(self.flip, t), self.flip)
+        # a successful iterate beats an unsuccessful one; then the higher loss wins
+        better = (succ & ~self.best_succ) | ((succ == self.best_succ) & (loss > self.best_loss))
+        self.best_x = torch.where(_view(better, x_t), x_t.detach(), self.best_x)
+        self.best_loss = torch.where(better, loss, self.best_loss)
+        self.best_succ = self.best_succ | succ
+        for hook in self.hooks:
+            hook(t, x_t.detach(), phi.detach(), logits, loss)
+        return succ
+
+
+def _recorder(record: bool, model, x, y, norm, steps, record_inputs):
+    """A :class:`flatnb.trajectory.Recorder` hook when ``record``, else ``None``.
+
+    Imported here, at call time, so that the attack modules import nothing from
+    :mod:`flatnb.curvature` (the recorder computes the closed-form curvature terms)."""
+    if not record:
+        return None
+    from flatnb.trajectory import Recorder
+
+    return Recorder(model, x, y, norm, steps, record_inputs)
+
+
+def _loss_and_grad(model, x_t, y, target, loss_fn, autocast_dtype):
+    x_t = x_t.detach().requires_grad_(True)
+    with torch.enable_grad():
+        phi, logits = _forward(model, x_t, autocast_dtype)
+        loss = loss_fn(_at_least_fp32(logits), y, target)
+        # sum, not mean: per-example gradients are not scaled by 1/N (no extra underflow)
+        grad = torch.autograd.grad(loss.sum(), x_t)[0]
+    return phi, logits, loss, grad
+
+
+def _zero_grad_mask(grad: Tensor) -> Tensor:
+    return grad.abs().amax(dim=_rdims(grad)) == 0
+
+
+def _warn_zero_grad(zero: Tensor, loss: str) -> None:
+    n = int(zero.sum())  # the single end-of-attack sync
+    if n > 0:
+        warnings.warn(
+            f"there are {n} of {zero.numel()} points with zero input gradient at the first step of the "
+            f"{loss.upper()} attack; the attack cannot move them and its robust accuracy is probably "
+            "overestimated (gradient masking, e.g. a saturated softmax in float32). "
+            + ("Use loss='dlr' or 'cw' (scale-invariant margins), a random start, or transfer attacks."
+               if loss.lower().endswith("ce") else "Try a random start or transfer attacks."),
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _clean_eval(model, x, y, target, loss_fn, autocast_dtype):
+    with torch.no_grad():
+        phi, logits = _forward(model, x, autocast_dtype)
+        logits = _at_least_fp32(logits)
+        return phi, logits, loss_fn(logits, y, target)
+
+
+# ---------------------------------------------------------------------------
+# PGD and FGSM
+def _validate_steps(steps, step_size):
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if step_size is not None and (not math.isfinite(step_size) or step_size <= 0):
+        raise ValueError(f"step_size must be > 0, got {step_size!r}")
+
+
+def _combine(results, x, clean_correct, steps_run, recorder=None):
+    """Merge runs (restarts) with the same success-then-loss rule as within a run."""
+    tr0, x_last, lf, zero = results[0][:4]
+    bx, bl, bs = tr0.best_x, tr0.best_loss, tr0.best_succ
+    for tr, x_last, lf in (r[:3] for r in results[1:]):
+        better = (tr.best_succ & ~bs) | ((tr.best_succ == bs) & (tr.best_loss > bl))
+        bx = torch.where(_view(better, x), tr.best_x, bx)
+        bl = torch.where(better, tr.best_loss, bl)
+        bs = bs | tr.best_succ
+    return AttackResult(
+        x_adv=bx, x_last=x_last, success=bs, clean_correct=clean_correct, loss_final=lf, loss_best=bl,
+        flip_step=tr0.flip, zero_grad=zero, steps_run=steps_run,
+        trajectory=None if recorder is None else recorder.trajectory(tr0.flip, results[0][4]),
+    )
+
+
+
+
+def cat_results(results: list) -> AttackResult:
+    """Concatenate :class:`AttackResult` objects of consecutive batches into one.
+
+    Per-example tensors are joined along the example axis (dim 0; dim 1 for the
+    (T+1, N) trajectory rows), ``steps_run`` is the smallest of the batches'.
+    """
+    if not results:
+        raise ValueError("cat_results needs at least one AttackResult")
+    first = results[0]
+    out = {}
+    for f in fields(first):
+        vals = [getattr(r, f.name) for r in results]
+        if f.name == "steps_run":
+            out[f.name] = min(vals)
+        elif f.name == "trajectory":
+            out[f.name] = None if any(v is None for v in vals) else type(vals[0]).cat(vals)
+        elif vals[0] is None:
+            out[f.name] = None
+        else:
+            out[f.name] = torch.cat(vals, dim=0)
+    return replace(first, **out)

@@ -1,0 +1,45 @@
+"""Transfer: inputs crafted on one model, evaluated on another (E4 of Walter et al. 2026)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from flatnb.attacks.core import AttackResult, TransferResult, _at_least_fp32, _eval_mode, _forward
+from flatnb.attacks.losses import true_margin
+from flatnb.models import check_contract
+
+Tensor = torch.Tensor
+
+
+def transfer(
+    x_adv: Tensor | AttackResult,
+    y: Tensor,
+    model_b: nn.Module,
+    target: Tensor | None = None,
+    batch_size: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> TransferResult:
+    """Evaluate inputs crafted on model A (a tensor or an :class:`AttackResult`) on ``model_b``.
+
+    ``success``: ``model_b`` misclassifies (or predicts ``target``).  E4 of the
+    paper: examples crafted at scale 1 transfer to every temperature-scaled copy.
+    """
+    if isinstance(x_adv, AttackResult):
+        x_adv = x_adv.x_adv
+    check_contract(model_b)
+    if y.dim() != 1 or x_adv.shape[0] != y.shape[0]:
+        raise ValueError(f"x_adv must be (N, ...) and y (N,), got {tuple(x_adv.shape)} and {tuple(y.shape)}")
+    bs = batch_size or x_adv.shape[0]
+    preds, losses, margins = [], [], []
+    with _eval_mode(model_b), torch.no_grad():
+        for i in range(0, x_adv.shape[0], bs):
+            _, logits = _forward(model_b, x_adv[i: i + bs], autocast_dtype)
+            logits = _at_least_fp32(logits)
+            yb = y[i: i + bs]
+            preds.append(logits.argmax(dim=1))
+            losses.append(F.cross_entropy(logits, yb, reduction="none"))
+            margins.append(true_margin(logits, yb))
+    pred = torch.cat(preds)
+    success = pred == target if target is not None else pred != y
+    return TransferResult(pred=pred, success=success, loss_ce=torch.cat(losses), margin=torch.cat(margins))
