@@ -123,15 +123,21 @@ def expected_calibration_error(logits: Tensor, labels: Tensor, n_bins: int = 15,
     return float(ece)
 
 
-def calibrated_ce(temperature: float):
-    """Per-sample loss ``(logits, y) -> CE(logits / temperature, y)``, for ``loss_fn`` arguments
-    (e.g. :func:`flatnb.curvature.input_space.directional_curvature`)."""
+def calibrated_ce(temperature: float, reduction: str = "none"):
+    """The loss ``(logits, y) -> CE(logits / temperature, y)`` for ``loss_fn`` arguments.
+
+    ``reduction="none"`` gives per-sample losses (:func:`flatnb.curvature.loss_along`);
+    ``"sum"`` their sum, which the input-space gradient and curvature functions expect
+    (:func:`flatnb.curvature.directional_curvature`, :func:`flatnb.curvature.input_hvp`).
+    """
     if not (temperature > 0 and math.isfinite(temperature)):
         raise ValueError(f"temperature must be positive and finite, got {temperature}")
+    if reduction not in ("none", "sum"):
+        raise ValueError(f"reduction must be 'none' or 'sum', got {reduction!r}")
     t = float(temperature)
 
     def loss(logits: Tensor, y: Tensor) -> Tensor:
-        return F.cross_entropy(logits / t, y, reduction="none")
+        return F.cross_entropy(logits / t, y, reduction=reduction)
 
     return loss
 

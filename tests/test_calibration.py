@@ -122,6 +122,7 @@ def test_loss_functions():
     t = 2.0
     ref = np.array([_np_nll(z[i: i + 1].numpy(), y[i: i + 1].numpy(), t) for i in range(50)])
     assert np.allclose(cal.calibrated_ce(t)(z, y).numpy(), ref, rtol=1e-12, atol=1e-12)
+    assert float(cal.calibrated_ce(t, "sum")(z, y)) == pytest.approx(ref.sum(), rel=1e-12)
     zs = z.numpy()
     other = np.array([max(v for j, v in enumerate(row) if j != lab) for row, lab in zip(zs, y.numpy())])
     ref_m = other - zs[np.arange(50), y.numpy()]
@@ -129,6 +130,8 @@ def test_loss_functions():
     assert torch.equal(cal.negative_margin(z, y) > 0, z.argmax(1) != y)
     with pytest.raises(ValueError):
         cal.calibrated_ce(0.0)
+    with pytest.raises(ValueError, match="reduction"):
+        cal.calibrated_ce(1.0, "mean")
 
 
 def test_model_logits_over_a_dataset():
