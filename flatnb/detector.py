@@ -1,6 +1,6 @@
 """A one-feature decision stump and its cross-validation (plain numpy), the detector of chapter 8.
 
-Walter et al. (2026, §6) suggest that relative flatness along an attack path separates clean
+Walter et al. (2026) suggest that relative flatness along an attack path separates clean
 from adversarial inputs; :func:`fit_stump` is the simplest detector on one score (e.g. log κ).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The uncanny-valley figures (Walter et al. 2026, §5-6, Fig. 3), legible at the book's page width.
+"""The uncanny-valley figures (experiment E6 of Walter et al. 2026), legible at the book's page width.
 
 Every panel pair shows one recorded quantity (:data:`flatnb.trajectory.FIELDS`) over the
 examples that flip during the attack: median and quartile band by raw attack step, and aligned
@@ -168,8 +168,9 @@ def valley_comparison_figure(trajs: dict, quantity: str = "kappa_sq", before: in
         k = _valley_panels(axes[0, j], axes[1, j], traj, quantity, before, after, color=f"C{j % 10}")
         axes[0, j].set_title(f"{name} (n={k} flip)", fontsize=FONT["title"], loc="left")
     if sharey:
-        for row in axes:
-            drawn = [ax for ax in row if ax.lines and len(ax.lines) > (1 if ax in axes[1] else 0)]
+        for r, row in enumerate(axes):
+            # the aligned row always holds the flip marker: a drawn panel has more than that
+            drawn = [ax for ax in row if len(ax.lines) > (1 if r == 1 else 0)]
             if drawn:
                 lo = min(ax.get_ylim()[0] for ax in drawn)
                 hi = max(ax.get_ylim()[1] for ax in drawn)

@@ -7,18 +7,20 @@ concatenation and the figure labels (:mod:`flatnb.figures`) all iterate over tha
 
 A :class:`Recorder` is an ``on_iterate`` hook of the attacks in :mod:`flatnb.attacks`:
 ``recorder(t, x_t, phi, logits, loss)`` is called once per iterate with that iterate's own
-forward pass, and the closed-form curvature terms (Walter et al. 2026, §3; Petzka et al. 2021)
+forward pass, and the closed-form curvature terms (Walter et al. 2026; Petzka et al. 2021)
 are computed from it, so recording costs no extra forward pass.  ``record=True`` on an attack
 builds one.
 
-Statistics (the "uncanny valley" of Walter et al. 2026, §5-6): :func:`align_at_flip`,
-:func:`step_summary`, :func:`valley_stats`, :func:`valley_medians`, :func:`basin_width`.
+Statistics (the "uncanny valley", experiment E6 of Walter et al. 2026): :func:`align_at_flip`,
+:func:`step_summary`, :func:`valley_stats`, :func:`valley_medians`, :func:`basin_width`;
+:func:`boundary_crossing` locates where each path crosses the decision boundary.
 Trajectories are (T+1, N) tensors, row 0 the starting point; ``flip_step`` is the first
 iterate whose prediction is wrong (0: misclassified when clean, -1: never).
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -94,7 +96,7 @@ class Recorder:
     ``x`` (N, ...) the clean inputs, ``y`` (N,) the true labels, ``norm`` the attack's norm
     (for ``delta_norm``), ``steps`` the most iterates to expect (rows ``0 .. steps``).
     Everything is computed on the device in at least float32 (curvature is never taken in bf16,
-    Walter et al. 2026, §6.7) with no host sync; :meth:`trajectory` checks once that every
+    Walter et al. 2026) with no host sync; :meth:`trajectory` checks once that every
     recorded value is finite and raises ``ValueError`` naming the rows otherwise.
     """
 
@@ -203,7 +205,7 @@ def valley_stats(traj, kappa: str = "kappa_sq", window: int = 1, num_classes: in
     ``loss_high``: the loss at the last step exceeds ``log k`` (a loss-change adversarial example
     with ε = log k, ``k = num_classes``);  ``n_flipped``: how many examples these fractions are over.
     ``min_confidence`` keeps only examples whose clean top-class probability is at least that
-    (the rise towards the boundary needs a confident start; PAPER §6.6).
+    (the rise towards the boundary needs a confident start).
     """
     k_all = _values(traj, kappa).to(torch.float64)
     f = traj.flip_step
@@ -285,3 +287,82 @@ def valley_medians(traj, quantity: str = "kappa_sq") -> dict[str, float]:
             "start": float(vals[0, cols].quantile(0.5)),
             "flip": float(vals[flip, cols].quantile(0.5)),
             "end": float(vals[-1, cols].quantile(0.5))}
+
+
+# ----------------------------------------------------------------------------- the boundary crossing
+
+
+class Crossing(NamedTuple):
+    """Where each flipping path crosses the decision boundary (see :func:`boundary_crossing`).
+
+    ``columns`` (M,): the examples (trajectory columns) with a flip; ``s`` (M,): position on the
+    segment from the last correct iterate ``x_{f-1}`` (s = 0) to the first wrong one ``x_f`` (s = 1);
+    ``step`` (M,): ``f - 1 + s``, the crossing in attack-step units; ``x`` (M, ...): the crossing
+    point; ``margin`` (M,): the true-label margin there (about 0); ``terms``: the closed-form
+    curvature terms there (:class:`flatnb.curvature.FlatnessTerms`, each (M,)).
+    """
+
+    columns: Tensor
+    s: Tensor
+    step: Tensor
+    x: Tensor
+    margin: Tensor
+    terms: FlatnessTerms
+
+
+def boundary_crossing(model: nn.Module, traj: Trajectory, y: Tensor, iters: int = 40) -> Crossing:
+    """Locate each flipping path's boundary crossing by bisection on the logit margin.
+
+    For every example that starts correct and flips (``flip_step = f >= 1``), the straight segment
+    between the last correct iterate ``x_{f-1}`` (margin ``z_y - max_{j != y} z_j > 0``) and the
+    first wrong one ``x_f`` (margin <= 0) is bisected ``iters`` times, keeping a correct left end and
+    a wrong right end, so the crossing is bracketed to ``2**-iters`` of the segment; κ and the other
+    closed-form terms are evaluated at the bracket's midpoint (Walter et al. 2026, E6: where the
+    valley's peak is claimed to sit).  Needs the iterates (``record_inputs=True``) and the true labels
+    ``y``.  One forward pass of the M flipping examples per bisection step; the model runs in eval
+    mode, without gradients, in its own dtype (curvature in at least float32).
+    """
+    from flatnb.curvature._common import _require_eval
+    from flatnb.models import check_contract
+
+    check_contract(model)
+    _require_eval(model)
+    if traj.x is None:
+        raise ValueError("boundary_crossing needs the iterates: attack with record=True, record_inputs=True")
+    if y.shape != traj.flip_step.shape:
+        raise ValueError(f"y must be (N,) = {tuple(traj.flip_step.shape)}, got {tuple(y.shape)}")
+    if not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"iters must be an integer >= 1, got {iters!r}")
+    y = y.to(traj.flip_step.device)
+    cols = torch.nonzero(traj.flip_step >= 1)[:, 0]
+    f = traj.flip_step[cols]
+    # only untargeted flips bracket the boundary of y: correct before, wrong after
+    ok = (traj.pred[f - 1, cols] == y[cols]) & (traj.pred[f, cols] != y[cols])
+    cols, f = cols[ok], f[ok]
+    a, b = traj.x[f - 1, cols], traj.x[f, cols]
+    yc = y[cols].to(a.device)
+    p0 = next(model.parameters())
+    lo = torch.zeros(cols.numel(), dtype=torch.float64, device=a.device)
+    hi = torch.ones_like(lo)
+
+    def at(s):
+        pts = (a + (b - a) * s.to(a.dtype).view(-1, *[1] * (a.dim() - 1))).to(p0.dtype)
+        phi = model.features(pts)
+        logits = model.head(phi)
+        return pts, phi, logits, true_margin(logits.to(torch.promote_types(logits.dtype, torch.float32)), yc)
+
+    with torch.no_grad():
+        for _ in range(iters):
+            mid = 0.5 * (lo + hi)
+            correct = at(mid)[3] > 0
+            lo = torch.where(correct, mid, lo)
+            hi = torch.where(correct, hi, mid)
+        s = 0.5 * (lo + hi)
+        pts, phi, logits, margin = at(s)
+        w = model.head.weight.detach()
+        dt = torch.promote_types(w.dtype, torch.float32)
+        terms = closed_form(phi.to(dt), logits.to(dt), w.to(dt)) if cols.numel() else None
+    if terms is None:
+        empty = torch.zeros(0, dtype=torch.float64, device=a.device)
+        terms = FlatnessTerms(*(empty,) * len(FlatnessTerms._fields))
+    return Crossing(columns=cols, s=s, step=(f - 1).to(s.dtype) + s, x=pts, margin=margin, terms=terms)

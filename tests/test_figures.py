@@ -141,3 +141,18 @@ def test_every_recorded_field_has_a_label():
 
     assert list(an.QUANTITIES) == list(an.QUANTITIES) and set(an.QUANTITIES) == set(FIELDS)
     assert set(an.LOG_QUANTITIES) <= set(FIELDS)
+
+
+def test_sharey_puts_each_row_on_one_range():
+    import matplotlib.pyplot as plt
+
+    torch.manual_seed(0)
+    model = Tiny(k=3, m=5, n_in=4).eval()
+    x = torch.rand(32, 4)
+    y = model(x).argmax(1)
+    tr = pgd(model, x, y, eps=3.0, steps=12, step_size=0.5, record=True, clip=None, warn=False).trajectory
+    tr2 = pgd(model, x, y, eps=3.0, steps=12, step_size=0.2, record=True, clip=None, warn=False).trajectory
+    fig = an.valley_comparison_figure({"a": tr, "b": tr2}, "loss", sharey=True)
+    for row in fig.valley_axes:
+        assert row[0].get_ylim() == row[1].get_ylim()
+    plt.close(fig)

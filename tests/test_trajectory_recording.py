@@ -139,3 +139,14 @@ def test_attack_dataset_seeds_each_batch_and_casts(model):
     with pytest.raises(ValueError, match="empty"):
         attacks.attack_dataset(attacks.pgd, model, Dataset(ds.images[:0], ds.labels[:0], ds.classes), 8, "cpu",
                                eps=0.05)
+
+
+def test_attack_modules_import_nothing_from_curvature():
+    """The attack loop records through a hook; only record=True imports the recorder (and curvature)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, flatnb.attacks as a; "
+            "assert not [m for m in sys.modules if m.startswith(('flatnb.curvature', 'flatnb.trajectory'))]; "
+            "a.Trajectory; assert 'flatnb.trajectory' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -8,8 +8,8 @@ Inputs are pixels in [0, 1].
 Conventions shared by all attacks
 ---------------------------------
 * **Eval mode.**  The model is switched to ``eval()`` for the attack and put
-  back into its previous mode afterwards (frozen BatchNorm, no dropout; PAPER
-  §6.3).  Parameters are not touched.
+  back into its previous mode afterwards (frozen BatchNorm, no dropout).
+  Parameters are not touched.
 * **Iterates.**  ``x_0`` is the starting point (the clean input, or a random
   point in the ball with ``random_start=True``) and ``x_1 .. x_T`` follow the
   ``T`` gradient steps.  Each iterate gets exactly one forward pass,
@@ -26,10 +26,15 @@ Conventions shared by all attacks
   sync each time), and the zero-gradient report syncs once at the end.
 * **Mixed precision.**  ``autocast_dtype=torch.bfloat16`` runs ``features``
   under autocast; the head, the loss and every recorded quantity are computed
-  in float32 from ``phi.float()`` (curvature is never taken in bf16, PAPER §6.7).
+  in float32 from ``phi.float()`` (curvature is never taken in bf16).
+* **Bad input.**  Empty batches, NaN/inf inputs or parameters (checked with the box, one host
+  sync at the start) and logits that become NaN/inf (one sync at the end) raise ``ValueError``
+  naming the rows or the parameter: never a robust accuracy computed from NaN.
+* **Hooks.**  ``on_iterate(t, x_t, phi, logits, loss)`` sees every iterate's own forward pass;
+  ``record=True`` attaches a :class:`flatnb.trajectory.Recorder`.
 * **Zero gradients.**  Examples whose input gradient is exactly zero at the
   first step (a saturated softmax: float32 CE gradients underflow for a scaled
-  head, PAPER §3) are reported in ``AttackResult.zero_grad`` with a warning, as
+  head, experiment E3 of Walter et al. 2026) are reported in ``AttackResult.zero_grad`` with a warning, as
   AutoAttack's checks do.  Use ``loss="cw"`` or ``"dlr"`` then.
 * **Speed.**  An attack costs one forward+backward pass per step plus one
   forward pass for the last iterate.  For BatchNorm networks, attacking
@@ -40,17 +45,19 @@ Conventions shared by all attacks
 Layout: :mod:`~flatnb.attacks.losses` (CE, CW, DLR, the true margin), :mod:`~flatnb.attacks.core`
 (results, validation, projection, the best-iterate tracker, :func:`cat_results`),
 :mod:`~flatnb.attacks.pgd` (PGD, FGSM), :mod:`~flatnb.attacks.apgd`, :mod:`~flatnb.attacks.transfer`,
-:mod:`~flatnb.attacks.dataset` (:func:`attack_dataset`: any attack over a dataset, batch by batch).
+:mod:`~flatnb.attacks.dataset` (:func:`attack_dataset`: any attack over a dataset, batch by batch),
+:mod:`~flatnb.attacks.reference` (the reference AutoAttack and Square, from ``pyautoattack``).
 """
 from flatnb.attacks.apgd import apgd, apgd_checkpoints
 from flatnb.attacks.core import APGD_LOSSES, LOSSES, NORMS, AttackResult, TransferResult, cat_results
 from flatnb.attacks.dataset import attack_dataset
 from flatnb.attacks.losses import ce_loss, cw_loss, dlr_loss, true_margin
 from flatnb.attacks.pgd import fgsm, pgd
+from flatnb.attacks.reference import autoattack, square
 from flatnb.attacks.transfer import transfer
 
 __all__ = ["APGD_LOSSES", "LOSSES", "NORMS", "AttackResult", "TransferResult", "Trajectory", "apgd",
-           "apgd_checkpoints", "attack_dataset", "cat_results", "ce_loss", "cw_loss", "dlr_loss", "fgsm", "pgd", "transfer", "true_margin"]
+           "apgd_checkpoints", "attack_dataset", "autoattack", "square", "cat_results", "ce_loss", "cw_loss", "dlr_loss", "fgsm", "pgd", "transfer", "true_margin"]
 
 
 def __getattr__(name: str):

@@ -6,9 +6,9 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from flatnb.attacks.core import (APGD_LOSSES, AttackResult, _check_common, _clean_eval, _combine, _eval_mode,
+from flatnb.attacks.core import (APGD_LOSSES, AttackResult, _at_least_fp32, _check_common, _clean_eval, _combine, _eval_mode,
                                  _LOSS_FNS, _loss_and_grad, _project, _rdims, _recorder, _Tracker, _validate_steps, _view,
-                                 _warn_zero_grad, _zero_grad_mask)
+                                 _finish, _zero_grad_mask)
 from flatnb.models import check_contract
 from flatnb.runtime import draw
 
@@ -120,6 +120,7 @@ def apgd(
     generator: torch.Generator | None = None,
     warn: bool = True,
     on_iterate: Callable | None = None,
+    attack_misclassified: bool = False,
 ) -> AttackResult:
     """Auto-PGD (Croce & Hein 2020): step size ``2 eps`` halved at checkpoints, momentum 0.75.
 
@@ -128,14 +129,20 @@ def apgd(
     the last checkpoint increased the loss, or if its step size was not halved
     last time and its best loss did not improve.  Random start on the ball's
     sphere; ``steps=100`` as in the reference (torchattacks' AutoAttack uses 10,
-    PAPER §6.8).  Losses ``"ce"`` and ``"dlr"``; ``target`` gives APGD-CE-T /
+    for headline numbers use :func:`autoattack`).  Losses ``"ce"`` and ``"dlr"``; ``target`` gives APGD-CE-T /
     APGD-T (targeted DLR, k >= 4).  Deviation: the oscillation count of the
     first period compares with the starting loss, where the reference code reads
     an uninitialised 0.  ``record`` / ``record_inputs`` / ``on_iterate`` as in :func:`pgd`
     (iterate 0 is the random start; the clean input is not an iterate here).
+
+    ``attack_misclassified=False`` (default, as the reference AutoAttack) attacks only the examples
+    classified correctly when clean (one host sync to select them); the others keep ``x_adv = x``
+    and count as successes of the clean prediction, and ``result.attacked`` says which were
+    attacked.  Hooks and the recorded trajectory still see all N rows: a skipped example stays at
+    its clean input, so its rows repeat the clean forward pass.  ``True`` attacks every example.
     """
     check_contract(model)
-    _check_common(x, y, eps, norm, loss, APGD_LOSSES, clip, target)
+    _check_common(model, x, y, eps, norm, loss, APGD_LOSSES, clip, target)
     _validate_steps(steps, None)
     if not isinstance(restarts, int) or restarts < 1:
         raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
@@ -148,14 +155,66 @@ def apgd(
         clean = _clean_eval(model, x, y, target, _LOSS_FNS[loss], autocast_dtype)
         clean_correct = clean[1].argmax(dim=1) == y
         recorder = _recorder(record, model, x, y, norm, steps, record_inputs)
+        idx = None if attack_misclassified else torch.nonzero(clean_correct)[:, 0]
+        if idx is not None and idx.numel() == x.shape[0]:
+            idx = None  # every example is correct: attack the batch as it is
+        if idx is None:
+            results = [
+                _apgd_run(model, x, y, target, eps, steps, norm, loss, rho, clip, generator,
+                          [recorder, on_iterate] if r == 0 else [on_iterate], autocast_dtype, clean)
+                for r in range(restarts)
+            ]
+            finite, res = _combine(results, x, clean_correct, steps, clean)
+        else:
+            finite, res = _apgd_subset(model, x, y, target, eps, steps, norm, loss, rho, clip, generator, restarts,
+                                       [recorder, on_iterate], autocast_dtype, clean, clean_correct, idx)
+    return _finish(res, finite, warn, f"APGD-{loss}", recorder)
+
+
+class _Scatter:
+    """Present a hook with all N rows while the attack runs on the rows ``idx``: the skipped
+    examples stay at their clean input, with the clean forward pass."""
+
+    def __init__(self, hook, idx, x, clean):
+        self.hook, self.idx, self.x = hook, idx, x
+        self.phi0, self.logits0, self.loss0 = (c.detach() for c in clean)
+
+    def __call__(self, t, x_t, phi, logits, loss):
+        i = self.idx
+        self.hook(t, self.x.index_copy(0, i, x_t), self.phi0.to(phi.dtype).index_copy(0, i, phi),
+                  _at_least_fp32(self.logits0).to(logits.dtype).index_copy(0, i, logits),
+                  self.loss0.to(loss.dtype).index_copy(0, i, loss))
+
+
+def _apgd_subset(model, x, y, target, eps, steps, norm, loss, rho, clip, generator, restarts, hooks, autocast_dtype,
+                 clean, clean_correct, idx):
+    """APGD on the examples ``idx`` only; the result is scattered back to all N rows."""
+    n = x.shape[0]
+    if idx.numel() == 0:
+        results = None
+    else:
+        sub = [c[idx] for c in clean]
+        t_sub = None if target is None else target[idx]
+        wrapped = [None if h is None else _Scatter(h, idx, x, clean) for h in hooks]
         results = [
-            _apgd_run(model, x, y, target, eps, steps, norm, loss, rho, clip, generator,
-                      [recorder, on_iterate] if r == 0 else [on_iterate], autocast_dtype, clean)
+            _apgd_run(model, x[idx], y[idx], t_sub, eps, steps, norm, loss, rho, clip, generator,
+                      wrapped if r == 0 else wrapped[1:], autocast_dtype, sub)
             for r in range(restarts)
         ]
-    res = _combine(results, x, clean_correct, steps, recorder)
-    if warn:
-        _warn_zero_grad(res.zero_grad, f"APGD-{loss}")
-    return res
+    pred0 = clean[1].argmax(dim=1)
+    succ0 = pred0 == target if target is not None else pred0 != y
+    finite = torch.isfinite(clean[1]).all(dim=1)
+    res = AttackResult(
+        x_adv=x.clone(), x_last=x.clone(), success=succ0, clean_correct=clean_correct,
+        loss_final=clean[2].detach().clone(), loss_best=clean[2].detach().clone(),
+        flip_step=torch.where(succ0, 0, -1), zero_grad=torch.zeros(n, dtype=torch.bool, device=x.device),
+        steps_run=steps, attacked=torch.zeros(n, dtype=torch.bool, device=x.device),
+    )
+    if results is not None:
+        f_sub, r_sub = _combine(results, x[idx], clean_correct[idx], steps, sub)
+        finite[idx] = f_sub
+        for name in ("x_adv", "x_last", "success", "loss_final", "loss_best", "flip_step", "zero_grad", "attacked"):
+            getattr(res, name)[idx] = getattr(r_sub, name)
+    return finite, res
 
 

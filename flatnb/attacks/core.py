@@ -45,7 +45,10 @@ class AttackResult:
     (``pred == target`` when targeted), 0 for a clean misclassification, -1 if
     never (first run only when restarting); ``zero_grad``: input gradient
     exactly zero at the first step; ``steps_run``: steps actually taken (early
-    stop); ``trajectory``: with ``record=True``.
+    stop); ``trajectory``: with ``record=True``; ``attacked``: which examples the attack ran
+    on (all of them, except for APGD with ``attack_misclassified=False``, which skips the
+    examples misclassified when clean, as the reference AutoAttack does: they keep ``x_adv = x``,
+    ``success`` from their clean prediction, ``flip_step`` 0, ``zero_grad`` False).
     """
 
     x_adv: Tensor
@@ -58,6 +61,7 @@ class AttackResult:
     zero_grad: Tensor
     steps_run: int
     trajectory: "Trajectory | None" = None
+    attacked: Tensor | None = None
 
     @property
     def n_zero_grad(self) -> int:
@@ -93,7 +97,8 @@ class TransferResult:
 # ---------------------------------------------------------------------------
 
 
-def _check_common(x: Tensor, y: Tensor, eps: float, norm: str, loss: str, losses: tuple, clip, target) -> None:
+def _check_common(model: nn.Module, x: Tensor, y: Tensor, eps: float, norm: str, loss: str, losses: tuple, clip,
+                  target) -> None:
     if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     if norm not in NORMS:
@@ -104,6 +109,8 @@ def _check_common(x: Tensor, y: Tensor, eps: float, norm: str, loss: str, losses
         raise ValueError(
             f"x must be (N, ...) and y (N,) with the same N, got x {tuple(x.shape)} and y {tuple(y.shape)}"
         )
+    if x.shape[0] == 0:
+        raise ValueError("the batch is empty (N = 0): an attack needs at least one example")
     if y.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
     if target is not None:
@@ -117,12 +124,42 @@ def _check_common(x: Tensor, y: Tensor, eps: float, norm: str, loss: str, losses
         lo, hi = clip
         if not lo < hi:
             raise ValueError(f"clip must be (low, high) with low < high, got {clip!r}")
-        # one host sync per attack call, not per step
-        if bool(((x < lo) | (x > hi)).any()):
-            raise ValueError(
-                f"x has values outside [{lo}, {hi}] = clip; pass pixels in [0, 1] "
-                "(models normalise inside themselves) or clip=None to attack unbounded inputs"
-            )
+    _check_values(model, x, clip)
+
+
+def _rows(mask: Tensor) -> str:
+    rows = torch.nonzero(mask)[:, 0]
+    return f"{rows.numel()} row(s) {rows[:10].tolist()}{' ...' if rows.numel() > 10 else ''}"
+
+
+def _check_values(model: nn.Module | None, x: Tensor, clip) -> None:
+    """NaN/inf inputs, inputs outside ``clip`` and NaN/inf parameters or buffers raise ``ValueError``,
+    naming the rows or the parameter.  One host sync for all of it (an argmax over a NaN row is 0, so
+    a NaN input labelled 0 would otherwise count as correct and robust)."""
+    flat = x.detach().flatten(1)
+    parts = [~torch.isfinite(flat).all(dim=1)]
+    if clip is not None:
+        parts.append(((flat < clip[0]) | (flat > clip[1])).any(dim=1))
+    named = []
+    if model is not None:
+        named = [(n, t) for n, t in list(model.named_parameters()) + list(model.named_buffers())
+                 if t.is_floating_point()]
+        parts.append(torch.stack([~torch.isfinite(t.detach()).all() for _, t in named]).to(x.device)
+                     if named else torch.zeros(0, dtype=torch.bool, device=x.device))
+    flags = torch.cat(parts).cpu()  # the one host sync at the start
+    n = x.shape[0]
+    if model is not None and named and bool(flags[-len(named):].any()):
+        bad = [name for (name, _), b in zip(named, flags[-len(named):].tolist()) if b]
+        raise ValueError(f"the model has NaN or inf values in {bad[:5]}{' ...' if len(bad) > 5 else ''}; "
+                         "check the checkpoint it was loaded from or the training run that produced it")
+    if bool(flags[:n].any()):
+        raise ValueError(f"x has NaN or inf values in {_rows(flags[:n])}; check those inputs "
+                         "(a NaN pixel's argmax is 0, so it must not be attacked or scored)")
+    if clip is not None and bool(flags[n:2 * n].any()):
+        raise ValueError(
+            f"x has values outside [{clip[0]}, {clip[1]}] = clip in {_rows(flags[n:2 * n])}; pass pixels in [0, 1] "
+            "(models normalise inside themselves) or clip=None to attack unbounded inputs"
+        )
 
 
 @contextlib.contextmanager
@@ -262,8 +299,25 @@ def _zero_grad_mask(grad: Tensor) -> Tensor:
     return grad.abs().amax(dim=_rdims(grad)) == 0
 
 
+def _finish(res: AttackResult, finite: Tensor, warn: bool, loss: str, recorder=None) -> AttackResult:
+    """The one end-of-attack sync: logits that became NaN/inf at any iterate raise ``ValueError``
+    (inputs and weights were checked at the start, so the logits overflowed); then the
+    zero-gradient warning."""
+    flags = torch.cat([~finite, res.zero_grad]).cpu()
+    n = finite.shape[0]
+    if bool(flags[:n].any()):
+        raise ValueError(
+            f"the logits became NaN or inf during the attack in {_rows(flags[:n])}, although inputs and weights "
+            "are finite: they overflow; check the head's scale (a large temperature factor) or attack in float64")
+    if warn:
+        _warn_zero_grad(flags[n:], loss)
+    if recorder is not None:
+        res.trajectory = recorder.trajectory(res.flip_step, res.steps_run)
+    return res
+
+
 def _warn_zero_grad(zero: Tensor, loss: str) -> None:
-    n = int(zero.sum())  # the single end-of-attack sync
+    n = int(zero.sum())  # a host sync (the end-of-attack one when called from _finish)
     if n > 0:
         warnings.warn(
             f"there are {n} of {zero.numel()} points with zero input gradient at the first step of the "
@@ -292,19 +346,25 @@ def _validate_steps(steps, step_size):
         raise ValueError(f"step_size must be > 0, got {step_size!r}")
 
 
-def _combine(results, x, clean_correct, steps_run, recorder=None):
-    """Merge runs (restarts) with the same success-then-loss rule as within a run."""
+def _combine(results, x, clean_correct, steps_run, clean=None):
+    """Merge runs (restarts) with the same success-then-loss rule as within a run.
+
+    Returns ``(finite, result)``: ``finite`` (N,) says the logits of every iterate (and of the clean
+    evaluation ``clean``, if given) were finite; :func:`_finish` checks it."""
     tr0, x_last, lf, zero = results[0][:4]
     bx, bl, bs = tr0.best_x, tr0.best_loss, tr0.best_succ
+    finite = tr0.finite if clean is None else tr0.finite & torch.isfinite(clean[1]).all(dim=1)
+    for r in results[1:]:
+        finite = finite & r[0].finite
     for tr, x_last, lf in (r[:3] for r in results[1:]):
         better = (tr.best_succ & ~bs) | ((tr.best_succ == bs) & (tr.best_loss > bl))
         bx = torch.where(_view(better, x), tr.best_x, bx)
         bl = torch.where(better, tr.best_loss, bl)
         bs = bs | tr.best_succ
-    return AttackResult(
+    return finite, AttackResult(
         x_adv=bx, x_last=x_last, success=bs, clean_correct=clean_correct, loss_final=lf, loss_best=bl,
         flip_step=tr0.flip, zero_grad=zero, steps_run=steps_run,
-        trajectory=None if recorder is None else recorder.trajectory(tr0.flip, results[0][4]),
+        attacked=torch.ones_like(bs),
     )
 
 

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from flatnb.attacks.core import (LOSSES, AttackResult, _check_common, _clean_eval, _combine, _eval_mode, _forward,
                                  _LOSS_FNS, _at_least_fp32, _loss_and_grad, _project, _random_start, _rdims,
-                                 _recorder, _Tracker, _validate_steps, _view, _warn_zero_grad, _zero_grad_mask)
+                                 _recorder, _Tracker, _validate_steps, _view, _finish, _zero_grad_mask)
 from flatnb.models import check_contract
 
 Tensor = torch.Tensor
@@ -93,7 +93,7 @@ def pgd(
     ``check_every`` steps.  ``clip=None`` lifts the [0, 1] box and its input check.
     """
     check_contract(model)
-    _check_common(x, y, eps, norm, loss, LOSSES, clip, target)
+    _check_common(model, x, y, eps, norm, loss, LOSSES, clip, target)
     _validate_steps(steps, step_size)
     if not isinstance(restarts, int) or restarts < 1:
         raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
@@ -116,10 +116,8 @@ def pgd(
             for r in range(restarts)
         ]
     clean_correct = clean[1].argmax(dim=1) == y if random_start else results[0][5]
-    res = _combine(results, x, clean_correct, results[-1][4], recorder)
-    if warn:
-        _warn_zero_grad(res.zero_grad, loss)
-    return res
+    finite, res = _combine(results, x, clean_correct, results[-1][4], clean)
+    return _finish(res, finite, warn, loss, recorder)
 
 
 def fgsm(

@@ -216,7 +216,7 @@ def flatness_over(
     to the model's; ``dtype`` (default: the model's) is the computation dtype: a
     copy of the model is cast if it differs, the model itself is never changed.
     Per-sample values stay on the device; the only host sync is one finite-check
-    at the end: NaN/inf features, logits or head weights raise ``ValueError`` naming the rows
+    at the end: NaN/inf inputs, features, logits or head weights raise ``ValueError`` naming the rows
     (in loader order), as does a loader whose batches are all empty.  The bias enters the
     logits but not ``w``: curvature and ``||w||`` are w.r.t. the weight matrix.
     """
@@ -240,7 +240,8 @@ def flatness_over(
             x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
             x = x.to(device=device, dtype=dtype, non_blocking=True)
             terms, logits = model_flatness(model, x, distances, check=False)
-            finite.append(torch.isfinite(logits).all(dim=1) & torch.isfinite(terms.phi_sq))
+            finite.append(torch.isfinite(x.flatten(1)).all(dim=1) & torch.isfinite(logits).all(dim=1)
+                          & torch.isfinite(terms.phi_sq))
             for f in parts:
                 parts[f].append(getattr(terms, f))
             preds.append(logits.argmax(-1))
@@ -258,7 +259,7 @@ def flatness_over(
         raise NonFiniteError("the last-layer weight contains NaN or inf; check the model's head (a diverged "
                              "training run, a corrupt checkpoint, or an overflowing scale factor)")
     if not bool(flags[1:].all()):
-        _raise_nonfinite("features or logits", torch.nonzero(~flags[1:])[:, 0])
+        _raise_nonfinite("inputs, features or logits", torch.nonzero(~flags[1:])[:, 0])
     cat = {f: torch.cat(v) for f, v in parts.items()}
     terms = FlatnessTerms(weight_sq=weight_norm(model.head.weight.detach()).to(dtype), **cat)
     mean = {f: v.mean() for f, v in cat.items()}
