@@ -60,15 +60,15 @@ SIZES = {
     "08_flatness_detector": {
         "quick": dict(n_test=256, batch=128, archs=("main",)),
         "full": dict(n_test=10_000, batch=500, archs=("main", "wrn28_4"))},
-    "09_adversarial_training": {
-        "quick": dict(n_test=128, n_eval=256, batch=128),
-        "full": dict(n_test=1000, n_eval=10_000, batch=500)},
-    "10_architectures": {
-        "quick": dict(n_test=64, batch=64, n_eval=2000, confident=0.8),
-        "full": dict(n_test=1000, batch=500, n_eval=None, confident=0.9)},
-    "11_off_manifold": {
-        "quick": dict(n_test=64, n_pool=5000, n_random=4, batch=64),
-        "full": dict(n_test=1000, n_pool=50_000, n_random=16, batch=250)},
+    "09_adversarial_training": {  # n_test: recorded paths; n_eval: clean + PGD; n_aa: AutoAttack
+        "quick": dict(n_test=128, n_eval=512, n_aa=64, batch=128),
+        "full": dict(n_test=1000, n_eval=10_000, n_aa=1000, batch=500)},
+    "10_architectures": {  # cifar100: train and attack a ResNet-18 on CIFAR-100 (downloads it)
+        "quick": dict(n_test=64, batch=64, cifar100=False),
+        "full": dict(n_test=1000, batch=500, cifar100=True)},
+    "11_off_manifold": {  # n_cal: held-out images for the temperature; n_aa: AutoAttack check
+        "quick": dict(n_test=64, n_cal=1000, n_pool=5000, n_random=4, n_aa=32, batch=64),
+        "full": dict(n_test=1000, n_cal=5000, n_pool=50_000, n_random=16, n_aa=1000, batch=250)},
     "12_verdict": {"quick": {}, "full": {}},
 }
 

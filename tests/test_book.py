@@ -235,7 +235,7 @@ def test_license_and_citation_agree_with_pyproject():
     import yaml
 
     project = tomllib.loads((book.ROOT / "pyproject.toml").read_text())["project"]
-    assert project["license"]["text"] == "MIT" and (book.ROOT / "LICENSE").read_text().startswith("MIT License")
+    assert project["license"] == "MIT" and (book.ROOT / "LICENSE").read_text().startswith("MIT License")
     cff = yaml.safe_load((book.ROOT / "CITATION.cff").read_text())
     assert cff["license"] == "MIT" and str(cff["version"]) == project["version"]
     paper = cff["references"][0]
