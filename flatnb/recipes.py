@@ -105,7 +105,11 @@ TABLE: dict[tuple[str, str, str], dict[str, TrainConfig]] = {
         "full": TrainConfig("fastnet", "cifar10", "standard", **_FAST_FULL),
     },
     ("fastnet", "cifar10", "pgd_at"): {  # FGSM-RS in the quick profile, PGD-10 in the full one
-        "quick": TrainConfig("fastnet", "cifar10", "pgd_at", **{**_FAST_QUICK, "ema_every": 0, **_FGSM_RS}),
+        # 10,000 images: FGSM-RS overfits catastrophically on FastNet anyway (50,000 images: 56 % clean,
+        # 0 % AutoAttack; 20,000 with step ε: 29 % clean, 0 % PGD-10), so the quick profile pays the least
+        # it can for a model every AT row reports as "not testable here"
+        "quick": TrainConfig("fastnet", "cifar10", "pgd_at",
+                             **{**_FAST_QUICK, "ema_every": 0, "n_train": 10_000, **_FGSM_RS}),
         "full": TrainConfig("fastnet", "cifar10", "pgd_at", **{**_FAST_FULL, "ema_every": 0}),
     },
     ("fastnet", "cifar10", "trades"): {  # 2 KL-PGD steps of 4/255 in the quick profile
