@@ -130,7 +130,6 @@ def test_screenshot(browser, site, stem):
     assert (SCREENSHOTS / f"{stem}.png").stat().st_size > 0
 
 
-@pytest.mark.xfail(strict=False, reason="the chapter scaffold that emits <div class='flatnb-banner'> is not merged yet")
 @pytest.mark.parametrize("page_name", CHAPTERS)
 def test_every_chapter_has_its_banner(browser, site, page_name):
     page = _open(browser, site, page_name, "desktop")

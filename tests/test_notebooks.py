@@ -18,14 +18,7 @@ MACHINE_PATH = re.compile(r"(?<![\w.~])/(work|tmp|root|home)/")
 PRINTED_ERROR = re.compile(r"\b[A-Z]\w*(Error|Exception): ")
 
 # (check, chapter stem) -> why it still fails; remove an entry once that chapter is re-executed clean
-KNOWN = {
-    ("paths", "02_inputs_are_weights"): "torch.jit.script FutureWarning printed with the build machine's venv path",
-    ("paths", "03_local_bound"): "torch.jit.script FutureWarning printed with the build machine's venv path",
-    ("warnings", "02_inputs_are_weights"): "torch.jit.script FutureWarning on stderr",
-    ("warnings", "03_local_bound"): "torch.jit.script FutureWarning on stderr",
-    ("errors", "10_architectures"): "CIFAR-100 download failure printed as a URLError",
-    ("errors", "12_verdict"): "chapter 10's URLError text quoted in the verdict table",
-}
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 def _outputs(chapter: Path):
