@@ -14,8 +14,16 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def chapter_models():
+def chapter_models(request):
     import torch
+
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+
+    def say(line):  # straight to the terminal: pytest captures print() inside fixtures
+        if reporter is not None:
+            reporter.write_line(line)
+        else:
+            print(line, flush=True)
 
     from flatnb import budgets, train
 
@@ -23,9 +31,9 @@ def chapter_models():
     needed = getattr(budgets, "CHAPTER_MODELS", [])
     for i, (arch, dataset, recipe) in enumerate(needed, 1):
         t0 = time.time()
-        print(f"\n[models {i}/{len(needed)}] {arch} {recipe} on {dataset} (quick) ...", flush=True)
+        say(f"[models {i}/{len(needed)}] {arch} {recipe} on {dataset} (quick) ...")
         train.trained_model(arch, dataset, recipe=recipe, profile="quick", device="cpu", progress=False)
-        print(f"[models {i}/{len(needed)}] ready in {time.time() - t0:.0f} s", flush=True)
+        say(f"[models {i}/{len(needed)}] ready in {time.time() - t0:.0f} s")
     return needed
 
 
