@@ -89,3 +89,19 @@ def test_the_scanners_catch_what_they_are_for(tmp_path):
                  test_outputs_hold_no_tracebacks_or_errors):
         with pytest.raises(AssertionError):
             test(path)
+
+
+def test_every_chapter_takes_the_repository_from_the_book_config():
+    """The repository URL is set once, in _config.yml: every chapter's Colab badge and install cell use it."""
+    import yaml
+
+    repo = yaml.safe_load((book.ROOT / "_config.yml").read_text())["repository"]["url"].rstrip("/")
+    slug = repo.split("github.com/", 1)[1]
+    for chapter in CHAPTERS:
+        nb = json.loads(chapter.read_text())
+        text = "\n".join("".join(c["source"]) for c in nb["cells"])
+        badge = f"colab.research.google.com/github/{slug}/blob/main/book/{chapter.name}"
+        assert badge in text, f"{chapter.name}: Colab badge must point to {badge}"
+        assert f"git clone -q --depth 1 {repo} " in text, f"{chapter.name}: the Colab cell must clone {repo}"
+        for url in re.findall(r"https://github\.com/[\w.-]+/[\w.-]+", text):
+            assert url == repo, f"{chapter.name}: {url} is not the repository of _config.yml ({repo})"
