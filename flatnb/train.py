@@ -1,26 +1,14 @@
-"""Training with the paper's recipe, a shared checkpoint cache, and evaluation helpers.
+"""Training: the loop, the shared checkpoint cache, and evaluation.
 
-Recipes (PAPER §5): ``standard`` (SGD momentum 0.9, lr 0.1, weight decay 1e-4,
-cosine schedule, batch 128, crop+flip), ``pgd_at`` (ℓ∞ PGD-AT, 8/255, 10 steps of
-2/255, loss ``α·CE(clean) + (1-α)·CE(adv)``, α = 0 by default) and ``trades``
-(β = 6). Optional label smoothing and SAM (both off by default: they change
-confidence, hence κ; PAPER §6.10).
-
-Checkpoints live in ``cache_dir()/checkpoints``, keyed by a hash of the whole
-:class:`TrainConfig` plus the training data's content digest, so every chapter
-shares one trained model per configuration. A checkpoint is written atomically
-after every epoch; an interrupted run resumes from the last finished epoch and,
-on the CPU, ends bit-identical to an uninterrupted one (per-epoch seeds).
-
-Precision (:func:`select_precision`, stored in ``model.train_info["precision"]``): on CUDA
-channels_last with bf16 autocast where the device supports it, else fp16 autocast with a
-gradient scaler (T4/V100), and fused SGD; on the CPU float32, or bf16 autocast with
-channels_last where the config asks for it (``cpu_bf16``: the quick FastNet; oneDNN uses
-AMX/AVX-512-BF16 where the CPU has them). Curvature and attacks always run in float32: the
-returned model is float32 in the default memory format. ``train(..., compile=True)`` runs the
-training steps through :func:`torch.compile`.
-
-The configurations themselves are one explicit table, :mod:`flatnb.recipes`.
+Recipes (Walter et al. 2026 §5; the configurations are one explicit table, :mod:`flatnb.recipes`):
+``standard``, ``pgd_at`` (ℓ∞ PGD-AT, loss ``α·CE(clean) + (1-α)·CE(adv)``) and ``trades`` (β = 6);
+label smoothing, SAM and mixup are off unless a recipe asks (they change confidence, hence κ).
+Checkpoints live in ``cache_dir()/checkpoints``, keyed by a hash of the :class:`TrainConfig` and the
+training data's digest; written atomically every epoch, resumed after an interruption (bit-identical
+on the CPU), moved aside and retrained when corrupt. Precision (:func:`select_precision`, recorded in
+``model.train_info["precision"]``): bf16 autocast + channels_last + fused SGD on CUDA (fp16 with a
+gradient scaler where bf16 is missing), float32 on the CPU unless the config sets ``cpu_bf16``; the
+returned model is float32, so curvature and attacks run in float32.
 """
 from __future__ import annotations
 
@@ -171,11 +159,8 @@ def _noise(fn, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def _pgd_linf(model, x, y, eps, step, steps, random_start, generator, loss_fn=None):
-    """Minimal ℓ∞ PGD for training (private; flatnb.attacks is the public one).
-
-    Maximises ``loss_fn(model(x_adv), y)`` (default CE) by signed gradient steps,
-    projecting onto the ε-ball and [0, 1]. Model mode is left to the caller.
-    """
+    """Minimal ℓ∞ PGD for training (flatnb.attacks is the public one): signed steps on
+    ``loss_fn(model(x_adv), y)`` (default CE), projected onto the ε-ball and [0, 1]."""
     loss_fn = loss_fn or (lambda logits, t: F.cross_entropy(logits, t))
     x_adv = x.detach().clone()
     if random_start:
