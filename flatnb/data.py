@@ -293,21 +293,31 @@ def source_description(name: str, root: str | os.PathLike | None = None) -> str:
     return _describe(name, _find_source(name, data_root(root), download=False))
 
 
+def download_default() -> bool:
+    """Whether a missing dataset is downloaded when ``download`` is not given: in Colab, or when the
+    environment sets ``FLATNB_DOWNLOAD=1`` (a reader's notebook should fetch its data; CI never does)."""
+    import sys
+
+    return "google.colab" in sys.modules or os.environ.get("FLATNB_DOWNLOAD") == "1"
+
+
 def load(name: str, split: str, root: str | os.PathLike | None = None, cache: bool | None = None,
-         download: bool = False) -> Dataset:
+         download: bool | None = None) -> Dataset:
     """Load a split as uint8 tensors, decoding the source once into the cache.
 
     ``name`` in ``("cifar10", "cifar100", "tinyimagenet")``; ``split`` in
     ``("train", "test")`` (Tiny ImageNet ``"test"`` is its labelled val split).
     ``cache=False`` decodes without reading or writing the cache (default: use it).
     ``download=True`` fetches a dataset that is not found (into ``root``, else
-    ``$FLATNB_DATA``, else ``~/.cache/flatnb/data``, created when missing).
+    ``$FLATNB_DATA``, else ``~/.cache/flatnb/data``, created when missing); ``None`` (default)
+    means :func:`download_default` (True in Colab or with ``FLATNB_DOWNLOAD=1``).
     The returned :class:`Dataset` says in ``source`` which copy was read.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    download = download_default() if download is None else bool(download)
     src = _find_source(name, _root_for(root, download, name), download)
     key = _source_key(src)
     path = cache_dir() / "data" / f"{name}-{split}-{key}.pt"

@@ -236,3 +236,19 @@ def test_cifar10_download_failures_leave_nothing(tmp_path, server, monkeypatch, 
     with pytest.raises(dl.DownloadError) as e:
         data.load("cifar10", "train", root=root, download=True)
     _expect_clean_failure(e, url, "cifar-10-python.tar.gz", root, "torchvision")
+
+
+def test_download_is_the_default_in_colab_or_with_flatnb_download(monkeypatch):
+    import sys
+    import types
+
+    from flatnb import data
+
+    monkeypatch.delenv("FLATNB_DOWNLOAD", raising=False)
+    monkeypatch.delitem(sys.modules, "google.colab", raising=False)
+    assert data.download_default() is False
+    monkeypatch.setenv("FLATNB_DOWNLOAD", "1")
+    assert data.download_default() is True
+    monkeypatch.delenv("FLATNB_DOWNLOAD")
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    assert data.download_default() is True
