@@ -15,25 +15,51 @@ import pytest
 
 @pytest.fixture(scope="session")
 def chapter_models(request):
-    import torch
+    """Train (or load) every model of ``budgets.CHAPTER_MODELS``, two at a time.
 
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    Each model trains in its own process with one torch thread, two processes at once: the CI machine
+    has two cores, and one-thread training leaves the second idle. A failed training fails here with
+    its output.
+    """
+    import subprocess
+    import sys
 
-    def say(line):  # straight to the terminal: pytest captures print() inside fixtures
-        if reporter is not None:
-            reporter.write_line(line)
+    from flatnb import budgets
+
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+
+    def say(line):  # straight to the terminal: pytest captures output inside fixtures
+        if capture is not None:
+            with capture.global_and_fixture_disabled():
+                print(line, flush=True)
         else:
             print(line, flush=True)
 
-    from flatnb import budgets, train
-
-    torch.set_num_threads(int(os.environ.get("FLATNB_THREADS", "1")))
-    needed = getattr(budgets, "CHAPTER_MODELS", [])
-    for i, (arch, dataset, recipe) in enumerate(needed, 1):
-        t0 = time.time()
-        say(f"[models {i}/{len(needed)}] {arch} {recipe} on {dataset} (quick) ...")
-        train.trained_model(arch, dataset, recipe=recipe, profile="quick", device="cpu", progress=False)
-        say(f"[models {i}/{len(needed)}] ready in {time.time() - t0:.0f} s")
+    needed = list(getattr(budgets, "CHAPTER_MODELS", []))
+    lanes = int(os.environ.get("FLATNB_TRAIN_PROCESSES", "2"))
+    env = dict(os.environ, OMP_NUM_THREADS="1", FLATNB_THREADS="1", FLATNB_PROGRESS="0")
+    code = ("import sys, torch; torch.set_num_threads(1); from flatnb import train; "
+            "train.trained_model(sys.argv[1], sys.argv[2], recipe=sys.argv[3], profile='quick', device='cpu', "
+            "progress=False)")
+    queue, running, start = list(enumerate(needed, 1)), [], time.time()
+    while queue or running:
+        while queue and len(running) < lanes:
+            i, (arch, dataset, recipe) = queue.pop(0)
+            say(f"[models {i}/{len(needed)}] {arch} {recipe} on {dataset} (quick): training or loading ...")
+            proc = subprocess.Popen([sys.executable, "-c", code, arch, dataset, recipe], env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            running.append((i, arch, recipe, dataset, proc, time.time()))
+        time.sleep(1)
+        for item in [r for r in running if r[4].poll() is not None]:
+            running.remove(item)
+            i, arch, recipe, dataset, proc, t0 = item
+            out = proc.stdout.read()
+            if proc.returncode != 0:
+                for _, *_rest, other, _t in running:
+                    other.kill()
+                pytest.fail(f"training {arch} {recipe} on {dataset} failed:\n{out[-4000:]}", pytrace=False)
+            say(f"[models {i}/{len(needed)}] {arch} {recipe} on {dataset}: ready in {time.time() - t0:.0f} s")
+    say(f"[models] all {len(needed)} ready in {time.time() - start:.0f} s ({lanes} at a time)")
     return needed
 
 
