@@ -11,6 +11,49 @@ import os
 import time
 
 import pytest
+import torch
+import torch.nn as nn
+
+
+# ----------------------------------------------------------------------------- shared small models
+
+
+class Tiny(nn.Module):
+    """A small network following the flatnb model contract."""
+
+    def __init__(self, k=4, m=6, n_in=12):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(n_in, m), nn.ReLU())
+        self.head = nn.Linear(m, k)
+
+    def features(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+class _Traj:
+    """A stand-in trajectory: (T+1, N) rows and flip_step, as flatnb.attacks.Trajectory has them."""
+
+    def __init__(self, kappa, flip, p_top=None):
+        self.kappa_sq = kappa
+        self.flip_step = flip
+        self.loss = torch.zeros_like(kappa)
+        self.p_top = torch.full_like(kappa, 0.9) if p_top is None else p_top
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Unit tests use tiny models: one torch thread (threads only add overhead on a shared machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------- the chapters' models
+
 
 
 @pytest.fixture(scope="session")

@@ -17,14 +17,6 @@ from flatnb.curvature import closed_form, flatness_over
 K = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Tiny(nn.Module):
     def __init__(self, n_in: int = 12, m: int = 6, k: int = K):
         super().__init__()

@@ -11,32 +11,7 @@ from hypothesis import strategies as st
 
 from flatnb import figures as an
 from flatnb.attacks import pgd
-
-
-class Tiny(nn.Module):
-    """A small network following the flatnb model contract."""
-
-    def __init__(self, k=4, m=6, n_in=12):
-        super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(n_in, m), nn.ReLU())
-        self.head = nn.Linear(m, k)
-
-    def features(self, x):
-        return self.body(x)
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
-
-
-class _Traj:
-    """A stand-in trajectory: (T+1, N) rows and flip_step, as flatnb.attacks.Trajectory has them."""
-
-    def __init__(self, kappa, flip, p_top=None):
-        self.kappa_sq = kappa
-        self.flip_step = flip
-        self.loss = torch.zeros_like(kappa)
-        self.p_top = torch.full_like(kappa, 0.9) if p_top is None else p_top
+from conftest import Tiny, _Traj
 
 
 def test_valley_comparison_figure_draws_each_model_and_survives_no_flips():

@@ -15,14 +15,6 @@ pyautoattack = pytest.importorskip("pyautoattack")
 K = 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class TinyCNN(nn.Module):
     def __init__(self, k: int = K, m: int = 16):
         super().__init__()

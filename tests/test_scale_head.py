@@ -4,22 +4,7 @@ import torch
 import torch.nn as nn
 
 from flatnb import models
-
-
-class Tiny(nn.Module):
-    """A small network following the flatnb model contract."""
-
-    def __init__(self, k=4, m=6, n_in=12):
-        super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(n_in, m), nn.ReLU())
-        self.head = nn.Linear(m, k)
-
-    def features(self, x):
-        return self.body(x)
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
+from conftest import Tiny
 
 
 def test_scale_head_scales_weight_and_bias_keeps_argmax_and_original():

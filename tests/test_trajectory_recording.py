@@ -13,14 +13,6 @@ from flatnb.data import Dataset
 K = 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Tiny(nn.Module):
     def __init__(self, channels: int = 3, k: int = K, m: int = 12):
         super().__init__()
