@@ -85,6 +85,9 @@ class _Ball(nn.Module):
         super().__init__()
         self.model, self.x, self.r = model, x, _view(delta, x)
         self.head = model.head
+        # a new Module is in training mode; the attacks restore the wrapper's mode afterwards, and
+        # restoring "training" would switch the wrapped model's BatchNorm to training too
+        self.train(model.training)
 
     def point(self, z: Tensor) -> Tensor:
         return self.x + self.r * (z - self.x)

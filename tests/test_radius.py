@@ -120,3 +120,15 @@ def test_bisection_censors_when_nothing_breaks_and_validates():
     with pytest.raises(ValueError, match="eps"):
         rd.loss_change_radius(_linear(2), torch.zeros(1, 5, dtype=DT), torch.zeros(1, dtype=torch.long), 0.0,
                               torch.zeros(1, dtype=DT), torch.ones(1, dtype=DT))
+
+
+def test_the_search_leaves_an_eval_mode_model_in_eval_mode():
+    # regression: the ball wrapper is a new Module (training mode); the attacks restore its mode afterwards,
+    # which used to switch the wrapped model's BatchNorm back to training
+    torch.manual_seed(0)
+    net = HeadModel(nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.BatchNorm1d(8), nn.ReLU()), nn.Linear(8, 3))
+    net(torch.rand(16, 3, 2, 2))  # BatchNorm statistics
+    net.eval()
+    x, y = torch.rand(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])
+    rd.max_loss_change(net, x, y, 0.1, steps=3, restarts=1)
+    assert not any(m.training for m in net.modules())
