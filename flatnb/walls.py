@@ -20,8 +20,6 @@ curvature (its softmax-Hessian factor shrinks as a model grows confident).
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from flatnb import calibration
@@ -74,13 +72,8 @@ def measure_batch(model, x: Tensor, y: Tensor, dirs: dict[str, Tensor], temperat
         def along(fn):
             return torch.stack([cv.loss_along(model, x, y, v, both, loss_fn=fn) for v in d])
         up, lost = along(ce_t), along(calibration.negative_margin)
-        with warnings.catch_warnings():
-            # torch loads its forward-mode AD decompositions through torch.jit.script on the
-            # first jvp of a process and warns that jit.script is deprecated; nothing to act on
-            warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated",
-                                    category=FutureWarning)
-            curv = cv.directional_curvature(model, x, y, d)
-            curv_cal = cv.directional_curvature(model, x, y, d, loss_fn=ce_sum)
+        curv = cv.directional_curvature(model, x, y, d)
+        curv_cal = cv.directional_curvature(model, x, y, d, loss_fn=ce_sum)
         vals = {"curv": curv, "curv_cal": curv_cal,
                 "rise_cal": torch.maximum(up[:, :k], up[:, k:]),
                 "margin": torch.maximum(lost[:, :k], lost[:, k:]) / m0}

@@ -3,6 +3,8 @@ and the directions chapter 11 compares (augmentation tangents, neighbours, rando
 """
 from __future__ import annotations
 
+import warnings
+
 from typing import NamedTuple
 
 import torch
@@ -62,7 +64,10 @@ def input_hvp(model, x: Tensor, y: Tensor, v: Tensor, loss_fn=None) -> Tensor:
     f = _input_loss(model, y, loss_fn)
     x0, v = x.detach(), v.to(x)
     try:
-        with _math_attention():
+        with _math_attention(), warnings.catch_warnings():
+            # torch loads its forward-mode AD decompositions through torch.jit.script on the first
+            # jvp of a process and warns that jit.script is deprecated; nothing to act on
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
             return torch.func.jvp(torch.func.grad(f), (x0,), (v,))[1]
     except (RuntimeError, NotImplementedError):
         xr = x0.clone().requires_grad_(True)
