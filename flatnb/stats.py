@@ -96,3 +96,98 @@ def bootstrap_ci(values, statistic=np.median, n_boot: int = 2000, seed: int = 0,
     boots = np.apply_along_axis(statistic, 1, v[idx])
     a = (1 - level) / 2
     return float(statistic(v)), float(np.quantile(boots, a)), float(np.quantile(boots, 1 - a))
+
+
+# ----------------------------------------------------------------------------- rank correlations
+
+def _columns(*cols) -> list[np.ndarray]:
+    out = [c.detach().cpu().double().numpy() if isinstance(c, torch.Tensor) else np.asarray(c, float) for c in cols]
+    out = [c.reshape(-1) for c in out]
+    if len({c.size for c in out}) != 1:
+        raise ValueError(f"the columns must have the same length, got {[c.size for c in out]}")
+    if out[0].size < 3:
+        raise ValueError(f"a rank correlation needs at least 3 rows, got {out[0].size}")
+    for i, c in enumerate(out):
+        if not np.isfinite(c).all():
+            raise ValueError(f"column {i} has {int((~np.isfinite(c)).sum())} non-finite values; drop or fix them first")
+    return out
+
+
+def _ranks(v: np.ndarray) -> np.ndarray:
+    """Average ranks (ties share the mean of their positions), 0-based."""
+    order = np.argsort(v, kind="mergesort")
+    ranks = np.empty(v.size)
+    ranks[order] = np.arange(v.size, dtype=float)
+    for u in np.unique(v):  # ties
+        tie = v == u
+        if tie.sum() > 1:
+            ranks[tie] = ranks[tie].mean()
+    return ranks
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    den = math.sqrt(float((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / den) if den > 0 else float("nan")
+
+
+def spearman(x, y) -> float:
+    """Spearman's rank correlation of two columns (average ranks for ties).
+
+    A constant column has no ranking: ``ValueError`` (a correlation of NaN is not a number to report)."""
+    x, y = _columns(x, y)
+    r = _pearson(_ranks(x), _ranks(y))
+    if not math.isfinite(r):
+        raise ValueError("a column is constant: its rank correlation is undefined")
+    return r
+
+
+def partial_spearman(x, y, z) -> float:
+    """Spearman correlation of ``x`` and ``y`` with ``z`` partialled out: the Pearson correlation of the
+    residuals of rank(x) and rank(y) after a least-squares line on rank(z) each."""
+    x, y, z = _columns(x, y, z)
+    rz = _ranks(z)
+    design = np.stack([np.ones_like(rz), rz], 1)
+
+    def resid(v):
+        r = _ranks(v)
+        return r - design @ np.linalg.lstsq(design, r, rcond=None)[0]
+
+    r = _pearson(resid(x), resid(y))
+    if not math.isfinite(r):
+        raise ValueError("after partialling out z a column is constant: the correlation is undefined")
+    return r
+
+
+def correlation_ci(fn, *cols, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """``(estimate, lo, hi)`` for ``fn(*cols)`` (e.g. :func:`spearman`) with a percentile-bootstrap interval
+    over the rows (resampled jointly). Resamples in which a column has no ranking are drawn again, so
+    every interval comes from ``n_boot`` defined values; with few rows the interval is wide, and says so."""
+    cols = _columns(*cols)
+    est = fn(*cols)
+    rng = np.random.default_rng(seed)
+    n, boots, tries = cols[0].size, [], 0
+    while len(boots) < n_boot:
+        tries += 1
+        if tries > 20 * n_boot:
+            raise ValueError("almost every bootstrap resample had a constant column: too few distinct rows")
+        idx = rng.integers(0, n, size=n)
+        try:
+            boots.append(fn(*(c[idx] for c in cols)))
+        except ValueError:
+            continue
+    a = (1 - level) / 2
+    return float(est), float(np.quantile(boots, a)), float(np.quantile(boots, 1 - a))
+
+
+def as_interval(v) -> tuple[float, float, float]:
+    """``(estimate, lo, hi)`` of a :class:`Fraction` (its Wilson interval), an ``(estimate, lo, hi)`` tuple
+    (e.g. from :func:`bootstrap_ci`) or a plain number (an interval of width 0)."""
+    if isinstance(v, Fraction):
+        return (v.value, *v.interval)
+    if isinstance(v, (int, float)):
+        return (float(v),) * 3
+    out = tuple(float(t) for t in v)
+    if len(out) != 3:
+        raise ValueError(f"an interval is (estimate, lo, hi), got {v!r}")
+    return out
