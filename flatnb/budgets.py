@@ -4,6 +4,8 @@ Training configurations live in :mod:`flatnb.recipes`; this module holds the res
 configuration. A chapter reads its sizes as ``ch.sizes`` (:func:`flatnb.chapter.setup`) and its
 attacks as ``budgets.ATTACKS["pgd_linf_long"]`` (keyword arguments for :func:`flatnb.attacks.pgd`).
 """
+import re
+
 # ============================================================================= attack budgets
 # The named attacks the chapters share (Walter et al. 2026 §5; the Uncanny Valley code's defaults).
 # Each is a dict of keyword arguments for flatnb.attacks.pgd (norm, eps, steps, step_size).
@@ -70,7 +72,53 @@ SIZES = {
         "quick": dict(n_test=64, n_cal=1000, n_pool=5000, n_random=4, n_aa=32, batch=64),
         "full": dict(n_test=1000, n_cal=5000, n_pool=50_000, n_random=16, n_aa=1000, batch=250)},
     "12_verdict": {"quick": {}, "full": {}},
+    "13_atlas": {  # n_kappa: training images for H(w, S); n_aa: AutoAttack images per model and norm
+        "quick": dict(n_kappa=2000, n_test=1000, n_cal=1000, n_aa=32, n_basin=64, n_radius=16, radius_steps=10,
+                      radius_iter=5, n_curv=16, n_random=4, batch=256),
+        "full": dict(n_kappa=10_000, n_test=5000, n_cal=5000, n_aa=1000, n_basin=500, n_radius=200, radius_steps=30,
+                     radius_iter=10, n_curv=200, n_random=16, batch=500)},
 }
+
+
+# ============================================================================= the atlas's zoo (chapter 13)
+# label -> (arch, dataset, recipe, seed) of flatnb.recipes.TABLE. quick: FastNet at width 16 for 2 epochs
+# (recipes "zoo_*"); full: the paper's ResNet-18 with each training method.
+ZOO = {
+    "quick": {
+        "standard, seed 0": ("fastnet", "cifar10", "zoo_standard", 0),
+        "standard, seed 1": ("fastnet", "cifar10", "zoo_standard", 1),
+        "standard, seed 2": ("fastnet", "cifar10", "zoo_standard", 2),
+        "SAM ρ=0.05": ("fastnet", "cifar10", "zoo_sam", 0),
+        "SAM ρ=0.2": ("fastnet", "cifar10", "zoo_sam_0.2", 0),
+        "label smoothing 0.2": ("fastnet", "cifar10", "zoo_label_smoothing", 0),
+        "mixup α=0.2": ("fastnet", "cifar10", "zoo_mixup", 0),
+        "PGD-2 AT": ("fastnet", "cifar10", "zoo_pgd_at", 0),
+        "TRADES": ("fastnet", "cifar10", "zoo_trades", 0),
+    },
+    "full": {
+        "standard, seed 0": ("resnet18", "cifar10", "standard", 0),
+        "standard, seed 1": ("resnet18", "cifar10", "standard", 1),
+        "standard, seed 2": ("resnet18", "cifar10", "standard", 2),
+        "SAM ρ=0.05": ("resnet18", "cifar10", "sam", 0),
+        "SAM ρ=0.2": ("resnet18", "cifar10", "sam_0.2", 0),
+        "label smoothing 0.2": ("resnet18", "cifar10", "label_smoothing", 0),
+        "mixup α=0.2": ("resnet18", "cifar10", "mixup", 0),
+        "PGD-10 AT": ("resnet18", "cifar10", "pgd_at", 0),
+        "TRADES": ("resnet18", "cifar10", "trades", 0),
+    },
+}
+#: the kind of each zoo label (the atlas's colours and sets): standard / flatness-seeking / confidence / adversarial
+ZOO_METHOD = {"standard": "standard", "SAM": "flatness-seeking (SAM)", "label": "confidence regulariser",
+              "mixup": "confidence regulariser", "PGD": "adversarial training",
+              "TRADES": "adversarial training"}
+
+
+def zoo_method(label: str) -> str:
+    """The method group of a zoo label (its first word decides)."""
+    first = re.split(r"[\s,-]+", label.strip())[0]
+    if first not in ZOO_METHOD:
+        raise ValueError(f"zoo label {label!r}: its first word must be one of {sorted(ZOO_METHOD)}")
+    return ZOO_METHOD[first]
 
 
 # ============================================================================= models the quick chapters use
@@ -84,4 +132,6 @@ CHAPTER_MODELS = [
     ("vit_tiny", "cifar10", "standard"),
     ("resnet18", "tinyimagenet", "standard"),
     ("vit_tiny", "tinyimagenet", "standard"),
+    # chapter 13's zoo, (arch, dataset, recipe, seed)
+    *((a, d, r, s) for a, d, r, s in ZOO["quick"].values()),
 ]

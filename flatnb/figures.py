@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from flatnb.stats import as_interval
 from flatnb.trajectory import FIELDS, _flipping_columns, _values, align_at_flip, step_summary
 
 #: axis label of every recorded quantity (one per entry of :data:`flatnb.trajectory.FIELDS`)
@@ -190,3 +191,56 @@ def valley_comparison_figure(trajs: dict, quantity: str = "kappa_sq", before: in
 
 
 __all__ = ["QUANTITIES", "LOG_QUANTITIES", "valley_axes", "uncanny_valley_figure", "valley_comparison_figure"]
+
+
+# ----------------------------------------------------------------------------- the atlas (chapter 13)
+
+#: the atlas's panels: (entry field, axis label); fractions and (estimate, lo, hi) tuples both work
+ATLAS_PANELS = (("aa_linf", "AutoAttack ℓ∞ 8/255\nrobust accuracy"),
+                ("aa_l2", "AutoAttack ℓ2 0.5\nrobust accuracy"),
+                ("radius", "median flip radius (ℓ2, log)"), ("conf", "mean confidence"))
+_MARKERS = "os^vDP*Xph<>"
+
+
+def atlas_figure(entries: dict, groups: dict, pairs: dict | None = None, kappa: str = "kappa_sq",
+                 panels=ATLAS_PANELS, title: str = ""):
+    """κ at the training minimum (x, log axis, bootstrap interval) against each robustness measure and the
+    mean confidence (y, with intervals), one marker per model, one colour per method group; ``pairs``
+    (calibrated label -> original label) draws the temperature-scaled copies hollow, with an arrow from
+    their original. Two panels per row. Returns the figure."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, NullFormatter
+
+    pairs = pairs or {}
+    colours = {g: f"C{i}" for i, g in enumerate(dict.fromkeys(groups[n] for n in entries))}
+    rows = (len(panels) + 1) // 2
+    fig, axes = plt.subplots(rows, 2, figsize=(WIDTH, 3.0 * rows + 0.9), layout="constrained", squeeze=False)
+    for ax, (field, label) in zip(axes.flat, panels):
+        for i, (name, e) in enumerate(entries.items()):
+            x, y = as_interval(e["kappa_train"][kappa]), as_interval(e[field])
+            hollow = name in pairs
+            c = colours[groups[name]]
+            ax.errorbar(x[0], y[0], xerr=[[x[0] - x[1]], [x[2] - x[0]]], yerr=[[y[0] - y[1]], [y[2] - y[0]]],
+                        fmt=_MARKERS[i % len(_MARKERS)], color=c, mfc="none" if hollow else c, ms=6, lw=0.8,
+                        capsize=1.5, label=name)
+            if hollow and pairs[name] in entries:
+                orig = entries[pairs[name]]
+                x0, y0 = as_interval(orig["kappa_train"][kappa]), as_interval(orig[field])
+                ax.annotate("", (x[0], y[0]), (x0[0], y0[0]),
+                            arrowprops=dict(arrowstyle="->", color=c, lw=0.7, alpha=0.7))
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, numticks=5))
+        ax.xaxis.set_minor_formatter(NullFormatter())  # no "3×10¹ 4×10¹ ..." clutter
+        if field == "radius":  # the robust models' radii are an order of magnitude larger
+            ax.set_yscale("log")
+            ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(r"$\kappa$ over training images (log)", fontsize=FONT["label"])
+        ax.set_ylabel(label, fontsize=FONT["label"])
+        ax.tick_params(labelsize=FONT["tick"])
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=FONT["legend"], frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=FONT["suptitle"])
+    return fig

@@ -37,6 +37,7 @@ REQUIRED = {
     "10_architectures": ("E6-arch-wrn28_4", "E6-arch-vgg11_bn", "E6-arch-vit", "E6-tinyimagenet-resnet18",
                          "E6-tinyimagenet-vit", "E6-cifar100"),
     "11_off_manifold": ("R-walls",),
+    "13_atlas": ("A-E2", "A-E6AT", "A-suff", "A-rank", "A-temperature"),
 }
 
 # Rows that state mathematics (kind "theory"); T-radius and T-local-global may be measured instead.
@@ -68,6 +69,7 @@ GROUPS = (
     ("Adversarial training (E2, E6-AT; chapter 9)", ("E2", "E6-AT")),
     ("Flatness as a detector (E5, chapter 8)", ("E5",)),
     ("Steep loss off the data manifold (R-walls, chapter 11)", ("R-walls",)),
+    ("The atlas: flatness and robustness across training methods (chapter 13)", ("A-",)),
     ("Claims no chapter of this book can test", ("E6-LLM", "Setup-models")),
 )
 

@@ -131,7 +131,7 @@ def test_config_for_profiles():
     assert T.config_for("resnet18", "tinyimagenet").num_classes == 20
     assert T.config_for("wrn28_4", "cifar100").width is None
     with pytest.raises(ValueError, match="recipe"):
-        T.config_for("resnet18", "cifar10", recipe="mixup")
+        T.config_for("resnet18", "cifar10", recipe="cutmix")
     with pytest.raises(ValueError, match="profile"):
         T.config_for("resnet18", "cifar10", profile="auto")
 

@@ -1,0 +1,189 @@
+"""The atlas (chapter 13): its measurements against independent computations, its by-construction copies,
+and the rank correlations it reports."""
+import math
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+import torch.nn as nn
+
+from flatnb import atlas, budgets, recipes, stats
+from flatnb import data as fdata
+
+
+class SmallConv(nn.Module):
+    """A tiny image classifier with the features/head contract (10 classes, 8×8 images)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.Tanh(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+        self.head = nn.Linear(24, 10)
+
+    def features(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def _dataset(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    images = torch.randint(0, 256, (n, 3, 8, 8), generator=g, dtype=torch.uint8)
+    images[:, 0] = (100 + labels * 6).to(torch.uint8)[:, None, None]  # the class is in the red channel, 6/255 apart
+    return fdata.Dataset(images, labels, [str(i) for i in range(10)], f"toy{seed}", "toy")
+
+
+SIZES = type("S", (), dict(batch=32, n_aa=12, n_basin=24, n_radius=6, radius_steps=5, radius_iter=3, n_curv=4,
+                          n_random=2))()
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = SmallConv()
+    train, test = _dataset(400, 1), _dataset(300, 2)
+    opt = torch.optim.Adam(model.parameters(), 0.02)
+    x, y = train.images.float() / 255, train.labels
+    for _ in range(150):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    pr = atlas.probe(train, test, n_train=40, n_test=120, n_cal=100, seed=0)
+    return model, pr, atlas.measure(model, pr, SIZES, "cpu", seed=0)
+
+
+def test_probe_is_seeded_and_its_test_and_calibration_images_are_disjoint():
+    train, test = _dataset(50, 1), _dataset(40, 2)
+    a, b = atlas.probe(train, test, 20, 15, 10, seed=3), atlas.probe(train, test, 20, 15, 10, seed=3)
+    assert torch.equal(a.test.images, b.test.images) and torch.equal(a.train.images, b.train.images)
+    rows = lambda ds: {bytes(im.numpy()) for im in ds.images}  # noqa: E731
+    assert not rows(a.test) & rows(a.cal)
+    assert (len(a.train), len(a.test), len(a.cal)) == (20, 15, 10)
+    with pytest.raises(ValueError, match="exceeds"):
+        atlas.probe(train, test, 20, 30, 20)
+
+
+def _hessian_trace(model, x, y):
+    """Tr of the Hessian of the cross-entropy w.r.t. the head weight, per sample, by autograd in float64."""
+    m = model.double()
+    out = []
+    for xi, yi in zip(x.double(), y):
+        phi = m.features(xi[None]).detach()
+        w0 = m.head.weight.detach().clone()
+
+        def loss(w):
+            return nn.functional.cross_entropy(phi @ w.T + m.head.bias, yi[None])
+
+        h = torch.autograd.functional.hessian(loss, w0).reshape(w0.numel(), w0.numel())
+        out.append(float(torch.diagonal(h).sum()))
+    model.float()
+    return torch.tensor(out, dtype=torch.float64), float(w0.pow(2).sum())
+
+
+def test_kappa_over_training_images_is_the_dataset_hessian_trace(setup):
+    model, pr, e = setup
+    x, y = pr.train.images.float() / 255, pr.train.labels
+    tr, w_sq = _hessian_trace(model, x, y)
+    assert e["kappa_train"]["kappa_sq"][0] == pytest.approx(float((w_sq * tr).mean()), rel=1e-4)
+    lo, hi = e["kappa_train"]["kappa_sq"][1:]
+    assert lo < e["kappa_train"]["kappa_sq"][0] < hi
+
+
+def test_measure_reports_accuracy_and_robustness_of_the_model(setup):
+    model, pr, e = setup
+    with torch.no_grad():
+        correct = model(pr.test.images.float() / 255).argmax(1) == pr.test.labels
+    assert e["clean"].k == int(correct.sum()) and e["clean"].n == len(pr.test)
+    assert e["clean"].value > 0.3, "the toy model should have learnt the red channel"
+    for key in ("aa_linf", "aa_l2"):
+        assert e[key].n == SIZES.n_aa and e[key].value <= correct[:SIZES.n_aa].float().mean() + 1e-9
+    for key in ("basin", "radius", "curv_in"):
+        assert all(math.isfinite(v) for v in e[key]) and e[key][1] <= e[key][0] <= e[key][2]
+    assert 0 < e["temperature"] < 100 and 0 <= e["ece"] <= 1
+    assert len(e["per_radius"]["radius"]) == len(e["per_radius"]["kappa_sq"]) == len(e["per_radius"]["p_top"])
+
+
+def test_the_calibrated_copy_inherits_decisions_and_has_the_kappa_of_scaled_logits(setup):
+    model, pr, e = setup
+    cal, c = atlas.calibrated(model, e, pr, SIZES, "cpu")
+    assert c["inherited"] == atlas.BY_CONSTRUCTION
+    for f in atlas.BY_CONSTRUCTION:
+        assert c[f] is e[f]
+    assert c["basin"] is None and c["curv_in"] is None
+    # independent: softmax of logits / T in float64, κ = ‖w/T‖² (1 - ‖p‖²) ‖φ‖²
+    t = e["temperature"]
+    x = pr.train.images.double() / 255
+    m = model.double()
+    with torch.no_grad():
+        phi = m.features(x)
+        p = (m.head(phi) / t).softmax(1)
+        want = (m.head.weight / t).pow(2).sum() * (1 - p.pow(2).sum(1)) * phi.pow(2).sum(1)
+    model.float()
+    assert c["kappa_train"]["kappa_sq"][0] == pytest.approx(float(want.mean()), rel=1e-4)
+    assert "†" in atlas.table({"raw": e, "raw (T)": c})
+
+
+def test_columns_refuse_non_finite_values(setup):
+    _, _, e = setup
+    cols = atlas.columns({"a": e, "b": e})
+    assert cols["kappa_sq_train"].shape == (2,)
+    bad = dict(e, conf=float("nan"))
+    with pytest.raises(ValueError, match="conf"):
+        atlas.columns({"a": e, "b": bad})
+
+
+def test_every_zoo_entry_has_a_recipe_and_a_method_group():
+    for profile, zoo in budgets.ZOO.items():
+        for label, (arch, dataset, recipe, seed) in zoo.items():
+            assert recipes.lookup(arch, dataset, recipe, profile, seed).seed == seed
+            assert budgets.zoo_method(label)
+    assert budgets.ZOO["quick"].keys() == budgets.ZOO["full"].keys() - {"PGD-10 AT"} | {"PGD-2 AT"}
+    with pytest.raises(ValueError, match="first word"):
+        budgets.zoo_method("unknown method")
+
+
+# ----------------------------------------------------------------------------- rank correlations
+
+
+def test_spearman_matches_scipy_with_ties():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        x, y = rng.integers(0, 5, 12).astype(float), rng.normal(size=12)
+        if len(set(x)) > 1:
+            assert stats.spearman(x, y) == pytest.approx(scipy.stats.spearmanr(x, y).statistic, abs=1e-12)
+
+
+def test_partial_spearman_is_the_textbook_formula_on_ranks():
+    rng = np.random.default_rng(1)
+    x, y, z = rng.normal(size=(3, 30))
+    y = y + 2 * z
+    x = x + z
+    r = lambda a, b: scipy.stats.spearmanr(a, b).statistic  # noqa: E731
+    want = (r(x, y) - r(x, z) * r(y, z)) / math.sqrt((1 - r(x, z) ** 2) * (1 - r(y, z) ** 2))
+    assert stats.partial_spearman(x, y, z) == pytest.approx(want, abs=1e-10)
+    assert abs(stats.partial_spearman(x, y, z)) < abs(stats.spearman(x, y))  # the shared z removed
+
+
+def test_correlations_refuse_what_has_no_ranking():
+    with pytest.raises(ValueError, match="constant"):
+        stats.spearman([1, 1, 1, 1], [1, 2, 3, 4])
+    with pytest.raises(ValueError, match="non-finite"):
+        stats.spearman([1, 2, float("nan")], [1, 2, 3])
+    with pytest.raises(ValueError, match="at least 3"):
+        stats.spearman([1, 2], [2, 1])
+    est, lo, hi = stats.correlation_ci(stats.spearman, np.arange(8.0), np.arange(8.0) ** 3)
+    assert est == 1.0 and lo == hi == 1.0
+    est, lo, hi = stats.correlation_ci(stats.spearman, np.arange(9.0), [3, 1, 4, 1, 5, 9, 2, 6, 5])
+    assert lo < est < hi
+
+
+def test_as_interval_reads_fractions_tuples_and_numbers():
+    f = stats.Fraction(3, 10)
+    assert stats.as_interval(f) == (0.3, *f.interval)
+    assert stats.as_interval((1, 0, 2)) == (1.0, 0.0, 2.0)
+    assert stats.as_interval(0.5) == (0.5, 0.5, 0.5)
+    with pytest.raises(ValueError):
+        stats.as_interval((1, 2))
