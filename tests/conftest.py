@@ -56,6 +56,19 @@ def _one_thread():
 
 
 
+def _terminal(request):
+    """A print straight to the terminal: pytest captures output inside fixtures."""
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+
+    def say(line):
+        if capture is not None:
+            with capture.global_and_fixture_disabled():
+                print(line, flush=True)
+        else:
+            print(line, flush=True)
+    return say
+
+
 @pytest.fixture(scope="session")
 def chapter_models(request):
     """Train (or load) every model of ``budgets.CHAPTER_MODELS``, two at a time.
@@ -69,27 +82,22 @@ def chapter_models(request):
 
     from flatnb import budgets
 
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-
-    def say(line):  # straight to the terminal: pytest captures output inside fixtures
-        if capture is not None:
-            with capture.global_and_fixture_disabled():
-                print(line, flush=True)
-        else:
-            print(line, flush=True)
-
+    say = _terminal(request)
     needed = list(getattr(budgets, "CHAPTER_MODELS", []))
     lanes = int(os.environ.get("FLATNB_TRAIN_PROCESSES", "2"))
     env = dict(os.environ, OMP_NUM_THREADS="1", FLATNB_THREADS="1", FLATNB_PROGRESS="0")
     code = ("import sys, torch; torch.set_num_threads(1); from flatnb import train; "
-            "train.trained_model(sys.argv[1], sys.argv[2], recipe=sys.argv[3], profile='quick', device='cpu', "
+            "train.trained_model(sys.argv[1], sys.argv[2], recipe=sys.argv[3], seed=int(sys.argv[4]), profile='quick', "
+            "device='cpu', "
             "progress=False)")
     queue, running, start = list(enumerate(needed, 1)), [], time.time()
     while queue or running:
         while queue and len(running) < lanes:
-            i, (arch, dataset, recipe) = queue.pop(0)
-            say(f"[models {i}/{len(needed)}] {arch} {recipe} on {dataset} (quick): training or loading ...")
-            proc = subprocess.Popen([sys.executable, "-c", code, arch, dataset, recipe], env=env,
+            i, (arch, dataset, recipe, *seed) = queue.pop(0)
+            seed = str(seed[0] if seed else 0)
+            say(f"[models {i}/{len(needed)}] {arch} {recipe} (seed {seed}) on {dataset} (quick): "
+                "training or loading ...")
+            proc = subprocess.Popen([sys.executable, "-c", code, arch, dataset, recipe, seed], env=env,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             running.append((i, arch, recipe, dataset, proc, time.time()))
         time.sleep(1)
@@ -104,6 +112,67 @@ def chapter_models(request):
             say(f"[models {i}/{len(needed)}] {arch} {recipe} on {dataset}: ready in {time.time() - t0:.0f} s")
     say(f"[models] all {len(needed)} ready in {time.time() - start:.0f} s ({lanes} at a time)")
     return needed
+
+
+# Chapters that read every other chapter's run record execute last; the longest ones first, so that the
+# two lanes finish together (quick-profile times on the CI machine, longest first).
+_READS_OTHERS = ("12_verdict",)
+_LONGEST_FIRST = ("13_atlas", "09_adversarial_training", "10_architectures", "07_gradient_masking", "06_scale_sweep",
+                  "11_off_manifold", "03_local_bound")
+
+
+@pytest.fixture(scope="session")
+def chapter_runs(request, chapter_models):
+    """Execute the selected chapters two at a time, each in its own process (papermill kernel, one torch
+    thread): the CI machine has two cores and one chapter uses one. Returns ``{stem: Future}``; each
+    future's result is ``{"ok": bool, "seconds": float, "message": str}``. Chapters in ``_READS_OTHERS``
+    start after all the others have finished."""
+    import concurrent.futures as cf
+    import json
+    import subprocess
+    import sys
+
+    from flatnb import book
+
+    say = _terminal(request)
+    wanted = {item.callspec.params["chapter"].stem: item.callspec.params["chapter"] for item in request.session.items
+              if item.originalname == "test_chapter_executes_in_quick_profile"}
+    lanes = int(os.environ.get("FLATNB_CHAPTER_PROCESSES", "2"))
+    timeout = int(os.environ.get("FLATNB_CHAPTER_CELL_TIMEOUT", "1200"))
+    env = dict(os.environ, OMP_NUM_THREADS="1", FLATNB_THREADS="1")
+    code = ("import json, sys; from pathlib import Path; from flatnb import book\n"
+            "try:\n"
+            "    s = book.execute(Path(sys.argv[1]), Path(sys.argv[2]), {'profile': 'quick'},\n"
+            "                     cell_timeout=int(sys.argv[3]))\n"
+            "    print(json.dumps({'ok': True, 'seconds': s, 'message': ''}))\n"
+            "except book.ChapterFailure as f:\n"
+            "    print(json.dumps({'ok': False, 'seconds': 0.0, 'message': str(f)}))\n")
+
+    def run(stem: str, after=()) -> dict:
+        cf.wait(after)
+        chapter = wanted[stem]
+        say(f"[chapters] {stem}: executing ...")
+        t0 = time.time()
+        proc = subprocess.run([sys.executable, "-c", code, str(chapter), str(book.ROOT / "_build" / "executed" /
+                                                                             chapter.name), str(timeout)],
+                              env=env, capture_output=True, text=True)
+        lines = proc.stdout.strip().splitlines()
+        try:
+            out = json.loads(lines[-1])
+        except (IndexError, json.JSONDecodeError):
+            out = {"ok": False, "seconds": time.time() - t0,
+                   "message": f"the runner process died (exit {proc.returncode}):\n{proc.stderr[-4000:]}"}
+        say(f"[chapters] {stem}: {'done' if out['ok'] else 'FAILED'} in {time.time() - t0:.0f} s")
+        return out
+
+    order = sorted((s for s in wanted if s not in _READS_OTHERS),
+                   key=lambda s: (_LONGEST_FIRST.index(s) if s in _LONGEST_FIRST else len(_LONGEST_FIRST), s))
+    pool = cf.ThreadPoolExecutor(max_workers=lanes)
+    futures = {s: pool.submit(run, s) for s in order}
+    others = list(futures.values())
+    futures |= {s: pool.submit(run, s, others) for s in wanted if s in _READS_OTHERS}
+    yield futures
+    pool.shutdown(wait=True)
 
 
 @pytest.fixture(autouse=True)

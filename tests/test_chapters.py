@@ -2,7 +2,9 @@
 
 Executed copies go to ``_build/executed/`` (never into ``book/``), so a failed
 run can be read there. Each chapter gets ``FLATNB_CHAPTER_CELL_TIMEOUT`` seconds
-per cell (default 1200). Set ``FLATNB_SKIP_CHAPTERS=1`` to run the unit tests only.
+per cell (default 1200). The chapters run two at a time (``FLATNB_CHAPTER_PROCESSES``),
+each in its own process with one torch thread (the ``chapter_runs`` fixture of
+``tests/conftest.py``). Set ``FLATNB_SKIP_CHAPTERS=1`` to run the unit tests only.
 """
 import json
 import os
@@ -32,14 +34,13 @@ def test_toc_lists_chapters_and_each_has_a_parameters_cell():
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.stem for c in CHAPTERS])
-def test_chapter_executes_in_quick_profile(chapter: Path):
-    timeout = int(os.environ.get("FLATNB_CHAPTER_CELL_TIMEOUT", "1200"))
+def test_chapter_executes_in_quick_profile(chapter: Path, chapter_runs):
+    # executed two at a time by the chapter_runs fixture (tests/conftest.py); this waits for its own
+    result = chapter_runs[chapter.stem].result()
+    if not result["ok"]:
+        pytest.fail(result["message"], pytrace=False)
     output = OUT / chapter.name
-    try:
-        seconds = book.execute(chapter, output, {"profile": "quick"}, cell_timeout=timeout)
-    except book.ChapterFailure as failure:
-        pytest.fail(str(failure), pytrace=False)
-    print(f"{chapter.name}: {seconds:.0f} s")
+    print(f"{chapter.name}: {result['seconds']:.0f} s")
     executed = json.loads(output.read_text())
     injected = [c for c in executed["cells"] if "injected-parameters" in c.get("metadata", {}).get("tags", [])]
     assert not injected, "the runner strips papermill's injected-parameters cell"
