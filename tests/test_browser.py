@@ -20,7 +20,7 @@ from flatnb import book
 
 ROOT = book.ROOT
 SCREENSHOTS = ROOT / "_build" / "screenshots"
-SCREENSHOT_PAGES = ("05_uncanny_valley", "12_verdict")
+SCREENSHOT_PAGES = ("05_uncanny_valley", "12_verdict", "13_atlas")
 CHAPTERS = [c.relative_to(ROOT).with_suffix(".html").as_posix() for c in book.chapters()]
 PAGES = ["intro.html", *CHAPTERS]
 VIEWPORTS = {"desktop": (1280, 1000), "phone": (390, 844)}
