@@ -37,6 +37,8 @@ from flatnb.stats import Fraction, bootstrap_ci
 Tensor = torch.Tensor
 
 CONVENTIONS = {"kappa_sq": "κ = ‖w‖² Tr H", "kappa_unsq": "‖w‖ Tr H", "kappa_neuron": "κ neuron-wise"}
+#: the AutoAttack budgets of the atlas: norm -> ε
+AA_BUDGETS = {"linf": 8 / 255, "l2": 0.5}
 #: fields a temperature-scaled copy inherits from its model: decisions do not change with temperature
 BY_CONSTRUCTION = ("clean", "aa_linf", "aa_l2", "radius")
 
@@ -83,7 +85,7 @@ def _confidence(model, ds: fdata.Dataset, batch: int, device, temperature: float
 
 def measure(model, pr: Probe, sizes, device, seed: int = 0) -> dict:
     """One model's entry of the atlas (see the module docstring); ``sizes`` needs ``batch``, ``n_aa``,
-    ``n_basin``, ``n_radius``, ``radius_steps``, ``radius_iter``, ``n_curv``, ``n_random``.
+    ``aa_norms`` (a subset of :data:`AA_BUDGETS`), ``n_basin``, ``n_radius``, ``radius_steps``, ``radius_iter``, ``n_curv``, ``n_random``.
 
     The model must follow the ``features``/``head`` contract (:func:`flatnb.models.wrap` makes any
     classifier with a final ``nn.Linear`` do so) and be in eval mode."""
@@ -100,12 +102,15 @@ def measure(model, pr: Probe, sizes, device, seed: int = 0) -> dict:
              temperature=temp, ece_cal=ece_cal, kappa_train=kappa_train, kappa_test=kappa_test,
              per_input=dict(per_test, p_top=raw["p_top"], correct=raw["correct"]), inherited=())
 
-    # robust accuracy under the reference AutoAttack (standard version), on the first n_aa test images
+    # robust accuracy under the reference AutoAttack (standard version), on the first n_aa test images, for
+    # the norms in sizes.aa_norms (a norm left out gets None: the quick profile attacks ℓ∞ only)
     x, y = _tensors(pr.test, sizes.n_aa, device)
-    for key, eps, norm in (("aa_linf", 8 / 255, "linf"), ("aa_l2", 0.5, "l2")):
-        r = attacks.autoattack(model, x, y, eps=eps, norm=norm, version="standard", batch_size=sizes.batch,
-                               seed=seed)
-        e[key] = Fraction.of((r.clean_correct & ~r.success).cpu())
+    for norm, eps in AA_BUDGETS.items():
+        e[f"aa_{norm}"] = None
+        if norm in sizes.aa_norms:
+            r = attacks.autoattack(model, x, y, eps=eps, norm=norm, version="standard", batch_size=sizes.batch,
+                                   seed=seed)
+            e[f"aa_{norm}"] = Fraction.of((r.clean_correct & ~r.success).cpu())
 
     # chapter 9's basin width (E2 attack, rise > 0.1 log k) and chapter 5's valley end, on correct inputs
     x, y = _tensors(pr.test, sizes.n_basin, device)
@@ -178,7 +183,8 @@ def table(entries: dict[str, dict]) -> str:
     rows = []
     for name, e in entries.items():
         mark = " †" if e["inherited"] else ""
-        rows.append(f"| {name} | {e['clean'].pct()}{mark} | {e['aa_linf'].pct()}{mark} | {e['aa_l2'].pct()}{mark} | "
+        aa = {k: "not run" if e[k] is None else e[k].pct() + mark for k in ("aa_linf", "aa_l2")}
+        rows.append(f"| {name} | {e['clean'].pct()}{mark} | {aa['aa_linf']} | {aa['aa_l2']} | "
                     f"{_ci(e['kappa_train']['kappa_sq'])} | {_ci(e['kappa_test']['kappa_sq'])} | {e['conf']:.2f} | "
                     f"{e['ece']:.3f} | {e['temperature']:.2f} | {_ci(e['basin'], '{:.0f}')} | "
                     f"{_ci(e['radius'], '{:.2f}')}{mark} | {_ci(e['curv_in'])} |")
@@ -187,14 +193,17 @@ def table(entries: dict[str, dict]) -> str:
 
 def columns(entries: dict[str, dict]) -> dict[str, np.ndarray]:
     """Per-model columns for correlations: κ over training and test images (the three conventions),
-    mean confidence, ECE, AutoAttack robust accuracies and the median flip radius."""
+    mean confidence, ECE, the AutoAttack robust accuracies (of the norms every model was attacked in) and the
+    median flip radius."""
     names = list(entries)
     col = lambda f: np.array([f(entries[n]) for n in names], dtype=float)  # noqa: E731
     out = {f"{c}_train": col(lambda e, c=c: e["kappa_train"][c][0]) for c in CONVENTIONS}
     out |= {f"{c}_test": col(lambda e, c=c: e["kappa_test"][c][0]) for c in CONVENTIONS}
     out |= dict(conf=col(lambda e: e["conf"]), ece=col(lambda e: e["ece"]),
-                clean=col(lambda e: e["clean"].value), aa_linf=col(lambda e: e["aa_linf"].value),
-                aa_l2=col(lambda e: e["aa_l2"].value), radius=col(lambda e: e["radius"][0]))
+                clean=col(lambda e: e["clean"].value), radius=col(lambda e: e["radius"][0]))
+    for k in ("aa_linf", "aa_l2"):  # only the norms every model was attacked in
+        if all(entries[n][k] is not None for n in names):
+            out[k] = col(lambda e, k=k: e[k].value)
     for k, v in out.items():
         if not np.isfinite(v).all():
             raise ValueError(f"atlas column {k} has non-finite values for "

@@ -205,18 +205,22 @@ _MARKERS = "os^vDP*Xph<>"
 def atlas_figure(entries: dict, groups: dict, pairs: dict | None = None, kappa: str = "kappa_sq",
                  panels=ATLAS_PANELS, title: str = ""):
     """κ at the training minimum (x, log axis, bootstrap interval) against each robustness measure and the
-    mean confidence (y, with intervals), one marker per model, one colour per method group; ``pairs``
+    mean confidence (y, with intervals; a panel whose field no entry has is left out), one marker per model,
+    one colour per method group; ``pairs``
     (calibrated label -> original label) draws the temperature-scaled copies hollow, with an arrow from
     their original. Two panels per row. Returns the figure."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import LogLocator, NullFormatter
 
     pairs = pairs or {}
+    panels = [(f, lab) for f, lab in panels if any(e[f] is not None for e in entries.values())]
     colours = {g: f"C{i}" for i, g in enumerate(dict.fromkeys(groups[n] for n in entries))}
     rows = (len(panels) + 1) // 2
     fig, axes = plt.subplots(rows, 2, figsize=(WIDTH, 3.0 * rows + 0.9), layout="constrained", squeeze=False)
     for ax, (field, label) in zip(axes.flat, panels):
         for i, (name, e) in enumerate(entries.items()):
+            if e[field] is None:
+                continue
             x, y = as_interval(e["kappa_train"][kappa]), as_interval(e[field])
             hollow = name in pairs
             c = colours[groups[name]]

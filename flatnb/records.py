@@ -77,9 +77,32 @@ def code_commit(chapter: str) -> str | None:
 
 
 def dirty() -> bool | None:
-    """Whether the package or the chapters have uncommitted changes (None outside git)."""
-    out = _git("status", "--porcelain", "--", "flatnb", "book")
-    return None if out is None else bool(out)
+    """Whether the package or the chapters' code differ from the checked-out commit (None outside git).
+
+    A chapter whose only changes are its outputs (the book runner writes each executed chapter in place)
+    does not count: what matters is whether the code that produced the numbers is the commit's."""
+    changed = _git("diff", "--name-only", "HEAD", "--", "flatnb", "book")
+    untracked = _git("ls-files", "--others", "--exclude-standard", "--", "flatnb", "book")
+    if changed is None or untracked is None:
+        return None
+    if any(p.endswith((".py", ".ipynb")) for p in untracked.splitlines()):
+        return True
+    for path in changed.splitlines():
+        if not path.endswith(".ipynb"):
+            if path.endswith(".py"):
+                return True
+            continue
+        head = _git("show", f"HEAD:{path}")
+        if head is None or not (REPO / path).exists():
+            return True
+        with tempfile.NamedTemporaryFile("w", suffix=".ipynb", delete=False) as f:
+            f.write(head)
+        try:
+            if notebook_hash(f.name) != notebook_hash(REPO / path):
+                return True
+        finally:
+            os.unlink(f.name)
+    return False
 
 
 def _strip_docstrings(tree: ast.AST) -> ast.AST:

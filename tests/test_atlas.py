@@ -35,7 +35,7 @@ def _dataset(n, seed):
     return fdata.Dataset(images, labels, [str(i) for i in range(10)], f"toy{seed}", "toy")
 
 
-SIZES = type("S", (), dict(batch=32, n_aa=12, n_basin=24, n_radius=6, radius_steps=5, radius_iter=3, n_curv=4,
+SIZES = type("S", (), dict(batch=32, n_aa=12, aa_norms=("linf", "l2"), n_basin=24, n_radius=6, radius_steps=5, radius_iter=3, n_curv=4,
                           n_random=2))()
 
 
@@ -129,7 +129,9 @@ def test_the_calibrated_copy_inherits_decisions_and_has_the_kappa_of_scaled_logi
 def test_columns_refuse_non_finite_values(setup):
     _, _, e = setup
     cols = atlas.columns({"a": e, "b": e})
-    assert cols["kappa_sq_train"].shape == (2,)
+    assert cols["kappa_sq_train"].shape == (2,) and "aa_l2" in cols
+    assert "aa_l2" not in atlas.columns({"a": e, "b": dict(e, aa_l2=None)}), "a norm not run for every model"
+    assert "not run" in atlas.table({"a": dict(e, aa_l2=None)})
     bad = dict(e, conf=float("nan"))
     with pytest.raises(ValueError, match="conf"):
         atlas.columns({"a": e, "b": bad})

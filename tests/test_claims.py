@@ -258,3 +258,37 @@ def test_chapter_12_reads_run_records_only():
     colab = 'if "google.colab" in sys.modules:'  # the Colab cell is fixed for every chapter
     assert "def " not in text and all(len(line) <= 88 for line in text.splitlines() if colab not in line)
 
+
+
+def test_dirty_ignores_outputs_but_not_code(tmp_path, monkeypatch):
+    """The provenance line says "uncommitted changes" when the code differs from the commit, not when the
+    runner has written a chapter's new outputs in place."""
+    import subprocess
+
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook, new_output
+
+    from flatnb import records
+
+    def git(*a):
+        subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "flatnb").mkdir()
+    (tmp_path / "book").mkdir()
+    (tmp_path / "flatnb" / "m.py").write_text("x = 1\n")
+    nb = new_notebook(cells=[new_code_cell("print(1)")])
+    nbformat.write(nb, tmp_path / "book" / "c.ipynb")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    monkeypatch.setattr(records, "REPO", tmp_path)
+    assert records.dirty() is False
+    nb.cells[0].outputs = [new_output("stream", name="stdout", text="1\n")]
+    nbformat.write(nb, tmp_path / "book" / "c.ipynb")
+    assert records.dirty() is False, "new outputs only"
+    nb.cells[0].source = "print(2)"
+    nbformat.write(nb, tmp_path / "book" / "c.ipynb")
+    assert records.dirty() is True, "a changed code cell"
+    git("checkout", "book/c.ipynb")
+    (tmp_path / "flatnb" / "m.py").write_text("x = 2\n")
+    assert records.dirty() is True, "a changed module"

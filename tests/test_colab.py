@@ -94,6 +94,7 @@ if os.environ.get("FLATNB_TEST_CIFAR10_URL"):  # the test's local server instead
 '''
 
 
+@pytest.mark.slow  # ~45 s; tests/test_download.py covers the same code in-process on every run
 def test_a_kernel_downloads_cifar10_into_the_default_folder(colab):
     """As a chapter's first ``fdata.load("cifar10", ...)`` does in Colab: no folder exists, the download
     creates it, checks every file and decodes the split."""
