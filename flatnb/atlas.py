@@ -176,19 +176,34 @@ def _ci(t, fmt="{:.3g}") -> str:
     return "—" if t is None else f"{fmt.format(t[0])} [{fmt.format(t[1])}, {fmt.format(t[2])}]"
 
 
+def _pct(f: Fraction | None) -> str:
+    return "—" if f is None else f"{100 * f.value:.1f} [{100 * f.lo:.1f}, {100 * f.hi:.1f}]"
+
+
 def table(entries: dict[str, dict]) -> str:
-    """The atlas as a markdown table: one row per model (``entries``: label → entry)."""
-    head = ("| model | clean | AA ℓ∞ 8/255 | AA ℓ2 0.5 | κ train | κ test | mean conf. | ECE | T | "
-            "basin width | flip radius ℓ2 | input curv. (cal.) |\n|" + "---|" * 12)
-    rows = []
+    """The atlas as two compact markdown tables, one row per model (``entries``: label → entry): robustness
+    (accuracies in %, the number of images in the header), then flatness and confidence. † marks values a
+    temperature-scaled copy inherits by construction; an AutoAttack norm no model was attacked in is left out."""
+    names = list(entries)
+    first = entries[names[0]]
+    norms = [(k, lab) for k, lab in (("aa_linf", "AA ℓ∞ 8/255"), ("aa_l2", "AA ℓ2 0.5"))
+             if any(entries[n][k] is not None for n in names)]
+    n_aa = next((entries[n][k].n for n in names for k, _ in norms if entries[n][k] is not None), 0)
+    head = (f"| model | clean % (n={first['clean'].n}) | "
+            + "".join(f"{lab} % (n={n_aa}) | " for _, lab in norms)
+            + "flip radius ℓ2 | basin width |\n|" + "---|" * (4 + len(norms)))
+    rob = []
     for name, e in entries.items():
         mark = " †" if e["inherited"] else ""
-        aa = {k: "not run" if e[k] is None else e[k].pct() + mark for k in ("aa_linf", "aa_l2")}
-        rows.append(f"| {name} | {e['clean'].pct()}{mark} | {aa['aa_linf']} | {aa['aa_l2']} | "
-                    f"{_ci(e['kappa_train']['kappa_sq'])} | {_ci(e['kappa_test']['kappa_sq'])} | {e['conf']:.2f} | "
-                    f"{e['ece']:.3f} | {e['temperature']:.2f} | {_ci(e['basin'], '{:.0f}')} | "
-                    f"{_ci(e['radius'], '{:.2f}')}{mark} | {_ci(e['curv_in'])} |")
-    return head + "\n" + "\n".join(rows)
+        rob.append(f"| {name} | {_pct(e['clean'])}{mark} | " + "".join(f"{_pct(e[k])}{mark} | " for k, _ in norms)
+                   + f"{_ci(e['radius'], '{:.2f}')}{mark} | {_ci(e['basin'], '{:.0f}')} |")
+    flat = ["| model | κ train | κ test | mean conf. | ECE | T | input curv. (cal.) |\n|" + "---|" * 7]
+    for name, e in entries.items():
+        flat.append(f"| {name} | {_ci(e['kappa_train']['kappa_sq'])} | {_ci(e['kappa_test']['kappa_sq'])} | "
+                    f"{e['conf']:.2f} | {e['ece']:.3f} | {e['temperature']:.2f} | {_ci(e['curv_in'])} |")
+    left_out = [lab for k, lab in (("aa_linf", "AA ℓ∞ 8/255"), ("aa_l2", "AA ℓ2 0.5")) if (k, lab) not in norms]
+    note = f"\n\n({', '.join(left_out)}: not run in this profile.)" if left_out else ""
+    return head + "\n" + "\n".join(rob) + note + "\n\n" + "\n".join(flat)
 
 
 def columns(entries: dict[str, dict]) -> dict[str, np.ndarray]:

@@ -131,7 +131,9 @@ def test_columns_refuse_non_finite_values(setup):
     cols = atlas.columns({"a": e, "b": e})
     assert cols["kappa_sq_train"].shape == (2,) and "aa_l2" in cols
     assert "aa_l2" not in atlas.columns({"a": e, "b": dict(e, aa_l2=None)}), "a norm not run for every model"
-    assert "not run" in atlas.table({"a": dict(e, aa_l2=None)})
+    shown = atlas.table({"a": dict(e, aa_l2=None)})
+    assert "AA ℓ2 0.5: not run" in shown and "AA ℓ2 0.5 %" not in shown
+    assert "AA ℓ2 0.5 % (n=12)" in atlas.table({"a": e})
     bad = dict(e, conf=float("nan"))
     with pytest.raises(ValueError, match="conf"):
         atlas.columns({"a": e, "b": bad})
