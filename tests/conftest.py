@@ -114,6 +114,32 @@ def chapter_models(request):
     return needed
 
 
+_RUNNER = ("import json, sys; from pathlib import Path; import flatnb; from flatnb import book\n"
+           "try:\n"
+           "    s = book.execute(Path(sys.argv[1]), Path(sys.argv[2]), {'profile': 'quick'},\n"
+           "                     cell_timeout=int(sys.argv[3]))\n"
+           "    print(json.dumps({'ok': True, 'seconds': s, 'message': '', 'flatnb': flatnb.__file__}))\n"
+           "except book.ChapterFailure as f:\n"
+           "    print(json.dumps({'ok': False, 'seconds': 0.0, 'message': str(f), 'flatnb': flatnb.__file__}))\n")
+
+
+def execute_in_process(chapter, output, env: dict, cell_timeout: int, timeout: float | None = None) -> dict:
+    """Execute one chapter (quick profile) with the book runner in a fresh process with ``env``, from the
+    chapter's folder: ``{"ok", "seconds", "message", "flatnb"}`` (``flatnb``: the package the runner imported)."""
+    import json
+    import subprocess
+    import sys
+
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-c", _RUNNER, str(chapter), str(output), str(cell_timeout)], env=env,
+                          cwd=os.path.dirname(chapter), capture_output=True, text=True, timeout=timeout)
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        return {"ok": False, "seconds": time.time() - t0, "flatnb": None,
+                "message": f"the runner process died (exit {proc.returncode}):\n{proc.stderr[-4000:]}"}
+
+
 # Chapters that read every other chapter's run record execute last; the longest ones first, so that the
 # two lanes finish together (quick-profile times on the CI machine, longest first).
 _READS_OTHERS = ("12_verdict",)
@@ -128,9 +154,6 @@ def chapter_runs(request, chapter_models):
     future's result is ``{"ok": bool, "seconds": float, "message": str}``. Chapters in ``_READS_OTHERS``
     start after all the others have finished."""
     import concurrent.futures as cf
-    import json
-    import subprocess
-    import sys
 
     from flatnb import book
 
@@ -140,28 +163,12 @@ def chapter_runs(request, chapter_models):
     lanes = int(os.environ.get("FLATNB_CHAPTER_PROCESSES", "2"))
     timeout = int(os.environ.get("FLATNB_CHAPTER_CELL_TIMEOUT", "1200"))
     env = dict(os.environ, OMP_NUM_THREADS="1", FLATNB_THREADS="1")
-    code = ("import json, sys; from pathlib import Path; from flatnb import book\n"
-            "try:\n"
-            "    s = book.execute(Path(sys.argv[1]), Path(sys.argv[2]), {'profile': 'quick'},\n"
-            "                     cell_timeout=int(sys.argv[3]))\n"
-            "    print(json.dumps({'ok': True, 'seconds': s, 'message': ''}))\n"
-            "except book.ChapterFailure as f:\n"
-            "    print(json.dumps({'ok': False, 'seconds': 0.0, 'message': str(f)}))\n")
-
     def run(stem: str, after=()) -> dict:
         cf.wait(after)
         chapter = wanted[stem]
         say(f"[chapters] {stem}: executing ...")
         t0 = time.time()
-        proc = subprocess.run([sys.executable, "-c", code, str(chapter), str(book.ROOT / "_build" / "executed" /
-                                                                             chapter.name), str(timeout)],
-                              env=env, capture_output=True, text=True)
-        lines = proc.stdout.strip().splitlines()
-        try:
-            out = json.loads(lines[-1])
-        except (IndexError, json.JSONDecodeError):
-            out = {"ok": False, "seconds": time.time() - t0,
-                   "message": f"the runner process died (exit {proc.returncode}):\n{proc.stderr[-4000:]}"}
+        out = execute_in_process(chapter, book.ROOT / "_build" / "executed" / chapter.name, env, timeout)
         say(f"[chapters] {stem}: {'done' if out['ok'] else 'FAILED'} in {time.time() - t0:.0f} s")
         return out
 
