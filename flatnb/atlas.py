@@ -75,8 +75,8 @@ def _flatness(model, ds: fdata.Dataset, batch: int, device, seed: int) -> tuple[
     return t, {c: bootstrap_ci(t[c], statistic=np.mean, seed=seed) for c in CONVENTIONS}
 
 
-def _confidence(model, ds: fdata.Dataset, batch: int, device, temperature: float) -> dict:
-    z, y = calibration.model_logits(model, ds, device, batch)
+def _confidence(z: Tensor, y: Tensor, temperature: float = 1.0) -> dict:
+    """Correctness, top-class probability and ECE of logits ``z`` at ``temperature``."""
     p = (z / temperature).softmax(1)
     top, pred = p.max(1)
     return dict(correct=(pred == y).cpu(), p_top=top.double().cpu(),
@@ -94,8 +94,9 @@ def measure(model, pr: Probe, sizes, device, seed: int = 0) -> dict:
     k = len(pr.test.classes)
     z_cal, y_cal = calibration.model_logits(model, pr.cal, device, sizes.batch)
     temp = calibration.fit_temperature(z_cal, y_cal)
-    raw = _confidence(model, pr.test, sizes.batch, device, 1.0)
-    ece_cal = _confidence(model, pr.test, sizes.batch, device, temp)["ece"]
+    z_test, y_test = calibration.model_logits(model, pr.test, device, sizes.batch)  # one pass, two temperatures
+    raw = _confidence(z_test, y_test)
+    ece_cal = _confidence(z_test, y_test, temp)["ece"]
     per_test, kappa_test = _flatness(model, pr.test, sizes.batch, device, seed)
     _, kappa_train = _flatness(model, pr.train, sizes.batch, device, seed)
     e = dict(clean=Fraction.of(raw["correct"]), conf=float(raw["p_top"].mean()), ece=raw["ece"],
@@ -157,7 +158,7 @@ def calibrated(model, entry: dict, pr: Probe, sizes, device, seed: int = 0):
     (:data:`BY_CONSTRUCTION`) copied from ``entry`` and listed in the new entry's ``inherited``;
     the loss-based ones (basin width, valley end, input curvature) left out."""
     cal = models.scale_head(model, 1.0 / entry["temperature"])
-    raw = _confidence(cal, pr.test, sizes.batch, device, 1.0)
+    raw = _confidence(*calibration.model_logits(cal, pr.test, device, sizes.batch))
     per_test, kappa_test = _flatness(cal, pr.test, sizes.batch, device, seed)
     _, kappa_train = _flatness(cal, pr.train, sizes.batch, device, seed)
     if not torch.equal(raw["correct"], entry["per_input"]["correct"]):
