@@ -387,17 +387,20 @@ def subset(ds: Dataset, n_per_class: int | None = None, n: int | None = None, se
                    ds.source)
 
 
-def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop with zero padding ``pad`` and horizontal flip, on ``x``'s device.
+def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4, mode: str = "zeros") -> torch.Tensor:
+    """Random crop with padding ``pad`` and horizontal flip, on ``x``'s device.
 
-    The random numbers come from a CPU ``generator`` so the result is the same
-    on every device for a given seed.
+    ``mode="zeros"`` pads with black (the paper's crop), ``"reflect"`` mirrors the border
+    (airbench's translation, which keeps the image statistics of the border). The random
+    numbers come from a CPU ``generator`` so the result is the same on every device for a given seed.
     """
+    if mode not in ("zeros", "reflect"):
+        raise ValueError(f"mode must be 'zeros' or 'reflect', got {mode!r}")
     n, c, h, w = x.shape
     ox = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device, non_blocking=True)
     oy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device, non_blocking=True)
     flip = (torch.rand(n, generator=generator) < 0.5).to(x.device, non_blocking=True)
-    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="constant" if mode == "zeros" else "reflect")
     rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
     cols = ox[:, None] + torch.arange(w, device=x.device)
     cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]
@@ -415,7 +418,7 @@ class Loader:
     """
 
     def __init__(self, ds: Dataset, batch_size: int, device: torch.device | str = "cpu", shuffle: bool = False,
-                 augment: bool = False, seed: int = 0, drop_last: bool = False):
+                 augment: bool = False, seed: int = 0, drop_last: bool = False, pad: int = 4, pad_mode: str = "zeros"):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if len(ds) == 0:
@@ -424,6 +427,7 @@ class Loader:
         self.images = ds.images.to(self.device) if self.device.type == "cuda" else ds.images
         self.labels = ds.labels.to(self.device)
         self.batch_size, self.shuffle, self.augment, self.seed, self.drop_last = batch_size, shuffle, augment, seed, drop_last
+        self.pad, self.pad_mode = pad, pad_mode
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -444,7 +448,7 @@ class Loader:
             x = self.images[idx_d if self.images.device == self.device else idx].to(self.device, non_blocking=True)
             x = x.float().div_(255)
             if self.augment:
-                x = augment_batch(x, g)
+                x = augment_batch(x, g, self.pad, self.pad_mode)
             yield x, self.labels[idx_d]
 
 

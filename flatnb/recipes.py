@@ -23,7 +23,7 @@ import dataclasses
 
 from flatnb.train import TrainConfig
 
-MAIN = {"quick": "fastnet", "full": "resnet18"}
+MAIN = {"quick": "fastnet", "full": "resnet18", "smoke": "resnet18"}
 
 # The quick CNN recipes share this warmup+cosine SGD setting (weight decay 5e-4 helps short runs).
 _Q = dict(lr=0.2, weight_decay=5e-4, warmup_epochs=0.3)
@@ -35,16 +35,19 @@ _AT_QUICK = dict(epochs=5, n_train=5_000, width=16, weight_decay=5e-4, warmup_ep
 # momentum 0.85, lr 11.5/(1 + 1/(1 - 0.85)) = 1.5, decay per step 0.0153·1024/7850 = 0.002 (so the
 # coupled weight_decay is 0.002/1.5), BatchNorm shifts at 64× the lr with the same decay per step,
 # a triangular schedule (0.2 → 1 at 23 % of the steps → 0.07), lookahead EMA every 5 steps from a third
-# of the run, batch 1024, bf16 autocast + channels_last on the CPU. No label smoothing (airbench
-# uses 0.2), no test-time augmentation. Quick: width 32 (airbench's half), 5 epochs of all 50k images
-# (the same arithmetic per image as the width-16 ResNet-18; `python benchmarks/train.py --full-run`
-# measures both). Measured on 2 threads of a CPU shared with up to ~12 other processes: test accuracy
-# (2,000 images) 40.2 / 49.6 / 71.7 / 79.7 / 81.9 % after epochs 1-5, final 82.85 % on all 10,000 test
-# images (mean confidence 0.796), 2,921 s of contended training wall time; at load ~2 the training loop
-# ran 690 images/s against 102 for the width-16 ResNet-18 (same run, same threads), i.e. ~6 min.
+# of the run, batch 1024, bf16 autocast + channels_last on the CPU, airbench's augmentation (flip and a
+# random translation by up to 2 px with reflected borders). No label smoothing (airbench uses 0.2), no
+# test-time augmentation. Quick: width 32 (airbench's half), 7 epochs of all 50k images. Measured on
+# this 2-core machine, one process at a time, all 10,000 test images (`python benchmarks/train.py
+# --full-run --threads 2`, and the same loop one setting at a time):
+#   5 epochs, zero-padded crop of 4 px (this recipe until 2026-11-30), 1 thread: 82.6 %, 206 s of training
+#   5 epochs, reflected translation of 2 px,                          1 thread: 84.2 %, 202 s
+#   7 epochs, reflected translation of 2 px,                          2 threads: 86.1 %, 150 s   <- this one
+# (the width-16 ResNet-18 of the old quick profile: 64 % after 214 s on 2 cores).
 _FAST = dict(batch_size=1024, lr=1.5, momentum=0.85, nesterov=True, weight_decay=0.002 / 1.5, bias_lr_scale=64.0,
-             schedule="triangle", ema_every=5, cpu_bf16=True)
-_FAST_QUICK = dict(_FAST, epochs=5, warmup_epochs=0.23 * 5, ema_start_epochs=5 / 3, width=32)
+             schedule="triangle", ema_every=5, cpu_bf16=True, crop_pad=2, crop_mode="reflect")
+_FAST_QUICK = dict(_FAST, epochs=7, warmup_epochs=0.23 * 7, ema_start_epochs=7 / 3, width=32)
+_FAST_QUICK_AT = dict(_FAST, epochs=5, warmup_epochs=0.23 * 5, width=32, ema_every=0)  # AT: 5 epochs, no lookahead
 _FAST_FULL = dict(_FAST, epochs=10, warmup_epochs=2.3, ema_start_epochs=3.0, width=64)
 
 # Cheap adversarial training of the quick main model: FGSM with a random start and step 1.25 ε
@@ -142,12 +145,12 @@ TABLE: dict[tuple[str, str, str], dict[str, TrainConfig]] = {
         # 0 % AutoAttack; 20,000 with step ε: 29 % clean, 0 % PGD-10), so the quick profile pays the least
         # it can for a model every AT row reports as "not testable here"
         "quick": TrainConfig("fastnet", "cifar10", "pgd_at",
-                             **{**_FAST_QUICK, "ema_every": 0, "n_train": 10_000, **_FGSM_RS}),
+                             **{**_FAST_QUICK_AT, "n_train": 10_000, **_FGSM_RS}),
         "full": TrainConfig("fastnet", "cifar10", "pgd_at", **{**_FAST_FULL, "ema_every": 0}),
     },
     ("fastnet", "cifar10", "trades"): {  # 2 KL-PGD steps of 4/255 in the quick profile
         "quick": TrainConfig("fastnet", "cifar10", "trades",
-                             **{**_FAST_QUICK, "ema_every": 0, "pgd_steps": 2, "pgd_step_size": 4 / 255}),
+                             **{**_FAST_QUICK_AT, "pgd_steps": 2, "pgd_step_size": 4 / 255}),
         "full": TrainConfig("fastnet", "cifar10", "trades", **{**_FAST_FULL, "ema_every": 0}),
     },
     ("fastnet", "cifar10", "sam"): {
@@ -192,21 +195,37 @@ def resolve_arch(arch: str, profile: str) -> str:
     """``"main"`` → the profile's main architecture (:data:`MAIN`); any other name as it is."""
     if arch == "main":
         if profile not in MAIN:
-            raise ValueError(f"profile must be 'quick' or 'full' to resolve arch='main', got {profile!r} "
+            raise ValueError(f"profile must be 'quick', 'full' or 'smoke' to resolve arch='main', got {profile!r} "
                              "(resolve 'auto' with flatnb.runtime.resolve_profile)")
         return MAIN[profile]
     return arch
 
 
+#: the smoke profile trains each full-profile recipe for one epoch on this many images
+SMOKE_IMAGES = 256
+
+
+def smoke(config: TrainConfig) -> TrainConfig:
+    """``config`` (a full-profile entry) at toy scale: the same architecture, width, loss, attack and
+    optimizer, one epoch of at most :data:`SMOKE_IMAGES` images, warmup and lookahead inside that epoch."""
+    n = min(config.n_train or SMOKE_IMAGES, SMOKE_IMAGES)
+    return dataclasses.replace(config, epochs=1, n_train=n, batch_size=min(config.batch_size, 64),
+                               warmup_epochs=min(config.warmup_epochs, 0.25),
+                               ema_start_epochs=min(config.ema_start_epochs, 0.5))
+
+
 def lookup(arch: str, dataset: str, recipe: str = "standard", profile: str = "quick", seed: int = 0) -> TrainConfig:
-    """The table's configuration for ``(arch, dataset, recipe)`` in ``profile``, with ``seed`` set."""
-    if profile not in ("quick", "full"):
-        raise ValueError(f"profile must be 'quick' or 'full' (resolve 'auto' with flatnb.runtime.resolve_profile), "
-                         f"got {profile!r}")
+    """The table's configuration for ``(arch, dataset, recipe)`` in ``profile``, with ``seed`` set
+    (``"smoke"``: the full entry through :func:`smoke`)."""
+    if profile not in ("quick", "full", "smoke"):
+        raise ValueError(f"profile must be 'quick', 'full' or 'smoke' (resolve 'auto' with "
+                         f"flatnb.runtime.resolve_profile), got {profile!r}")
     name = resolve_arch(arch, profile)
     entry = TABLE.get((name, dataset, recipe))
     if entry is None:
         have = sorted(r for (a, d, r) in TABLE if (a, d) == (name, dataset))
         raise ValueError(f"no training recipe {recipe!r} for {name} on {dataset} in flatnb.recipes.TABLE "
                          f"(recipes there for this pair: {have or 'none'}); add an entry to the table")
+    if profile == "smoke":
+        return dataclasses.replace(smoke(entry["full"]), profile="smoke", seed=seed)
     return dataclasses.replace(entry[profile], profile=profile, seed=seed)

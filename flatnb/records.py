@@ -95,13 +95,8 @@ def dirty() -> bool | None:
         head = _git("show", f"HEAD:{path}")
         if head is None or not (REPO / path).exists():
             return True
-        with tempfile.NamedTemporaryFile("w", suffix=".ipynb", delete=False) as f:
-            f.write(head)
-        try:
-            if notebook_hash(f.name) != notebook_hash(REPO / path):
-                return True
-        finally:
-            os.unlink(f.name)
+        if code_hash(head) != notebook_hash(REPO / path):
+            return True
     return False
 
 
@@ -146,9 +141,12 @@ def notebook_hash(path) -> str | None:
     """SHA-256 (16 hex digits) of a notebook's code cells (papermill's injected cell excluded), so that
     outputs, markdown and execution counts do not count. None when the notebook does not exist."""
     path = Path(path)
-    if not path.is_file():
-        return None
-    nb = json.loads(path.read_text(encoding="utf-8"))
+    return code_hash(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def code_hash(notebook_text: str) -> str:
+    """:func:`notebook_hash` of a notebook given as its JSON text."""
+    nb = json.loads(notebook_text)
     code = ["".join(c.get("source", "")).rstrip() for c in nb.get("cells", [])
             if c.get("cell_type") == "code"
             and "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
@@ -257,8 +255,8 @@ def load_all(root=None) -> list[dict]:
     """Every record under the runs folder, each with ``stale`` set (see :func:`is_stale`)."""
     out, memo = [], {}
     for path in sorted(runs_dir(root).glob("*/*.json")):
-        if path.name.count(".") != 2:  # <chapter>.<profile>.json only
-            continue
+        if path.name.count(".") != 2 or path.name.split(".")[1] not in ("quick", "full"):
+            continue  # <chapter>.<quick|full>.json only (a smoke run's record is no evidence)
         rec = load(path)
         changed = changed_files(rec, memo=memo)
         rec["stale"] = bool(changed) if changed is not None else is_stale(rec)

@@ -75,6 +75,8 @@ class TrainConfig:
     ema_start_epochs: float = 0.0  # when the lookahead EMA starts
     mixup_alpha: float = 0.0  # > 0: mixup (Zhang et al. 2018) with Beta(α, α) weights
     cpu_bf16: bool = False  # bf16 autocast + channels_last on the CPU (training only)
+    crop_pad: int = 4  # augmentation: random crop of this padding (with augment=True)
+    crop_mode: str = "zeros"  # "zeros" (the paper's crop) or "reflect" (airbench's translation)
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
@@ -85,6 +87,9 @@ class TrainConfig:
             raise ValueError(f"dataset must be one of {fdata.DATASETS}, got {self.dataset!r}")
         if self.schedule not in ("cosine", "constant", "triangle"):
             raise ValueError(f"schedule must be 'cosine', 'constant' or 'triangle', got {self.schedule!r}")
+        if self.crop_mode not in ("zeros", "reflect") or not 0 <= self.crop_pad:
+            raise ValueError(f"crop_mode must be 'zeros' or 'reflect' and crop_pad >= 0, got {self.crop_mode!r}, "
+                             f"{self.crop_pad}")
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
 
@@ -107,7 +112,8 @@ class TrainConfig:
 
 
 _LATER_FIELDS = tuple(f for f in dataclasses.fields(TrainConfig)
-                      if f.name in ("bias_lr_scale", "ema_every", "ema_start_epochs", "mixup_alpha", "cpu_bf16"))
+                      if f.name in ("bias_lr_scale", "ema_every", "ema_start_epochs", "mixup_alpha", "cpu_bf16",
+                                                   "crop_pad", "crop_mode"))
 
 
 def config_for(arch: str, dataset: str, recipe: str = "standard", profile: str = "quick", seed: int = 0) -> TrainConfig:
@@ -297,7 +303,8 @@ def train(config: TrainConfig, device=None, root=None, train_ds: fdata.Dataset |
         model.init_whitening(ds.images[:2000].float().div(255))
     opt = _optimizer(model, config, fused=prec["fused_sgd"])
     loader = fdata.Loader(ds, config.batch_size, device, shuffle=True, augment=config.augment,
-                          seed=config.seed, drop_last=len(ds) >= 2 * config.batch_size)
+                          seed=config.seed, drop_last=len(ds) >= 2 * config.batch_size,
+                          pad=config.crop_pad, pad_mode=config.crop_mode)
     steps = len(loader)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config, steps))
     ckpt = checkpoint_path(config, ds.digest)

@@ -362,6 +362,41 @@ def test_augment_is_a_shifted_flipped_window(seed, pad):
         assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(-1)) for w in windows)
 
 
+def _reflect_index(i: int, n: int) -> int:
+    """Index into a length-n axis of position i of its mirror-padded version (edge not repeated)."""
+    return -i if i < 0 else 2 * (n - 1) - i if i >= n else i
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10**6), pad=st.integers(1, 3))
+def test_reflect_augment_is_a_window_of_the_mirrored_image(seed, pad):
+    """airbench's translation: each image is a window of the image mirrored at its borders (built here
+    from index arithmetic, not torch's padding), possibly flipped; and no black border appears."""
+    x = torch.rand(6, 3, 8, 8) + 0.1
+    out = data.augment_batch(x, torch.Generator().manual_seed(seed), pad=pad, mode="reflect")
+    idx = torch.tensor([_reflect_index(i, 8) for i in range(-pad, 8 + pad)])
+    xp = x[:, :, idx][:, :, :, idx]
+    for i in range(len(x)):
+        windows = [xp[i, :, dy:dy + 8, dx:dx + 8] for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)]
+        assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(-1)) for w in windows)
+    assert out.min() > 0
+
+
+def test_augment_mode_and_the_configs_crop_reach_the_loader():
+    with pytest.raises(ValueError, match="mode"):
+        data.augment_batch(torch.rand(2, 3, 8, 8), torch.Generator(), mode="wrap")
+    from flatnb import train as T
+    with pytest.raises(ValueError, match="crop_mode"):
+        T.TrainConfig(crop_mode="mirror")
+    quick = T.config_for("main", "cifar10", "standard", "quick")
+    assert (quick.crop_pad, quick.crop_mode) == (2, "reflect")  # airbench's translation for FastNet
+    paper = T.config_for("resnet18", "cifar10", "standard", "full")
+    assert (paper.crop_pad, paper.crop_mode) == (4, "zeros")  # the paper's crop
+    # the key of a config at the old defaults is unchanged (old checkpoints stay valid)
+    assert T.TrainConfig().key() == T.TrainConfig(crop_pad=4, crop_mode="zeros").key()
+    assert T.TrainConfig().key() != T.TrainConfig(crop_pad=2).key()
+
+
 def test_augmentation_deterministic_under_seed():
     ds = _toy(n=64, size=32)
     run = lambda seed, epoch: [x for x, _ in data.batches(ds, 16, "cpu", shuffle=True, augment=True,
