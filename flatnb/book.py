@@ -9,11 +9,14 @@
                                                 runs/<device>/<stem>.full.ipynb (never into book/; the
                                                 chapter gets FLATNB_RUN_DIR=runs/<device> for its JSON);
                                                 without CUDA it stops at once and points to --dry-run
-    python -m flatnb.book --profile full --dry-run
-                                                a cheap CPU stand-in for the line above: executes the chapters
-                                                in the quick profile into a temp folder and checks that the
-                                                full-profile record paths runs/<device>/<stem>.full.* are
-                                                writable; writes nothing into book/ or runs/, builds no HTML
+    python -m flatnb.book --profile full --dry-run [--output DIR]
+                                                the CPU test of the line above: executes the chapters in the
+                                                smoke profile (every full-profile model, recipe and branch at
+                                                toy scale: one epoch of 256 images, a handful of test images;
+                                                failed asserts are tolerated and listed, any other error fails)
+                                                into a temp folder (or DIR) and checks that the full-profile
+                                                record paths runs/<device>/<stem>.full.* are writable; writes
+                                                nothing into book/ or runs/, builds no HTML
 
 Chapters run in the order of ``_toc.yml``, one progress line each (start time, seconds, pass/FAIL), then a
 summary with the total; a failed chapter does not stop the others (``--fail-fast`` does). A chapter is
@@ -141,11 +144,17 @@ _KERNEL_ENV = {"FLATNB_PROGRESS": "0", "MPLBACKEND": "module://matplotlib_inline
 
 
 def execute(chapter: Path, output: Path, parameters: dict | None = None,
-            cell_timeout: int = DEFAULT_CELL_TIMEOUT, env: dict | None = None) -> float:
+            cell_timeout: int = DEFAULT_CELL_TIMEOUT, env: dict | None = None,
+            tolerate_asserts: bool = False) -> float:
     """Run one chapter with papermill into ``output`` (papermill's injected cell stripped); return seconds.
 
     ``env`` adds environment variables for the kernel, e.g. ``FLATNB_RUN_DIR`` (where a full-profile
     chapter writes its run record's JSON).
+
+    ``tolerate_asserts`` (the smoke profile's dry run): every cell runs even after an error, a failed
+    ``assert`` (an evidence check, which a one-epoch model is not expected to pass) is printed and
+    tolerated, and any other error fails the chapter. An error caused by an earlier failed assert
+    (a name that cell would have defined) counts as a failure too: asserts belong at the end of a cell.
 
     Raises :class:`ChapterFailure` naming the chapter, the cell and the error.
     """
@@ -163,8 +172,17 @@ def execute(chapter: Path, output: Path, parameters: dict | None = None,
         pm.execute_notebook(
             str(chapter), str(output), parameters=parameters or None, cwd=str(chapter.parent),
             execution_timeout=cell_timeout, progress_bar=False, kernel_name="python3",
+            **({"allow_errors": True} if tolerate_asserts else {}),
         )
     except pm.PapermillExecutionError as err:
+        if tolerate_asserts:
+            errors = cell_errors(output)
+            hard = [e for e in errors if e[1] != "AssertionError"]
+            if not hard:
+                for cell, _, text in errors:
+                    print(f"\n    tolerated (smoke): failed assert in cell {cell}: {text}", end="", flush=True)
+                return time.time() - start
+            raise ChapterFailure(chapter, hard[0][0], hard[0][2], output) from None
         raise ChapterFailure(chapter, f"In [{err.exec_count}]",
                              f"{err.ename}: {err.evalue}", output) from None
     except Exception as err:  # a kernel death or a timeout is not a PapermillExecutionError
@@ -178,6 +196,24 @@ def execute(chapter: Path, output: Path, parameters: dict | None = None,
         if output.exists():
             strip_file(output)
     return time.time() - start
+
+
+def cell_errors(notebook: Path) -> list[tuple[str, str, str]]:
+    """``(cell label "In [n]", error name, "name: message + the assert's line")`` of every error output."""
+    import nbformat
+
+    out = []
+    nb = nbformat.read(str(notebook), as_version=4)
+    for cell in nb.cells:
+        for o in cell.get("outputs", []):
+            if o.get("output_type") == "error":
+                # IPython marks the failing line with an arrow: "----> 12 assert x > 0"
+                tb = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(o.get("traceback", [])))
+                arrow = re.findall(r"-+>\s*\d+\s*(.*)", tb)
+                line = arrow[-1].strip() if arrow else ""
+                text = f"{o.ename}: {o.evalue}" + (f" (at: {line[:140]})" if line else "")
+                out.append((f"In [{cell.get('execution_count')}]", o.ename, text))
+    return out
 
 
 # --------------------------------------------------------------------------- where results go
@@ -330,7 +366,8 @@ def build_html(root: Path, path_output: Path | None = None, runs: Path | None = 
 
 
 def run(paths: list[Path], destination, parameters: dict | None, cell_timeout: int,
-        fail_fast: bool = False, failed_dir: Path | None = None, env: dict | None = None):
+        fail_fast: bool = False, failed_dir: Path | None = None, env: dict | None = None,
+        tolerate_asserts: bool = False):
     """Execute ``paths`` in order; ``destination(chapter)`` names the file each executed chapter replaces.
 
     Prints one line per chapter (start, seconds, pass/FAIL) and returns ``(chapter, seconds, passed)``.
@@ -347,7 +384,8 @@ def run(paths: list[Path], destination, parameters: dict | None, cell_timeout: i
         tmp_path = Path(tmp)
         start = time.time()
         try:
-            execute(chapter, tmp_path, parameters, cell_timeout, **({"env": env} if env else {}))
+            execute(chapter, tmp_path, parameters, cell_timeout, **({"env": env} if env else {}),
+                    **({"tolerate_asserts": True} if tolerate_asserts else {}))
         except ChapterFailure as failure:
             failed_dir.mkdir(parents=True, exist_ok=True)
             kept = failed_dir / chapter.name
@@ -433,8 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-execute", action="store_true", help="build the HTML from the stored outputs only")
     parser.add_argument("--no-build", action="store_true", help="execute the chapters, do not build HTML")
     parser.add_argument("--dry-run", action="store_true",
-                        help="execute in the quick profile into a temp folder and check that the full-profile "
-                             "record paths are writable; a cheap stand-in for --profile full, no HTML")
+                        help="execute in the smoke profile (the full profile's code paths at toy scale) into a "
+                             "temp folder (or --output) and check that the full-profile record paths are writable; "
+                             "the CPU test of --profile full, no HTML")
     parser.add_argument("--fail-fast", action="store_true", help="stop at the first failing chapter")
     parser.add_argument("--cell-timeout", type=int, default=DEFAULT_CELL_TIMEOUT,
                         help=f"seconds per cell (default {DEFAULT_CELL_TIMEOUT})")
@@ -461,9 +500,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dry run: full-profile records would go to {args.runs / slug}/ "
               f"({'writable' if not problems else 'NOT writable'})", flush=True)
         with tempfile.TemporaryDirectory(prefix="flatnb-dry-run-") as tmp:
-            params = {"profile": "quick", **({"device": args.device} if args.device else {})}
-            results = run(paths, lambda c: Path(tmp) / c.name, params, args.cell_timeout,
-                          args.fail_fast, failed_dir=Path(tmp) / "failed")
+            folder = args.output or Path(tmp)
+            params = {"profile": "smoke", **({"device": args.device} if args.device else {})}
+            print(f"dry run: every chapter in the smoke profile (the full profile's models, recipes and branches "
+                  f"at toy scale; failed asserts tolerated, any other error fails), executed copies in {folder}/",
+                  flush=True)
+            results = run(paths, lambda c: folder / c.name, params, args.cell_timeout, args.fail_fast,
+                          failed_dir=folder / "failed", env={"FLATNB_RUN_DIR": str(Path(folder).resolve())},
+                          tolerate_asserts=True)
         print(summary(results))
         return 1 if problems or not all(ok for *_, ok in results) else 0
 

@@ -82,6 +82,38 @@ SIZES = {
 }
 
 
+# The smoke profile (flatnb.runtime.PROFILES) runs each chapter's full-profile integer sizes through these caps:
+# first a whole key, then a key's ending, then its beginning (first match wins); keys that match none (grids,
+# widths, flags, tuples of scales) keep their full value, so every full-profile branch and attack runs, on a
+# handful of images.
+SMOKE_CAPS = {"whole": {"n_pairs": 20_000, "batch": 16},
+              "ending": {"_epochs": 1, "_train": 256, "steps": 5, "_iter": 3, "restarts": 1, "_seeds": 2,
+                         "_queries": 50, "_samples": 4},
+              "beginning": {"n_": 24}}
+
+
+def _smoke_cap(key: str) -> int | None:
+    if key in SMOKE_CAPS["whole"]:
+        return SMOKE_CAPS["whole"][key]
+    for kind, test in (("ending", key.endswith), ("beginning", key.startswith)):
+        for part, cap in SMOKE_CAPS[kind].items():
+            if test(part):
+                return cap
+    return None
+
+
+def sizes(stem: str, profile: str) -> dict:
+    """A chapter's sizes in ``profile`` (``{}`` for a chapter without any); ``"smoke"`` caps the full ones."""
+    table = SIZES.get(stem, {})
+    if profile != "smoke":
+        return dict(table.get(profile, {}))
+    out = {}
+    for key, value in table.get("full", {}).items():
+        cap = _smoke_cap(key) if isinstance(value, int) and not isinstance(value, bool) else None
+        out[key] = value if cap is None else min(value, cap)
+    return out
+
+
 # ============================================================================= the atlas's zoo (chapter 13)
 # label -> (arch, dataset, recipe, seed) of flatnb.recipes.TABLE. quick: FastNet at width 16 for 2 epochs
 # (recipes "zoo_*"); full: the paper's ResNet-18 with each training method.
@@ -109,6 +141,7 @@ ZOO = {
         "TRADES": ("resnet18", "cifar10", "trades", 0),
     },
 }
+ZOO["smoke"] = ZOO["full"]  # the smoke profile: the full zoo's recipes at toy scale (flatnb.recipes.smoke)
 #: the kind of each zoo label (the atlas's colours and sets): standard / flatness-seeking / confidence / adversarial
 ZOO_METHOD = {"standard": "standard", "SAM": "flatness-seeking (SAM)", "label": "confidence regulariser",
               "mixup": "confidence regulariser", "PGD": "adversarial training",

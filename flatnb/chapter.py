@@ -96,6 +96,10 @@ class Chapter:
         if self.profile == "quick":
             lines.append("Quick profile: small models and samples that run in minutes on a CPU; read the "
                          "shapes, not the magnitudes.")
+        elif self.profile == "smoke":
+            lines.append("<b>Smoke profile: the full profile's code at toy scale (one epoch of a few hundred "
+                         "images, a handful of test images). Its numbers mean nothing; it exists to test a "
+                         "paper-scale run before a GPU is spent on it.</b>")
         if self.data:
             lines.append(f"Data: {html.escape(self.data)}.")
         if self.models:
@@ -150,7 +154,10 @@ class Chapter:
 
         meta = records.meta(self.stem, self.profile, self.device, self.seed, time.time() - self.start,
                             data=self.data, models=self.models, **extra_meta)
-        self.record = records.save(rows, meta)
+        if self.profile == "smoke" and not os.environ.get("FLATNB_RUN_DIR"):
+            self.record = None  # a smoke run's rows mean nothing: no record under runs/ (the dry run keeps one aside)
+        else:
+            self.record = records.save(rows, meta)
         _display(Markdown(fclaims.claims_markdown(rows)))
 
     def provenance(self) -> None:
@@ -181,9 +188,9 @@ def setup(stem: str, profile: str = "auto", device: str = "auto", seed: int = 0,
         torch.set_num_threads(max(1, min(n, os.cpu_count() or 1)))
     torch.manual_seed(seed)
     _style()
-    from flatnb.budgets import SIZES
+    from flatnb.budgets import sizes as _sizes
 
-    sizes = SIZES.get(stem, {}).get(prof, {})
+    sizes = _sizes(stem, prof)
     ch = Chapter(stem, prof, dev, seed, sizes)
     if banner:
         ch.show_banner()

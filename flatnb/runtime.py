@@ -12,11 +12,14 @@ from pathlib import Path
 
 import torch
 
-PROFILES = ("quick", "full")
+#: quick = minutes on a CPU; full = the paper's scale on a GPU; smoke = the full profile's code paths (its
+#: models, recipes, chapter branches) at toy sizes, to test a paper-scale run on a CPU before a GPU session
+#: (``python -m flatnb.book --profile full --dry-run``); its numbers mean nothing and make no run record.
+PROFILES = ("quick", "full", "smoke")
 
 
 def resolve_profile(profile: str, device: torch.device | str | None = None) -> str:
-    """Map ``"auto" | "quick" | "full"`` to a concrete profile.
+    """Map ``"auto" | "quick" | "full" | "smoke"`` to a concrete profile (:data:`PROFILES`).
 
     ``auto`` means ``full`` on a CUDA device and ``quick`` elsewhere, so that a
     Colab GPU runtime gets paper scale and a laptop or CI gets minutes.
@@ -25,7 +28,7 @@ def resolve_profile(profile: str, device: torch.device | str | None = None) -> s
         dev = torch.device(device) if device is not None else default_device()
         return "full" if dev.type == "cuda" else "quick"
     if profile not in PROFILES:
-        raise ValueError(f"profile must be 'auto', 'quick' or 'full', got {profile!r}")
+        raise ValueError(f"profile must be 'auto', 'quick', 'full' or 'smoke', got {profile!r}")
     return profile
 
 

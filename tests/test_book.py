@@ -62,9 +62,10 @@ def _record(runs: Path, slug: str, stem: str, text: str, date: str | None, profi
 
 def _fake_execute(calls):
     """Stands in for papermill: 'executes' by copying, and fails chapters whose name contains 'b'."""
-    def execute(chapter, output, parameters=None, cell_timeout=0, env=None):
+    def execute(chapter, output, parameters=None, cell_timeout=0, env=None, tolerate_asserts=False):
         calls.append((chapter.name, dict(parameters or {})))
         envs.append(env)
+        tolerant.append(tolerate_asserts)
         nb = json.loads(Path(chapter).read_text())
         nb["cells"].append(new_code_cell(f"# executed with {parameters}"))
         Path(output).write_text(json.dumps(nb))
@@ -76,6 +77,7 @@ def _fake_execute(calls):
 
 calls_fail_b = [False]
 envs = []
+tolerant = []
 
 
 def _text(path: Path) -> str:
@@ -179,12 +181,17 @@ def test_full_profile_writes_run_records_not_book(repo, monkeypatch, capsys):
     assert "01_a" in log and "02_b" in log and "in total" in log
 
 
-def test_dry_run_executes_quick_into_a_temp_folder_and_checks_the_record_paths(repo, monkeypatch, capsys):
+def test_dry_run_executes_smoke_into_a_temp_folder_and_checks_the_record_paths(repo, monkeypatch, capsys):
     calls = []
+    envs.clear()
+    tolerant.clear()
     monkeypatch.setattr(book, "execute", _fake_execute(calls))
     before = {p.name: p.read_text() for p in (repo / "book").iterdir()}
     assert book.main(["--profile", "full", "--dry-run"]) == 0
-    assert [p for _, p in calls] == [{"profile": "quick"}] * 2
+    assert [p for _, p in calls] == [{"profile": "smoke"}] * 2
+    assert tolerant == [True, True], "the smoke run tolerates failed asserts (evidence checks), nothing else"
+    assert all(Path(e["FLATNB_RUN_DIR"]).name.startswith("flatnb-dry-run-") for e in envs), \
+        "the smoke run's records go to the temp folder, never into runs/"
     assert {p.name: p.read_text() for p in (repo / "book").iterdir()} == before
     assert not (repo / "runs").exists(), "the writability probe leaves nothing behind"
     assert "writable" in capsys.readouterr().out
@@ -194,12 +201,36 @@ def test_dry_run_executes_quick_into_a_temp_folder_and_checks_the_record_paths(r
     assert "not writable" in capsys.readouterr().err
 
 
+def _cells_notebook(*sources: str):
+    nb = new_notebook(cells=[new_code_cell('profile = "auto"', metadata={"tags": ["parameters"]}),
+                             *(new_code_cell(s) for s in sources)])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    return nb
+
+
+def test_smoke_execution_tolerates_failed_asserts_and_nothing_else(tmp_path, capsys):
+    """A real papermill run: a failed assert is listed and the later cells still run; a KeyError fails."""
+    ok = _write(tmp_path / "ok.ipynb", _cells_notebook("x = 1\nassert x > 5, 'too small'", "y = x + 1"))
+    out = tmp_path / "out" / "ok.ipynb"
+    book.execute(ok, out, {"profile": "smoke"}, cell_timeout=120, tolerate_asserts=True)
+    log = capsys.readouterr().out
+    assert "failed assert" in log and "too small" in log and "assert x > 5" in log
+    nb = json.loads(out.read_text())
+    assert nb["cells"][-1]["execution_count"] is not None, "the cell after the failed assert ran"
+    bad = _write(tmp_path / "bad.ipynb", _cells_notebook("assert False", "{}['missing']", "z = 1"))
+    with pytest.raises(book.ChapterFailure, match="KeyError"):
+        book.execute(bad, tmp_path / "out" / "bad.ipynb", {"profile": "smoke"}, cell_timeout=120,
+                     tolerate_asserts=True)
+    with pytest.raises(book.ChapterFailure, match="AssertionError"):  # outside the smoke run an assert fails
+        book.execute(ok, tmp_path / "out" / "ok2.ipynb", {"profile": "quick"}, cell_timeout=120)
+
+
 def test_help_says_what_the_runner_does(capsys):
     with pytest.raises(SystemExit):
         book.main(["--help"])
     text = capsys.readouterr().out
     for phrase in ("--profile full", "--dry-run", "runs/<device>/<stem>.full.ipynb", "--output",
-                   "_build/site", "injected-parameters", "--no-execute", "quick profile"):
+                   "_build/site", "injected-parameters", "--no-execute", "smoke profile"):
         assert phrase in text, phrase
 
 

@@ -81,8 +81,10 @@ def test_records_round_trip_choose_and_reject_corrupt_files(tmp_path, monkeypatc
     assert p == tmp_path / "cpu" / "05_uncanny_valley.quick.json"
     full = dict(quick, profile="full", slug="nvidia-h200", device="cuda (NVIDIA H200)", date="2099-01-01T00:00:00Z")
     records.save(rows, full)
+    smoke = dict(quick, profile="smoke", date="2099-02-01T00:00:00Z")
+    assert records.save(rows, smoke).name == "05_uncanny_valley.smoke.json"
     recs = records.load_all()
-    assert len(recs) == 2
+    assert len(recs) == 2, "a smoke run's record is no evidence: never loaded"
     for r in recs:
         r["stale"] = False
     assert records.choose(recs, "05_uncanny_valley")["meta"]["profile"] == "full"
@@ -95,6 +97,21 @@ def test_records_round_trip_choose_and_reject_corrupt_files(tmp_path, monkeypatc
     with pytest.raises(ValueError, match="saves no rows"):
         records.save([], quick)
     json.loads(p.read_text())  # the saved file is plain JSON
+
+
+def test_a_smoke_chapter_writes_no_record_unless_the_dry_run_names_a_folder(tmp_path, monkeypatch):
+    from flatnb import chapter
+
+    monkeypatch.setenv("FLATNB_RUNS", str(tmp_path / "runs"))
+    monkeypatch.delenv("FLATNB_RUN_DIR", raising=False)
+    rows = [claims.claim("E6-rise", "k rises", "yes", "0.9", "reproduced")]
+    ch = chapter.setup("05_uncanny_valley", "smoke", "cpu", banner=False)
+    assert ch.sizes.n_test == 24 and "Smoke profile" in ch.banner_html()
+    ch.verdicts(rows)
+    assert ch.record is None and not (tmp_path / "runs").exists()
+    monkeypatch.setenv("FLATNB_RUN_DIR", str(tmp_path / "dry"))
+    ch.verdicts(rows)
+    assert ch.record == tmp_path / "dry" / "05_uncanny_valley.smoke.json"
 
 
 # ----------------------------------------------------------------------------- fingerprints and chapter 12

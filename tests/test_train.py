@@ -417,3 +417,30 @@ def test_compile_switch_goes_through_torch_compile_and_is_recorded(cifar_root, m
     model = T.train(tiny_config(epochs=1, n_train=32), "cpu", root=cifar_root, use_cache=False, progress=False,
                     compile=True)
     assert len(compiled) == 1 and model.train_info["precision"]["compile"] is True
+
+
+def test_smoke_profile_is_the_full_recipe_at_toy_scale():
+    """The dry run's profile: every full-profile architecture, width, loss and attack, one short epoch."""
+    from flatnb import budgets, recipes
+
+    for (arch, ds, recipe) in recipes.TABLE:
+        full, smoke = (T.config_for(arch, ds, recipe, p) for p in ("full", "smoke"))
+        assert (smoke.arch, smoke.width, smoke.recipe, smoke.model_kw, smoke.pgd_steps, smoke.sam_rho,
+                smoke.label_smoothing, smoke.lr) == \
+            (full.arch, full.width, full.recipe, full.model_kw, full.pgd_steps, full.sam_rho,
+             full.label_smoothing, full.lr)
+        assert smoke.epochs == 1 and smoke.n_train <= recipes.SMOKE_IMAGES and smoke.profile == "smoke"
+        assert smoke.key() != full.key()  # never mistaken for a full-profile checkpoint
+    assert recipes.resolve_arch("main", "smoke") == "resnet18"
+    assert budgets.ZOO["smoke"] == budgets.ZOO["full"]
+    # sizes: the full values through the caps, by key name; grids, flags and scale tuples untouched
+    s = budgets.sizes("03_local_bound", "smoke")
+    f = budgets.sizes("03_local_bound", "full")
+    assert s["n_radius"] == 24 and s["radius_steps"] == 5 and s["radius_iter"] == 3 and s["small_epochs"] == 1
+    assert s["small_train"] == 256 and s["restarts"] == 1 and s["radius_scales"] == f["radius_scales"]
+    assert budgets.sizes("01_relative_flatness", "smoke") == dict(hidden=256, n_check=24, train_steps=5)
+    assert budgets.sizes("05_uncanny_valley", "smoke")["grid"] == budgets.sizes("05_uncanny_valley", "full")["grid"]
+    assert budgets.sizes("10_architectures", "smoke")["cifar100"] is True
+    assert all(set(budgets.sizes(st, "smoke")) == set(budgets.sizes(st, "full")) for st in budgets.SIZES)
+    with pytest.raises(ValueError, match="smoke"):
+        T.config_for("main", "cifar10", "standard", "paper")
