@@ -3,6 +3,8 @@
     python benchmarks/train.py                       # images/s of both recipes (a few timed steps each)
     python benchmarks/train.py --full-run            # also train both end to end: accuracy after each epoch
     python benchmarks/train.py --recipes main:pgd_at --full-run   # any table entries, "arch:recipe"
+    python benchmarks/train.py --profile full --device cuda --steps 30 --compare-compile
+                                                     # on a GPU: each recipe eager and through torch.compile
 
 Both run on the same device with the same thread count, one after the other. The rows name the
 load average before and after: on a shared CPU another busy process slows both, and the process
@@ -30,9 +32,10 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def throughput(cfg: T.TrainConfig, device, root, steps: int) -> float:
-    """Training images/s of ``cfg`` over ``steps`` steps of the real loop (the first step excluded)."""
-    ds = fdata.subset(T.training_data(cfg, root), n=(steps + 1) * cfg.batch_size, seed=0)
+def throughput(cfg: T.TrainConfig, device, root, steps: int, compile: bool = False) -> float:
+    """Training images/s of ``cfg`` over ``steps`` steps of the real loop (the first two steps excluded:
+    the first compiles with ``compile=True``, the second may recompile)."""
+    ds = fdata.subset(T.training_data(cfg, root), n=(steps + 2) * cfg.batch_size, seed=0)
     bench = dataclasses.replace(cfg, epochs=1, n_train=None, warmup_epochs=0, ema_start_epochs=0)
     times, orig = [], T._loss
 
@@ -43,12 +46,12 @@ def throughput(cfg: T.TrainConfig, device, root, steps: int) -> float:
 
     T._loss = timed_loss
     try:
-        T.train(bench, device, train_ds=ds, use_cache=False, progress=False)
+        T.train(bench, device, train_ds=ds, use_cache=False, progress=False, compile=compile)
     finally:
         T._loss = orig
     _sync(device)
     times.append(time.perf_counter())
-    return (len(times) - 2) * cfg.batch_size / (times[-1] - times[1])
+    return (len(times) - 3) * cfg.batch_size / (times[-1] - times[2])
 
 
 def full_run(cfg: T.TrainConfig, device, root, n_eval: int) -> list[tuple[str, str]]:
@@ -89,6 +92,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--root", default=None, help="data root (default: FLATNB_DATA)")
     ap.add_argument("--full-run", action="store_true", help="also train each recipe end to end")
+    ap.add_argument("--compare-compile", action="store_true",
+                    help="also time each recipe through torch.compile (same loop, same device)")
     ap.add_argument("--n-eval", type=int, default=10_000, help="test images evaluated after each epoch")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -102,6 +107,13 @@ def main() -> None:
                      f"n_train {cfg.n_train or 'all'}, precision {T.select_precision(device, cfg)['autocast'] or 'fp32'}"))
         rows.append(("  train images/s", f"{throughput(cfg, device, args.root, args.steps):.0f}"))
         print(*rows[-1], flush=True)
+        if args.compare_compile:
+            try:
+                rate = f"{throughput(cfg, device, args.root, args.steps, compile=True):.0f}"
+            except Exception as err:  # noqa: BLE001 - a compiler missing on this machine is a result too
+                rate = f"failed: {type(err).__name__}: {str(err)[:200]}"
+            rows.append(("  train images/s, torch.compile", rate))
+            print(*rows[-1], flush=True)
         if args.full_run:
             rows += full_run(cfg, device, args.root, args.n_eval)
     rows.append(("load average after", " ".join(f"{v:.2f}" for v in os.getloadavg())))

@@ -301,3 +301,42 @@ def test_auto_on_a_gpu_writes_run_records_and_on_the_cpu_the_book(repo, monkeypa
     monkeypatch.setattr(book, "cuda_available", lambda: False)
     assert book.main(["--only", "02", "--no-build"]) == 0
     assert "executed with {}" in _text(repo / "book" / "02_b.ipynb")
+
+
+def _gpu_session():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_session", Path(book.__file__).parent.parent / "benchmarks"
+                                                  / "gpu_session.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_session_pins_every_wheel_and_packs_only_full_records(tmp_path):
+    gs = _gpu_session()
+    wheels = gs.pinned_wheels()
+    assert len(wheels) == len(gs.WHEELS) and all("==" in w for w in wheels)
+    assert any(w.startswith("papermill==") for w in wheels) and any(w.startswith("pyautoattack==") for w in wheels)
+    bad = tmp_path / "constraints.txt"
+    bad.write_text("papermill==2.7.0\n")
+    with pytest.raises(ValueError, match="pins no version of entrypoints"):
+        gs.pinned_wheels(bad)
+    runs = tmp_path / "nvidia-h200"
+    runs.mkdir()
+    for name in ("05_uncanny_valley.full.ipynb", "05_uncanny_valley.full.json", "05_uncanny_valley.quick.json",
+                 ".05_uncanny_valley.tmp.ipynb"):
+        (runs / name).write_text("{}")
+    assert gs.pack(tmp_path / "empty", tmp_path / "none.tar.gz") is None
+    import tarfile
+    with tarfile.open(gs.pack(runs, tmp_path / "records.tar.gz")) as tar:
+        assert sorted(tar.getnames()) == ["05_uncanny_valley.full.ipynb", "05_uncanny_valley.full.json"]
+
+
+def test_gpu_session_step_stops_a_command_at_its_limit(tmp_path):
+    gs = _gpu_session()
+    import sys
+    rc, wall = gs.step("sleeper", [sys.executable, "-c", "import time; time.sleep(30)"], 1, tmp_path / "log")
+    assert rc is None and wall < 15
+    rc, _ = gs.step("quick", [sys.executable, "-c", "print('hi')"], 30, tmp_path / "log")
+    assert rc == 0 and "hi" in (tmp_path / "log").read_text()
