@@ -33,6 +33,22 @@ def test_toc_lists_chapters_and_each_has_a_parameters_cell():
         assert "profile" in "".join(tagged[0]["source"]), f"{chapter.name}: parameters cell must set `profile`"
 
 
+def test_the_quick_main_model_meets_its_target(chapter_models):
+    """Issue 15's target for the quick main model: >= 85 % CIFAR-10 test accuracy on all 10,000 test images,
+    without label smoothing or test-time augmentation; checked on the model this run trained for the chapters."""
+    import torch
+
+    from flatnb import train
+
+    torch.set_num_threads(1)
+    model = train.trained_model("main", "cifar10", profile="quick", device="cpu", progress=False)
+    cfg = train.config_for("main", "cifar10", profile="quick")
+    assert (cfg.arch, cfg.label_smoothing, cfg.mixup_alpha) == ("fastnet", 0.0, 0.0)
+    result = train.evaluate(model, train.test_data(cfg), "cpu")
+    print(f"quick main model: {result['accuracy']:.4f} on {result['n']} test images")
+    assert result["n"] == 10_000 and result["accuracy"] >= 0.85
+
+
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.stem for c in CHAPTERS])
 def test_chapter_executes_in_quick_profile(chapter: Path, chapter_runs):
     # executed two at a time by the chapter_runs fixture (tests/conftest.py); this waits for its own

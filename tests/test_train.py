@@ -408,7 +408,7 @@ def test_quick_main_model_real_cifar10(monkeypatch):
     assert acc > QUICK_MAIN_MIN_ACCURACY
 
 
-QUICK_MAIN_MIN_ACCURACY = 0.80
+QUICK_MAIN_MIN_ACCURACY = 0.85  # issue 15: >= 85 % without label smoothing or test-time augmentation
 
 
 def test_compile_switch_goes_through_torch_compile_and_is_recorded(cifar_root, monkeypatch):
