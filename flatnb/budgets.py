@@ -82,19 +82,19 @@ SIZES = {
 }
 
 
-# The smoke profile (flatnb.runtime.PROFILES) runs each chapter's full-profile integer sizes through these caps:
-# first a whole key, then a key's ending, then its beginning (first match wins); keys that match none (grids,
-# widths, flags, tuples of scales) keep their full value, so every full-profile branch and attack runs, on a
-# handful of images.
-SMOKE_CAPS = {"whole": {"n_pairs": 20_000, "batch": 16},
+# The smoke profile (flatnb.runtime.PROFILES) runs each chapter's full-profile sizes through these caps: a whole
+# key (numbers), then a key's ending, then its beginning (integers; first match wins); keys that match none
+# (grids, widths, flags, tuples of scales) keep their full value, so every full-profile branch and attack runs,
+# on a handful of images. ``confident`` (chapter 5's confidence threshold) drops to 0: a model trained for one
+# epoch of 256 images is confident about nothing, and the confident-path branch must still run.
+SMOKE_CAPS = {"whole": {"n_pairs": 20_000, "batch": 16, "confident": 0.0},
               "ending": {"_epochs": 1, "_train": 256, "steps": 5, "_iter": 3, "restarts": 1, "_seeds": 2,
                          "_queries": 50, "_samples": 4},
               "beginning": {"n_": 24}}
 
 
 def _smoke_cap(key: str) -> int | None:
-    if key in SMOKE_CAPS["whole"]:
-        return SMOKE_CAPS["whole"][key]
+    """The cap of an integer size by its key's ending or beginning (None: keep the full value)."""
     for kind, test in (("ending", key.endswith), ("beginning", key.startswith)):
         for part, cap in SMOKE_CAPS[kind].items():
             if test(part):
@@ -109,7 +109,12 @@ def sizes(stem: str, profile: str) -> dict:
         return dict(table.get(profile, {}))
     out = {}
     for key, value in table.get("full", {}).items():
-        cap = _smoke_cap(key) if isinstance(value, int) and not isinstance(value, bool) else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            cap = None  # flags, names, tuples of scales
+        elif key in SMOKE_CAPS["whole"]:
+            cap = SMOKE_CAPS["whole"][key]
+        else:
+            cap = _smoke_cap(key) if isinstance(value, int) else None
         out[key] = value if cap is None else min(value, cap)
     return out
 

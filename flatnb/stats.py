@@ -14,6 +14,12 @@ import torch
 Z95 = 1.959963984540054
 
 
+class EmptySelection(ValueError):
+    """Nothing was counted: a fraction of 0 trials, an interval over no values, a selection that kept
+    nothing. At the book's scales a sign of a broken selection (so an error, never a NaN); in the smoke
+    profile, where a one-epoch model is right about almost nothing, expected (the dry run tolerates it)."""
+
+
 def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     """Wilson score interval for ``k`` successes in ``n`` trials (Wilson 1927).
 
@@ -21,7 +27,7 @@ def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     """
     k, n = int(k), int(n)
     if n <= 0:
-        raise ValueError(f"a fraction needs n >= 1 trials, got n={n}: nothing was counted "
+        raise EmptySelection(f"a fraction needs n >= 1 trials, got n={n}: nothing was counted "
                          "(check the selection that produced it, e.g. no example flipped)")
     if not 0 <= k <= n:
         raise ValueError(f"k must be in [0, n], got k={k}, n={n}")
@@ -52,7 +58,7 @@ class Fraction:
     @property
     def value(self) -> float:
         if self.n == 0:
-            raise ValueError("a fraction of 0 trials has no value")
+            raise EmptySelection("a fraction of 0 trials has no value (nothing was counted: check the selection)")
         return self.k / self.n
 
     @property
@@ -88,7 +94,7 @@ def bootstrap_ci(values, statistic=np.median, n_boot: int = 2000, seed: int = 0,
     v = values.detach().cpu().double().numpy() if isinstance(values, torch.Tensor) else np.asarray(values, float)
     v = v.reshape(-1)
     if v.size == 0:
-        raise ValueError("bootstrap_ci needs at least one value")
+        raise EmptySelection("bootstrap_ci needs at least one value (the selection is empty)")
     if not np.isfinite(v).all():
         raise ValueError(f"bootstrap_ci got {int((~np.isfinite(v)).sum())} non-finite values; drop or fix them first")
     rng = np.random.default_rng(seed)

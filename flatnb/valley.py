@@ -29,7 +29,7 @@ import torch
 
 from flatnb.curvature.last_layer import closed_form
 from flatnb.models import check_contract
-from flatnb.stats import Fraction
+from flatnb.stats import EmptySelection, Fraction
 
 Tensor = torch.Tensor
 KAPPAS = ("kappa_sq", "kappa_unsq", "kappa_neuron")
@@ -191,7 +191,8 @@ def valley_shape(traj, cross: dict, kappa: str = "kappa_sq", num_classes: int = 
     if keep.shape != (n_all,):
         raise ValueError(f"keep must be a mask over the {n_all} crossing paths, got {tuple(keep.shape)}")
     if not bool(keep.any()):
-        raise ValueError("valley_shape: no path left after `keep`")
+        raise EmptySelection("valley_shape: no path left after `keep` (no flipping path passes the selection, "
+                             "e.g. no confident clean input: a weak model or too few test images)")
     sel = torch.nonzero(keep)[:, 0]
     c = cols.cpu()[sel]
     f = cross["flip_step"].cpu()[sel].long()

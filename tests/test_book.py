@@ -209,17 +209,27 @@ def _cells_notebook(*sources: str):
 
 
 def test_smoke_execution_tolerates_failed_asserts_and_nothing_else(tmp_path, capsys):
-    """A real papermill run: a failed assert is listed and the later cells still run; a KeyError fails."""
-    ok = _write(tmp_path / "ok.ipynb", _cells_notebook("x = 1\nassert x > 5, 'too small'", "y = x + 1"))
+    """A real papermill run: a failed assert, an empty selection and a NameError they cause are listed and
+    the later cells still run; a KeyError fails, and so does a NameError nothing excuses."""
+    ok = _write(tmp_path / "ok.ipynb", _cells_notebook(
+        "x = 1\nassert x > 5, 'too small'\nz = 2",
+        "from flatnb.stats import Fraction\nFraction(0, 0).value",
+        "print(z)",
+        "y = x + 1"))
     out = tmp_path / "out" / "ok.ipynb"
     book.execute(ok, out, {"profile": "smoke"}, cell_timeout=120, tolerate_asserts=True)
     log = capsys.readouterr().out
-    assert "failed assert" in log and "too small" in log and "assert x > 5" in log
+    assert "tolerated (smoke)" in log and "too small" in log and "assert x > 5" in log
+    assert "EmptySelection" in log and "NameError" in log
     nb = json.loads(out.read_text())
     assert nb["cells"][-1]["execution_count"] is not None, "the cell after the failed assert ran"
     bad = _write(tmp_path / "bad.ipynb", _cells_notebook("assert False", "{}['missing']", "z = 1"))
     with pytest.raises(book.ChapterFailure, match="KeyError"):
         book.execute(bad, tmp_path / "out" / "bad.ipynb", {"profile": "smoke"}, cell_timeout=120,
+                     tolerate_asserts=True)
+    typo = _write(tmp_path / "typo.ipynb", _cells_notebook("x = 1", "print(xx)"))
+    with pytest.raises(book.ChapterFailure, match="NameError"):
+        book.execute(typo, tmp_path / "out" / "typo.ipynb", {"profile": "smoke"}, cell_timeout=120,
                      tolerate_asserts=True)
     with pytest.raises(book.ChapterFailure, match="AssertionError"):  # outside the smoke run an assert fails
         book.execute(ok, tmp_path / "out" / "ok2.ipynb", {"profile": "quick"}, cell_timeout=120)

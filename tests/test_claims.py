@@ -35,8 +35,13 @@ def test_wilson_contains_the_point_and_stays_in_unit_interval(kn):
 
 
 def test_fraction_refuses_empty_and_non_boolean_input():
-    with pytest.raises(ValueError, match="n >= 1"):
+    with pytest.raises(stats.EmptySelection, match="n >= 1"):
         stats.wilson(0, 0)
+    for empty in (lambda: stats.Fraction(0, 0).value, lambda: stats.Fraction(0, 0).lo,
+                  lambda: stats.bootstrap_ci([])):
+        with pytest.raises(stats.EmptySelection):  # nothing counted: its own type, still a ValueError
+            empty()
+    assert issubclass(stats.EmptySelection, ValueError) and str(stats.Fraction(0, 0)) == "— (n=0)"
     with pytest.raises(ValueError, match="boolean"):
         stats.Fraction.of(np.array([0.5, 1.0]))
     f = stats.Fraction.of(np.array([True, False, True, True]))
