@@ -13,9 +13,8 @@ finished comes back even when a later step runs out of time:
 4. ``records.tar.gz`` the run records it wrote: ``runs/<device>/<chapter>.full.{ipynb,json}``
 
 Here, before the call (the device has torch and torchvision but no registry, and no copy of the data;
-``../shared`` does not travel, the carried folders do; both are git-ignored)::
+``../shared`` does not travel, the carried folders do; ``.gitignore`` ignores both)::
 
-    mkdir -p .git/info && printf '/.whl/\\n/.data/\\n' >> .git/info/exclude
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \\
         -d .whl $(python benchmarks/gpu_session.py --wheels)
