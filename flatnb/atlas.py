@@ -32,7 +32,7 @@ import torch
 from flatnb import attacks, budgets, calibration, models, radius, trajectory
 from flatnb import curvature as cv
 from flatnb import data as fdata
-from flatnb.stats import Fraction, bootstrap_ci
+from flatnb.stats import EmptySelection, Fraction, bootstrap_ci
 
 Tensor = torch.Tensor
 
@@ -118,7 +118,7 @@ def measure(model, pr: Probe, sizes, device, seed: int = 0) -> dict:
     ok = raw["correct"][: len(y)].to(device)
     x, y = x[ok], y[ok]
     if len(y) == 0:
-        raise ValueError("the model classifies none of the basin images correctly: nothing to measure; "
+        raise EmptySelection("the model classifies none of the basin images correctly: nothing to measure; "
                          "check the model (its clean accuracy is " f"{e['clean'].pct()})")
     res = attacks.pgd(model, x, y, **dict(budgets.ATTACKS["pgd_l2_e2"], loss="ce", random_start=False,
                                           record=True))

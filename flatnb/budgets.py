@@ -85,9 +85,10 @@ SIZES = {
 # The smoke profile (flatnb.runtime.PROFILES) runs each chapter's full-profile sizes through these caps: a whole
 # key (numbers), then a key's ending, then its beginning (integers; first match wins); keys that match none
 # (grids, widths, flags, tuples of scales) keep their full value, so every full-profile branch and attack runs,
-# on a handful of images. ``confident`` (chapter 5's confidence threshold) drops to 0: a model trained for one
-# epoch of 256 images is confident about nothing, and the confident-path branch must still run.
-SMOKE_CAPS = {"whole": {"n_pairs": 20_000, "batch": 16, "confident": 0.0},
+# on a handful of images. A model trained for one epoch of 256 images is right about one image in ten and
+# confident about nothing, so chapter 5's confidence threshold drops to 0 (its confident-path branch must still
+# run) and chapter 13 measures basins on 128 images (so that every zoo model has some it classifies correctly).
+SMOKE_CAPS = {"whole": {"n_pairs": 20_000, "batch": 16, "confident": 0.0, "n_basin": 128},
               "ending": {"_epochs": 1, "_train": 256, "steps": 5, "_iter": 3, "restarts": 1, "_seeds": 2,
                          "_queries": 50, "_samples": 4},
               "beginning": {"n_": 24}}

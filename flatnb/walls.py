@@ -24,6 +24,7 @@ import torch
 
 from flatnb import calibration
 from flatnb import curvature as cv
+from flatnb.stats import EmptySelection
 
 Tensor = torch.Tensor
 
@@ -98,7 +99,7 @@ def measure(model, dataset, temperature: float, pool_x: Tensor, pool_y: Tensor, 
         parts.append(measure_batch(model, x, y, directions(model, x, y, pool_x, pool_y, n_random, gen),
                                    temperature, ts))
     if not parts:
-        raise ValueError("no image of the dataset is classified correctly: nothing to measure")
+        raise EmptySelection("no image of the dataset is classified correctly: nothing to measure")
     out = {kind: {q: torch.cat([p[kind][q] for p in parts], dim=-1) for q in QUANTITIES} for kind in parts[0]}
     for kind, o in out.items():
         for q, v in o.items():

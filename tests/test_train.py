@@ -442,6 +442,7 @@ def test_smoke_profile_is_the_full_recipe_at_toy_scale():
     assert budgets.sizes("05_uncanny_valley", "smoke")["grid"] == budgets.sizes("05_uncanny_valley", "full")["grid"]
     assert budgets.sizes("10_architectures", "smoke")["cifar100"] is True
     assert budgets.sizes("05_uncanny_valley", "smoke")["confident"] == 0.0  # the confident branch still runs
+    assert budgets.sizes("13_atlas", "smoke")["n_basin"] == 128
     assert all(set(budgets.sizes(st, "smoke")) == set(budgets.sizes(st, "full")) for st in budgets.SIZES)
     with pytest.raises(ValueError, match="smoke"):
         T.config_for("main", "cifar10", "standard", "paper")
