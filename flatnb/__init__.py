@@ -11,6 +11,7 @@ One module per concept, plain functions over tensors, device and dtype explicit:
 * ``data``, ``download``, ``recipes`` (every training configuration), ``train``, ``weights``;
 * ``budgets`` (named attacks, chapter sizes), ``stats`` (intervals), ``claims`` (the verdict policy),
   ``records`` (run records), ``verdict`` (chapter 12), ``chapter`` (the chapter scaffold),
-  ``runtime`` (profile, device, cache) and ``book`` (the papermill runner).
+  ``runtime`` (profile, device, cache), ``smoke`` (the full profile at toy scale, for the dry run) and
+  ``book`` (the papermill runner).
 """
 __version__ = "0.2.0"

@@ -82,42 +82,15 @@ SIZES = {
 }
 
 
-# The smoke profile (flatnb.runtime.PROFILES) runs each chapter's full-profile sizes through these caps: a whole
-# key (numbers), then a key's ending, then its beginning (integers; first match wins); keys that match none
-# (grids, widths, flags, tuples of scales) keep their full value, so every full-profile branch and attack runs,
-# on a handful of images. A model trained for one epoch of 256 images is right about one image in ten and
-# confident about nothing, so chapter 5's confidence threshold drops to 0 (its confident-path branch must still
-# run) and chapter 13 measures basins on 128 images (so that every zoo model has some it classifies correctly).
-SMOKE_CAPS = {"whole": {"n_pairs": 20_000, "batch": 16, "confident": 0.0, "n_basin": 128},
-              "ending": {"_epochs": 1, "_train": 256, "steps": 5, "_iter": 3, "restarts": 1, "_seeds": 2,
-                         "_queries": 50, "_samples": 4},
-              "beginning": {"n_": 24}}
-
-
-def _smoke_cap(key: str) -> int | None:
-    """The cap of an integer size by its key's ending or beginning (None: keep the full value)."""
-    for kind, test in (("ending", key.endswith), ("beginning", key.startswith)):
-        for part, cap in SMOKE_CAPS[kind].items():
-            if test(part):
-                return cap
-    return None
-
-
 def sizes(stem: str, profile: str) -> dict:
-    """A chapter's sizes in ``profile`` (``{}`` for a chapter without any); ``"smoke"`` caps the full ones."""
+    """A chapter's sizes in ``profile`` (``{}`` for a chapter without any); ``"smoke"``: the full ones at
+    toy scale (:func:`flatnb.smoke.sizes`)."""
     table = SIZES.get(stem, {})
-    if profile != "smoke":
-        return dict(table.get(profile, {}))
-    out = {}
-    for key, value in table.get("full", {}).items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            cap = None  # flags, names, tuples of scales
-        elif key in SMOKE_CAPS["whole"]:
-            cap = SMOKE_CAPS["whole"][key]
-        else:
-            cap = _smoke_cap(key) if isinstance(value, int) else None
-        out[key] = value if cap is None else min(value, cap)
-    return out
+    if profile == "smoke":
+        from flatnb import smoke  # only a smoke run loads it
+
+        return smoke.sizes(stem, table.get("full", {}))
+    return dict(table.get(profile, {}))
 
 
 # ============================================================================= the atlas's zoo (chapter 13)
@@ -147,7 +120,7 @@ ZOO = {
         "TRADES": ("resnet18", "cifar10", "trades", 0),
     },
 }
-ZOO["smoke"] = ZOO["full"]  # the smoke profile: the full zoo's recipes at toy scale (flatnb.recipes.smoke)
+ZOO["smoke"] = ZOO["full"]  # the smoke profile: the full zoo's recipes at toy scale (flatnb.smoke)
 #: the kind of each zoo label (the atlas's colours and sets): standard / flatness-seeking / confidence / adversarial
 ZOO_METHOD = {"standard": "standard", "SAM": "flatness-seeking (SAM)", "label": "confidence regulariser",
               "mixup": "confidence regulariser", "PGD": "adversarial training",

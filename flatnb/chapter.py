@@ -64,10 +64,6 @@ def _display(obj, display_id=None, update=False):
     return display(obj, display_id=display_id)
 
 
-#: the smoke profile measures a model's clean accuracy for the banner on this many test images
-SMOKE_EVAL_IMAGES = 256
-
-
 class Chapter:
     """A chapter's run: profile, device, seed, sizes, timer, banner, tables and verdict rows."""
 
@@ -133,7 +129,9 @@ class Chapter:
                                      device=self.device)
         test = ftrain.test_data(ftrain.config_for(arch, dataset, recipe, self.profile, seed))
         if self.profile == "smoke":  # a full-width model on all test images takes minutes on a CPU
-            test = fdata.subset(test, n=min(len(test.labels), SMOKE_EVAL_IMAGES), seed=0)
+            from flatnb import smoke
+
+            test = fdata.subset(test, n=min(len(test.labels), smoke.EVAL_IMAGES), seed=0)
         acc = ftrain.evaluate(model, test, self.device)["accuracy"]
         name = describe or f"{getattr(model, 'train_info', {}).get('config', {}).get('arch', arch)} ({recipe}, {dataset})"
         self.models.append(f"{name}: clean accuracy {100 * acc:.1f} % on {len(test.labels):,} test images")

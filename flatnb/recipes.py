@@ -202,22 +202,9 @@ def resolve_arch(arch: str, profile: str) -> str:
     return arch
 
 
-#: the smoke profile trains each full-profile recipe for one epoch on this many images
-SMOKE_IMAGES = 256
-
-
-def smoke(config: TrainConfig) -> TrainConfig:
-    """``config`` (a full-profile entry) at toy scale: the same architecture, width, loss, attack and
-    optimizer, one epoch of at most :data:`SMOKE_IMAGES` images, warmup and lookahead inside that epoch."""
-    n = min(config.n_train or SMOKE_IMAGES, SMOKE_IMAGES)
-    return dataclasses.replace(config, epochs=1, n_train=n, batch_size=min(config.batch_size, 64),
-                               warmup_epochs=min(config.warmup_epochs, 0.25),
-                               ema_start_epochs=min(config.ema_start_epochs, 0.5))
-
-
 def lookup(arch: str, dataset: str, recipe: str = "standard", profile: str = "quick", seed: int = 0) -> TrainConfig:
     """The table's configuration for ``(arch, dataset, recipe)`` in ``profile``, with ``seed`` set
-    (``"smoke"``: the full entry through :func:`smoke`)."""
+    (``"smoke"``: the full entry at toy scale, :func:`flatnb.smoke.config`)."""
     if profile not in ("quick", "full", "smoke"):
         raise ValueError(f"profile must be 'quick', 'full' or 'smoke' (resolve 'auto' with "
                          f"flatnb.runtime.resolve_profile), got {profile!r}")
@@ -228,5 +215,7 @@ def lookup(arch: str, dataset: str, recipe: str = "standard", profile: str = "qu
         raise ValueError(f"no training recipe {recipe!r} for {name} on {dataset} in flatnb.recipes.TABLE "
                          f"(recipes there for this pair: {have or 'none'}); add an entry to the table")
     if profile == "smoke":
-        return dataclasses.replace(smoke(entry["full"]), profile="smoke", seed=seed)
+        from flatnb import smoke  # only a smoke run loads it
+
+        return dataclasses.replace(smoke.config(entry["full"]), seed=seed)
     return dataclasses.replace(entry[profile], profile=profile, seed=seed)

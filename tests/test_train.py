@@ -421,16 +421,16 @@ def test_compile_switch_goes_through_torch_compile_and_is_recorded(cifar_root, m
 
 def test_smoke_profile_is_the_full_recipe_at_toy_scale():
     """The dry run's profile: every full-profile architecture, width, loss and attack, one short epoch."""
-    from flatnb import budgets, recipes
+    from flatnb import budgets, recipes, smoke
 
     for (arch, ds, recipe) in recipes.TABLE:
-        full, smoke = (T.config_for(arch, ds, recipe, p) for p in ("full", "smoke"))
-        assert (smoke.arch, smoke.width, smoke.recipe, smoke.model_kw, smoke.pgd_steps, smoke.sam_rho,
-                smoke.label_smoothing, smoke.lr) == \
+        full, toy = (T.config_for(arch, ds, recipe, p) for p in ("full", "smoke"))
+        assert (toy.arch, toy.width, toy.recipe, toy.model_kw, toy.pgd_steps, toy.sam_rho,
+                toy.label_smoothing, toy.lr) == \
             (full.arch, full.width, full.recipe, full.model_kw, full.pgd_steps, full.sam_rho,
              full.label_smoothing, full.lr)
-        assert smoke.epochs == 1 and smoke.n_train <= recipes.SMOKE_IMAGES and smoke.profile == "smoke"
-        assert smoke.key() != full.key()  # never mistaken for a full-profile checkpoint
+        assert toy.epochs == 1 and toy.n_train <= smoke.IMAGES and toy.profile == "smoke"
+        assert toy.key() != full.key()  # never mistaken for a full-profile checkpoint
     assert recipes.resolve_arch("main", "smoke") == "resnet18"
     assert budgets.ZOO["smoke"] == budgets.ZOO["full"]
     # sizes: the full values through the caps, by key name; grids, flags and scale tuples untouched
@@ -446,3 +446,18 @@ def test_smoke_profile_is_the_full_recipe_at_toy_scale():
     assert all(set(budgets.sizes(st, "smoke")) == set(budgets.sizes(st, "full")) for st in budgets.SIZES)
     with pytest.raises(ValueError, match="smoke"):
         T.config_for("main", "cifar10", "standard", "paper")
+
+
+def test_quick_and_full_runs_never_load_the_smoke_module():
+    """Run records fingerprint the modules a chapter loaded: tuning the smoke profile must not make a
+    quick or full record stale, so only a smoke run may import flatnb.smoke."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from flatnb import budgets, chapter, recipes, train; "
+            "[budgets.sizes(s, p) for s in budgets.SIZES for p in ('quick', 'full')]; "
+            "[train.config_for(a, d, r, p) for (a, d, r) in recipes.TABLE for p in ('quick', 'full')]; "
+            "print('flatnb.smoke' in sys.modules); budgets.sizes('05_uncanny_valley', 'smoke'); "
+            "print('flatnb.smoke' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "True"]
