@@ -136,7 +136,7 @@ def test_wrong_shapes_name_the_expected_shapes(phi_shape, logit_shape, w_shape, 
 
 
 def test_unknown_profile_lists_allowed_ones():
-    with pytest.raises(ValueError, match="'auto', 'quick' or 'full'"):
+    with pytest.raises(ValueError, match="'auto', 'quick', 'full' or 'smoke'"):
         resolve_profile("fast")
     assert resolve_profile("auto", "cpu") == "quick"
     assert resolve_profile("auto", "cuda") == "full"
