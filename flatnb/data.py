@@ -342,9 +342,29 @@ def load(name: str, split: str, root: str | os.PathLike | None = None, cache: bo
         images, labels, classes = _load_tiny(src, split)
     ds = Dataset(images, labels, classes, _digest(images, labels, classes), _describe(name, src))
     if cache is not False:
-        atomic_save({"images": images, "labels": labels, "classes": classes, "digest": ds.digest,
-                      "source": str(src.path), "description": ds.source}, path)
+        try:
+            atomic_save({"images": images, "labels": labels, "classes": classes, "digest": ds.digest,
+                          "source": str(src.path), "description": ds.source}, path)
+        except OSError as e:  # the cache is only a shortcut: a full disk costs a decode next time, not this run
+            warnings.warn(f"{name} {split} is not cached ({e}); it will be decoded again next time", RuntimeWarning,
+                          stacklevel=2)
+        else:
+            _prune_stale(path, name, split, src)
     return ds
+
+
+def _prune_stale(path: Path, name: str, split: str, src: _Source) -> None:
+    """Delete the cache files of earlier versions of the same source file or folder (same path, other
+    size or mtime): each would otherwise keep up to 1.2 GB (Tiny ImageNet's train split) for nothing."""
+    for old in path.parent.glob(f"{name}-{split}-*.pt"):
+        if old == path:
+            continue
+        try:
+            same = torch.load(old, mmap=True, weights_only=True).get("source") == str(src.path)
+        except Exception:  # unreadable: a damaged file of an old version
+            same = True
+        if same:
+            old.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- subsets and batches

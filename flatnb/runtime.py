@@ -5,6 +5,7 @@ value, so a chapter's parameters cell decides everything explicitly.
 """
 from __future__ import annotations
 
+import errno
 import os
 import platform
 import time
@@ -77,10 +78,28 @@ def atomic_save(obj, path: Path) -> None:
             torch.save(obj, f)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; caches are meant to be shared
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if _disk_full(e):
+            import shutil
+
+            free = shutil.disk_usage(path.parent).free / 2**30
+            raise OSError(errno.ENOSPC, f"no space left on the device while writing {path} ({free:.1f} GiB free "
+                          f"there now): free space on that disk, or point FLATNB_CACHE at a folder on a disk "
+                          f"with room") from e
         raise
+
+
+def _disk_full(e: BaseException | None) -> bool:
+    """Whether ``e`` or an exception it was raised from is ENOSPC (torch wraps it in a RuntimeError)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def describe_device(device: torch.device | str) -> str:

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -338,6 +339,7 @@ def train(config: TrainConfig, device=None, root=None, train_ds: fdata.Dataset |
             lookahead.load_state_dict(state["lookahead"])
         net = torch.compile(model) if compile else model
         step = start * steps
+        can_save = True  # until a checkpoint write fails (a full disk)
 
         for epoch in range(start, config.epochs):
             t_epoch = time.perf_counter()
@@ -386,11 +388,17 @@ def train(config: TrainConfig, device=None, root=None, train_ds: fdata.Dataset |
             done = epoch + 1 == config.epochs
             info = {"config": dataclasses.asdict(config), "data_digest": ds.digest, "history": history,
                     "precision": prec}
-            if use_cache:
-                atomic_save({"model": _plain_state(model), "optimizer": opt.state_dict(),
-                             "scheduler": sched.state_dict(), "epoch": epoch, "history": history, "done": done,
-                             "info": info, "scaler": None if scaler is None else scaler.state_dict(),
-                             "lookahead": None if lookahead is None else lookahead.state_dict()}, ckpt)
+            if use_cache and can_save:
+                try:
+                    atomic_save({"model": _plain_state(model), "optimizer": opt.state_dict(),
+                                 "scheduler": sched.state_dict(), "epoch": epoch, "history": history,
+                                 "done": done, "info": info,
+                                 "scaler": None if scaler is None else scaler.state_dict(),
+                                 "lookahead": None if lookahead is None else lookahead.state_dict()}, ckpt)
+                except OSError as e:  # a full disk loses the resume point, never the model being trained
+                    can_save = False
+                    warnings.warn(f"checkpoint not saved ({e}); training goes on without checkpoints and "
+                                  f"the model will be trained again next time", RuntimeWarning, stacklevel=2)
             if epoch_lines:
                 print(f"epoch {epoch + 1}/{config.epochs}: loss {metrics['loss']:.3f}, train acc {metrics['train_acc']:.3f}")
             if callback is not None:

@@ -18,6 +18,10 @@ from torchvision.io import encode_jpeg
 
 from flatnb import data
 
+# The caller's cache (CI points FLATNB_CACHE into its clone), read before the autouse fixture below
+# replaces it with a temp dir: the real-data tests decode into it once and the chapters reuse it.
+_CALLER_CACHE = os.environ.get("FLATNB_CACHE")
+
 CLASSES10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -237,6 +241,71 @@ def test_tar_change_invalidates(tmp_path):
     assert len(b) == len(a) + 1 and b.classes == CLASSES10[:4]
 
 
+def test_an_old_version_of_the_same_source_is_pruned(tmp_path):
+    """A changed source (same path, new mtime) leaves one cache file, not one per version; a cache of
+    another source (another folder) is kept."""
+    tar = _tar(make_cifar10_jpeg(tmp_path / "src"), tmp_path / "cifar10-jpeg.tar.gz")
+    other = tmp_path / "other"
+    make_cifar10_jpeg(other)
+    data.load("cifar10", "test", root=tmp_path)
+    data.load("cifar10", "test", root=other)
+    cache = Path(os.environ["FLATNB_CACHE"]) / "data"
+    assert len(list(cache.glob("cifar10-test-*.pt"))) == 2
+    st_ = tar.stat()
+    os.utime(tar, ns=(st_.st_atime_ns, st_.st_mtime_ns + 10**9))  # the same archive copied again
+    data.load("cifar10", "test", root=tmp_path)
+    files = list(cache.glob("cifar10-test-*.pt"))
+    assert len(files) == 2
+    sources = {torch.load(f, weights_only=True)["source"] for f in files}
+    assert sources == {str(data._find_source("cifar10", tmp_path, False).path),
+                       str(data._find_source("cifar10", other, False).path)}
+
+
+def test_a_full_disk_costs_the_cache_not_the_data(tmp_path, monkeypatch):
+    """ENOSPC while caching: a warning that names the cause and the fix, the decoded data all the same,
+    no temp file left behind."""
+    import errno
+
+    from flatnb import runtime
+
+    make_cifar10_jpeg(tmp_path)
+    expected = data.load("cifar10", "test", root=tmp_path, cache=False)
+
+    def full(obj, f):
+        f.write(b"x" * 10)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runtime.torch, "save", full)
+    with pytest.warns(RuntimeWarning, match="no space left on the device.*FLATNB_CACHE"):
+        ds = data.load("cifar10", "test", root=tmp_path)
+    assert torch.equal(ds.images, expected.images) and ds.digest == expected.digest
+    cache = Path(os.environ["FLATNB_CACHE"]) / "data"
+    assert list(cache.iterdir()) == []
+
+
+def test_atomic_save_names_a_full_disk_and_keeps_the_old_file(tmp_path, monkeypatch):
+    import errno
+
+    from flatnb import runtime
+
+    path = tmp_path / "x.pt"
+    runtime.atomic_save({"a": 1}, path)
+
+    def full(obj, f):
+        f.write(b"partial")
+        raise RuntimeError("unexpected pos 4288 vs 4182") from OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runtime.torch, "save", full)
+    with pytest.raises(OSError, match="no space left on the device while writing .*x.pt.*FLATNB_CACHE") as e:
+        runtime.atomic_save({"a": 2}, path)
+    assert e.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"a": 1} and [p.name for p in tmp_path.iterdir()] == ["x.pt"]
+    monkeypatch.setattr(runtime.torch, "save", lambda obj, f: (_ for _ in ()).throw(ValueError("not a disk problem")))
+    with pytest.raises(ValueError, match="not a disk problem"):  # other errors pass through unchanged
+        runtime.atomic_save({"a": 3}, path)
+
+
 def test_cache_with_changed_pixels_is_rebuilt(tmp_path):
     """Same size, same keys, one pixel changed: the stored digest no longer matches, so decode again."""
     make_cifar10_jpeg(tmp_path)
@@ -424,7 +493,11 @@ def _real_root():
     ("tinyimagenet", "test", 10_000, 200, 64), ("tinyimagenet", "train", 100_000, 200, 64),
 ])
 def test_real_data(monkeypatch, name, split, n, k, size):
-    monkeypatch.delenv("FLATNB_CACHE")  # the normal cache, so repeated runs do not decode again
+    # the caller's cache (else the default one), so repeated runs and the chapters do not decode again
+    if _CALLER_CACHE:
+        monkeypatch.setenv("FLATNB_CACHE", _CALLER_CACHE)
+    else:
+        monkeypatch.delenv("FLATNB_CACHE")
     root = _real_root()
     if root is None:
         (pytest.fail if os.environ.get("CI") else pytest.skip)("no data folder: set FLATNB_DATA to the folder holding the shared tarballs")

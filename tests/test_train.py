@@ -103,6 +103,33 @@ def test_interrupted_run_resumes_identically(cifar_root):
         assert torch.equal(_state(again)[k], got[k])
 
 
+def test_a_full_disk_loses_the_checkpoint_not_the_trained_model(cifar_root, monkeypatch):
+    """ENOSPC on a checkpoint write: one warning naming the cause, training finishes on the same
+    weights as an uncached run, and nothing half-written is left in the cache."""
+    import errno
+
+    from flatnb import runtime
+
+    cfg = tiny_config()
+    ref = _state(T.train(cfg, "cpu", root=cifar_root, use_cache=False, progress=False))
+    data.load("cifar10", "train", root=cifar_root)  # the data cache is written before the disk fills
+    calls = []
+
+    def full(obj, f):
+        calls.append(1)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runtime.torch, "save", full)
+    with pytest.warns(RuntimeWarning, match="checkpoint not saved .*no space left on the device") as w:
+        model = T.train(cfg, "cpu", root=cifar_root, progress=False)
+    assert len([x for x in w if "checkpoint not saved" in str(x.message)]) == 1 and calls == [1]
+    got = _state(model)
+    for k in ref:
+        assert torch.allclose(got[k].float(), ref[k].float(), atol=1e-6), k
+    ckpt_dir = T.checkpoint_path(cfg, T.training_data(cfg, cifar_root).digest).parent
+    assert [p.name for p in ckpt_dir.iterdir() if not p.name.endswith(".lock")] == []
+
+
 def test_config_key_covers_every_field():
     cfg = tiny_config()
     assert cfg.key("d") == tiny_config().key("d")
