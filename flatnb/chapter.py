@@ -22,7 +22,7 @@ import torch
 
 from flatnb import claims as fclaims
 from flatnb import records
-from flatnb.runtime import describe_device, resolve_device, resolve_profile
+from flatnb.runtime import describe_device, resolve_device, resolve_profile, versions
 
 # Threads on the CPU: see the README ("Threads") for the measurement behind the default.
 DEFAULT_CPU_THREADS = 1
@@ -166,20 +166,10 @@ class Chapter:
 
     def provenance(self) -> None:
         """Print how this page's numbers were produced."""
-        import platform
-
-        import numpy
-
-        versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
-        for name in ("torchvision", "sympy", "matplotlib"):
-            try:
-                versions[name] = __import__(name).__version__
-            except ImportError:
-                pass
         print(f"chapter:   {self.stem}\nprofile:   {self.profile}\ndevice:    {describe_device(self.device)}\n"
               f"commit:    {records.commit() or 'unknown'}{' (uncommitted changes)' if records.dirty() else ''}\n"
               f"date:      {self.date}\nseed:      {self.seed}\nwall time: {time.time() - self.start:.1f} s\n"
-              + _wrap("versions:  " + ", ".join(f"{k} {v}" for k, v in versions.items())))
+              + _wrap("versions:  " + ", ".join(f"{k} {v}" for k, v in versions().items())))
 
 
 def setup(stem: str, profile: str = "auto", device: str = "auto", seed: int = 0,

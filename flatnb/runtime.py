@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import os
 import platform
-import time
 from pathlib import Path
 
 import torch
@@ -109,26 +108,20 @@ def describe_device(device: torch.device | str) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def provenance(start_time: float, profile: str, device: torch.device | str) -> str:
-    """One block of text that says how a chapter's numbers were produced."""
+def versions() -> dict:
+    """The versions of Python and of the libraries a chapter's numbers depend on (those installed)."""
     import numpy
 
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
-    for name in ("torchvision", "sympy", "matplotlib"):
-        try:
-            versions[name] = __import__(name).__version__
-        except ImportError:
-            pass
     from flatnb import __version__
 
-    versions["flatnb"] = __version__
-    lines = [
-        f"device:    {describe_device(device)}",
-        f"profile:   {profile}",
-        f"wall time: {time.time() - start_time:.1f} s",
-        "versions:  " + ", ".join(f"{k} {v}" for k, v in versions.items()),
-    ]
-    return "\n".join(lines)
+    out = {"python": platform.python_version(), "flatnb": __version__, "torch": torch.__version__,
+           "numpy": numpy.__version__}
+    for name in ("torchvision", "sympy", "matplotlib"):
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    return out
 
 
 def draw(fn, shape, device, dtype=None, generator: torch.Generator | None = None, **kw) -> torch.Tensor:

@@ -52,6 +52,23 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+# ----------------------------------------------------------------------------- the caller's cache
+
+# FLATNB_CACHE as the caller set it (CI points it into its clone), read when pytest starts, before the
+# test modules' autouse fixtures replace it with a temp dir.
+_CALLER_CACHE = os.environ.get("FLATNB_CACHE")
+
+
+@pytest.fixture
+def caller_cache(monkeypatch):
+    """Point FLATNB_CACHE back at the caller's cache (else the default one): the real-data tests decode
+    and train there once, and the chapters reuse what they leave."""
+    if _CALLER_CACHE:
+        monkeypatch.setenv("FLATNB_CACHE", _CALLER_CACHE)
+    else:
+        monkeypatch.delenv("FLATNB_CACHE", raising=False)
+
+
 # ----------------------------------------------------------------------------- the chapters' models
 
 

@@ -18,10 +18,6 @@ from torchvision.io import encode_jpeg
 
 from flatnb import data
 
-# The caller's cache (CI points FLATNB_CACHE into its clone), read before the autouse fixture below
-# replaces it with a temp dir: the real-data tests decode into it once and the chapters reuse it.
-_CALLER_CACHE = os.environ.get("FLATNB_CACHE")
-
 CLASSES10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -492,12 +488,7 @@ def _real_root():
     ("cifar10", "test", 10_000, 10, 32), ("cifar10", "train", 50_000, 10, 32),
     ("tinyimagenet", "test", 10_000, 200, 64), ("tinyimagenet", "train", 100_000, 200, 64),
 ])
-def test_real_data(monkeypatch, name, split, n, k, size):
-    # the caller's cache (else the default one), so repeated runs and the chapters do not decode again
-    if _CALLER_CACHE:
-        monkeypatch.setenv("FLATNB_CACHE", _CALLER_CACHE)
-    else:
-        monkeypatch.delenv("FLATNB_CACHE")
+def test_real_data(caller_cache, name, split, n, k, size):
     root = _real_root()
     if root is None:
         (pytest.fail if os.environ.get("CI") else pytest.skip)("no data folder: set FLATNB_DATA to the folder holding the shared tarballs")

@@ -220,24 +220,19 @@ def test_evaluate_against_direct_computation():
     assert not model.training
 
 
-# The caller's cache, read before the autouse fixture points FLATNB_CACHE at a temp dir:
-# the real quick model is trained once and then shared with the chapters (CI sets it).
-_CALLER_CACHE = os.environ.get("FLATNB_CACHE")
+def _real_cifar10_test():
+    try:
+        return data.load("cifar10", "test")
+    except FileNotFoundError as e:
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(f"real CIFAR-10 not available (set FLATNB_DATA): {e}")
 
 
 @pytest.mark.slow
-def test_quick_profile_real_cifar10(monkeypatch):
+def test_quick_profile_real_cifar10(caller_cache):
     """The quick profile on the real data: >60 % CIFAR-10 test accuracy (64.2 % measured; about
     5 minutes of training on 2 cores). Trained once and shared with the chapters through the cache.
     """
-    if _CALLER_CACHE:
-        monkeypatch.setenv("FLATNB_CACHE", _CALLER_CACHE)
-    else:
-        monkeypatch.delenv("FLATNB_CACHE")
-    try:
-        test = data.load("cifar10", "test")
-    except FileNotFoundError as e:
-        (pytest.fail if os.environ.get("CI") else pytest.skip)(f"real CIFAR-10 not available (set FLATNB_DATA): {e}")
+    test = _real_cifar10_test()
     start = time.time()
     model = T.trained_model("resnet18", "cifar10", profile="quick", device="cpu", progress=False)
     acc = T.evaluate(model, test, "cpu")["accuracy"]
@@ -416,17 +411,10 @@ def test_eval_ds_reports_test_accuracy_per_epoch(cifar_root):
 
 
 @pytest.mark.slow
-def test_quick_main_model_real_cifar10(monkeypatch):
+def test_quick_main_model_real_cifar10(caller_cache):
     """The quick profile's main model (FastNet) on the real data, no label smoothing, no test-time
     augmentation: measured numbers in benchmarks/train.py's report. Shared with the chapters through the cache."""
-    if _CALLER_CACHE:
-        monkeypatch.setenv("FLATNB_CACHE", _CALLER_CACHE)
-    else:
-        monkeypatch.delenv("FLATNB_CACHE")
-    try:
-        test = data.load("cifar10", "test")
-    except FileNotFoundError as e:
-        (pytest.fail if os.environ.get("CI") else pytest.skip)(f"real CIFAR-10 not available (set FLATNB_DATA): {e}")
+    test = _real_cifar10_test()
     torch.set_num_threads(2)
     model = T.trained_model("main", "cifar10", profile="quick", device="cpu", progress=False)
     assert model.train_info["config"]["arch"] == "fastnet" and model.train_info["config"]["label_smoothing"] == 0
