@@ -12,12 +12,14 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 from flatnb import book
 
 
-def _notebook(text: str, injected: bool = False) -> dict:
-    cells = [new_markdown_cell(f"# {text}"),
-             new_code_cell('profile = "auto"', metadata={"tags": ["parameters"]})]
+def _notebook(text: str | None = None, injected: bool = False, code=("x = 1",)) -> dict:
+    """A chapter-like notebook: a title cell (when ``text``), the parameters cell, papermill's injected one
+    (when ``injected``, with papermill's metadata), then one code cell per string of ``code``."""
+    cells = [new_markdown_cell(f"# {text}")] if text is not None else []
+    cells.append(new_code_cell('profile = "auto"', metadata={"tags": ["parameters"]}))
     if injected:
         cells.append(new_code_cell('profile = "quick"', metadata={"tags": ["injected-parameters"]}))
-    cells.append(new_code_cell("x = 1"))
+    cells += [new_code_cell(c) for c in code]
     nb = new_notebook(cells=cells)
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     if injected:
@@ -201,21 +203,14 @@ def test_dry_run_executes_smoke_into_a_temp_folder_and_checks_the_record_paths(r
     assert "not writable" in capsys.readouterr().err
 
 
-def _cells_notebook(*sources: str):
-    nb = new_notebook(cells=[new_code_cell('profile = "auto"', metadata={"tags": ["parameters"]}),
-                             *(new_code_cell(s) for s in sources)])
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    return nb
-
-
 def test_smoke_execution_tolerates_failed_asserts_and_nothing_else(tmp_path, capsys):
     """A real papermill run: a failed assert, an empty selection and a NameError they cause are listed and
     the later cells still run; a KeyError fails, and so does a NameError nothing excuses."""
-    ok = _write(tmp_path / "ok.ipynb", _cells_notebook(
+    ok = _write(tmp_path / "ok.ipynb", _notebook(code=(
         "x = 1\nassert x > 5, 'too small'\nz = 2",
         "from flatnb.stats import Fraction\nFraction(0, 0).value",
         "print(z)",
-        "y = x + 1"))
+        "y = x + 1")))
     out = tmp_path / "out" / "ok.ipynb"
     book.execute(ok, out, {"profile": "smoke"}, cell_timeout=120, tolerate_asserts=True)
     log = capsys.readouterr().out
@@ -223,11 +218,11 @@ def test_smoke_execution_tolerates_failed_asserts_and_nothing_else(tmp_path, cap
     assert "EmptySelection" in log and "NameError" in log
     nb = json.loads(out.read_text())
     assert nb["cells"][-1]["execution_count"] is not None, "the cell after the failed assert ran"
-    bad = _write(tmp_path / "bad.ipynb", _cells_notebook("assert False", "{}['missing']", "z = 1"))
+    bad = _write(tmp_path / "bad.ipynb", _notebook(code=("assert False", "{}['missing']", "z = 1")))
     with pytest.raises(book.ChapterFailure, match="KeyError"):
         book.execute(bad, tmp_path / "out" / "bad.ipynb", {"profile": "smoke"}, cell_timeout=120,
                      tolerate_asserts=True)
-    typo = _write(tmp_path / "typo.ipynb", _cells_notebook("x = 1", "print(xx)"))
+    typo = _write(tmp_path / "typo.ipynb", _notebook(code=("x = 1", "print(xx)")))
     with pytest.raises(book.ChapterFailure, match="NameError"):
         book.execute(typo, tmp_path / "out" / "typo.ipynb", {"profile": "smoke"}, cell_timeout=120,
                      tolerate_asserts=True)
