@@ -85,7 +85,10 @@ def _confidence(z: Tensor, y: Tensor, temperature: float = 1.0) -> dict:
 
 def measure(model, pr: Probe, sizes, device, seed: int = 0) -> dict:
     """One model's entry of the atlas (see the module docstring); ``sizes`` needs ``batch``, ``n_aa``,
-    ``aa_norms`` (a subset of :data:`AA_BUDGETS`), ``n_basin``, ``n_radius``, ``radius_steps``, ``radius_iter``, ``n_curv``, ``n_random``.
+    ``aa_norms`` (a subset of :data:`AA_BUDGETS`), ``aa_iter`` and ``aa_queries`` (the reference's 100 and
+    5000, but in a smoke run), ``n_basin``, ``n_radius``, ``radius_steps``, ``radius_iter``, ``n_curv``,
+    ``n_random`` and ``temperature_at_bound`` (``"raise"``, but in a smoke run: see
+    :func:`flatnb.calibration.fit_temperature`).
 
     The model must follow the ``features``/``head`` contract (:func:`flatnb.models.wrap` makes any
     classifier with a final ``nn.Linear`` do so) and be in eval mode."""
@@ -93,7 +96,7 @@ def measure(model, pr: Probe, sizes, device, seed: int = 0) -> dict:
     model.eval()
     k = len(pr.test.classes)
     z_cal, y_cal = calibration.model_logits(model, pr.cal, device, sizes.batch)
-    temp = calibration.fit_temperature(z_cal, y_cal)
+    temp = calibration.fit_temperature(z_cal, y_cal, at_bound=sizes.temperature_at_bound)
     z_test, y_test = calibration.model_logits(model, pr.test, device, sizes.batch)  # one pass, two temperatures
     raw = _confidence(z_test, y_test)
     ece_cal = _confidence(z_test, y_test, temp)["ece"]
@@ -110,7 +113,7 @@ def measure(model, pr: Probe, sizes, device, seed: int = 0) -> dict:
         e[f"aa_{norm}"] = None
         if norm in sizes.aa_norms:
             r = attacks.autoattack(model, x, y, eps=eps, norm=norm, version="standard", batch_size=sizes.batch,
-                                   seed=seed)
+                                   seed=seed, n_iter=sizes.aa_iter, n_queries=sizes.aa_queries)
             e[f"aa_{norm}"] = Fraction.of((r.clean_correct & ~r.success).cpu())
 
     # chapter 9's basin width (E2 attack, rise > 0.1 log k) and chapter 5's valley end, on correct inputs

@@ -74,11 +74,14 @@ SIZES = {
     "12_verdict": {"quick": {}, "full": {}},
     "13_atlas": {  # n_kappa: training images for H(w, S); n_aa: AutoAttack images per model and norm
         # quick: AutoAttack ℓ∞ only (on the adversarially trained models its FAB-T and Square parts take minutes
-        # per norm on one CPU thread); full: ℓ∞ 8/255 and ℓ2 0.5
-        "quick": dict(n_kappa=2000, n_test=1000, n_cal=1000, n_aa=32, aa_norms=("linf",), n_basin=64, n_radius=12,
-                      radius_steps=10, radius_iter=5, n_curv=16, n_random=4, batch=256),
-        "full": dict(n_kappa=10_000, n_test=5000, n_cal=5000, n_aa=1000, aa_norms=("linf", "l2"), n_basin=500,
-                     n_radius=200, radius_steps=30, radius_iter=10, n_curv=200, n_random=16, batch=500)},
+        # per norm on one CPU thread); full: ℓ∞ 8/255 and ℓ2 0.5. aa_iter/aa_queries: the reference's budget.
+        # temperature_at_bound: a model worse than a uniform guess is an error (the smoke profile clips)
+        "quick": dict(n_kappa=2000, n_test=1000, n_cal=1000, n_aa=32, aa_norms=("linf",), aa_iter=100,
+                      aa_queries=5000, n_basin=64, n_radius=12, radius_steps=10, radius_iter=5, n_curv=16, n_random=4,
+                      batch=256, temperature_at_bound="raise"),
+        "full": dict(n_kappa=10_000, n_test=5000, n_cal=5000, n_aa=1000, aa_norms=("linf", "l2"), aa_iter=100,
+                     aa_queries=5000, n_basin=500, n_radius=200, radius_steps=30, radius_iter=10, n_curv=200,
+                     n_random=16, batch=500, temperature_at_bound="raise")},
 }
 
 

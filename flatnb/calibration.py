@@ -63,21 +63,28 @@ def _dnll_dbeta(z: Tensor, y: Tensor, beta: float) -> float:
 
 
 def fit_temperature(logits: Tensor, labels: Tensor, bounds: tuple[float, float] = (0.01, 100.0),
-                    tol: float = 1e-10) -> float:
+                    tol: float = 1e-10, at_bound: str = "raise") -> float:
     """The temperature ``T`` minimising ``nll(logits, labels, T)`` over ``bounds`` (Guo et al. 2017).
 
     Fit it on held-out logits (data the model was not trained on, and not the data you then
     evaluate on). Raises when the minimum lies on a bound: NLL that keeps falling as ``T → 0``
     means the held-out set is perfectly separated (every prediction correct, calibration cannot be
     judged on it: use more or harder data); falling as ``T → ∞`` means the logits carry no
-    information about the labels (worse than uniform).
+    information about the labels (worse than uniform). ``at_bound="clip"`` returns that bound instead
+    (the minimiser over ``bounds``): only for a smoke run, whose chance-level models must not stop it.
     """
+    if at_bound not in ("raise", "clip"):
+        raise ValueError(f"at_bound must be 'raise' or 'clip', got {at_bound!r}")
     lo_t, hi_t = float(bounds[0]), float(bounds[1])
     if not 0 < lo_t < hi_t < math.inf:
         raise ValueError(f"bounds must satisfy 0 < low < high < inf, got {bounds}")
     z, y = _check(logits, labels)
     b_lo, b_hi = 1.0 / hi_t, 1.0 / lo_t  # β = 1/T
     g_lo, g_hi = _dnll_dbeta(z, y, b_lo), _dnll_dbeta(z, y, b_hi)
+    if g_hi <= 0 and at_bound == "clip":
+        return lo_t
+    if g_lo >= 0 and at_bound == "clip":
+        return hi_t
     if g_hi <= 0:
         raise ValueError(f"the NLL still decreases at T = {lo_t:g} (the smallest allowed): the held-out "
                          "logits look perfectly separated, so no finite temperature is optimal; fit on more "

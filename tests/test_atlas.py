@@ -35,8 +35,8 @@ def _dataset(n, seed):
     return fdata.Dataset(images, labels, [str(i) for i in range(10)], f"toy{seed}", "toy")
 
 
-SIZES = type("S", (), dict(batch=32, n_aa=12, aa_norms=("linf", "l2"), n_basin=24, n_radius=6, radius_steps=5, radius_iter=3, n_curv=4,
-                          n_random=2))()
+SIZES = type("S", (), dict(batch=32, n_aa=12, aa_norms=("linf", "l2"), aa_iter=100, aa_queries=5000, n_basin=24, n_radius=6,
+                          radius_steps=5, radius_iter=3, n_curv=4, n_random=2, temperature_at_bound="raise"))()
 
 
 @pytest.fixture(scope="module")

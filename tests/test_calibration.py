@@ -90,6 +90,14 @@ def test_fit_temperature_refuses_separated_and_uninformative_logits():
         cal.fit_temperature(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
     with pytest.raises(ValueError, match="bounds"):
         cal.fit_temperature(z, y, bounds=(2.0, 1.0))
+    # the smoke profile's escape: the bound that minimises the NLL over the allowed interval
+    assert cal.fit_temperature(-z, y, at_bound="clip") == 100.0
+    assert cal.fit_temperature(z, y, bounds=(0.5, 20.0), at_bound="clip") == 0.5
+    assert cal.nll(-z, y, 100.0) < cal.nll(-z, y, 99.0) and cal.nll(z, y, 0.5) < cal.nll(z, y, 0.51)
+    z2, y2 = _sample(n=500, t_true=2.5, seed=1)  # an interior optimum is the same either way
+    assert cal.fit_temperature(z2, y2, at_bound="clip") == cal.fit_temperature(z2, y2)
+    with pytest.raises(ValueError, match="at_bound"):
+        cal.fit_temperature(z2, y2, at_bound="ignore")
 
 
 @pytest.mark.parametrize("n_bins", [1, 5, 15])

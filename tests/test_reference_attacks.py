@@ -121,3 +121,28 @@ def test_autoattack_and_square_wrappers(trained):
         attacks.autoattack(trained, bad, y, EPS)
     with pytest.raises(ValueError, match="version"):
         attacks.autoattack(trained, x, y, EPS, version="fast")
+
+
+def test_a_reduced_autoattack_budget_reaches_every_attack(trained, monkeypatch):
+    """The smoke profile's budget (n_iter, n_queries) is what the four attacks run with, APGD's step-size
+    checkpoints derived as its constructor derives them; the default is the reference's untouched."""
+    import pyautoattack
+
+    seen = []
+    real = pyautoattack.AutoAttack.run_standard_evaluation
+
+    def spy(self, *a, **kw):
+        seen.append({name: (getattr(self, name).n_iter if name != "square" else getattr(self, name).n_queries)
+                     for name in ("apgd", "apgd_targeted", "fab", "square")} | {"n_iter_2": self.apgd.n_iter_2})
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(pyautoattack.AutoAttack, "run_standard_evaluation", spy)
+    x, y = make_data(6, 12)
+    r = attacks.autoattack(trained, x, y, EPS, n_iter=10, n_queries=20)
+    assert (r.x_adv - x).abs().amax() <= EPS + 1e-6
+    attacks.autoattack(trained, x, y, EPS)
+    assert seen == [dict(apgd=10, apgd_targeted=10, fab=10, square=20, n_iter_2=2),
+                    dict(apgd=100, apgd_targeted=100, fab=100, square=5000, n_iter_2=22)]
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="n_iter must be an integer"):
+            attacks.autoattack(trained, x, y, EPS, n_iter=bad)

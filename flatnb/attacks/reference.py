@@ -64,19 +64,40 @@ def _result(model, x, y, x_adv) -> AttackResult:
     return _finish(res, finite, False, "reference")
 
 
+#: the reference's iterations (APGD-CE, APGD-T, FAB-T) and Square queries in every version
+REFERENCE_ITER, REFERENCE_QUERIES = 100, 5000
+
+
+def _set_iterations(attack, n_iter: int) -> None:
+    """``n_iter`` for one of the reference's attacks, with APGD's step-size checkpoints derived from it as
+    its constructor derives them."""
+    attack.n_iter = n_iter
+    if hasattr(attack, "n_iter_2"):
+        attack.n_iter_orig = n_iter
+        attack.n_iter_2 = max(int(0.22 * n_iter), 1)
+        attack.n_iter_min = max(int(0.06 * n_iter), 1)
+        attack.size_decr = max(int(0.03 * n_iter), 1)
+
+
 def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, norm: str = "linf", version: str = "standard",
-               batch_size: int = 250, seed: int = 0) -> AttackResult:
+               batch_size: int = 250, seed: int = 0, n_iter: int = REFERENCE_ITER,
+               n_queries: int = REFERENCE_QUERIES) -> AttackResult:
     """The reference AutoAttack (APGD-CE, APGD-T, FAB-T, Square in the standard version) on ``x``.
 
     Any ``nn.Module`` whose ``model(x)`` returns logits of pixels in [0, 1] (float32) will do (no
     ``features``/``head`` contract needed); it is run in eval mode and restored.  With fewer than 10 classes the targeted attacks (APGD-T, FAB-T) target all k - 1
     other classes instead of the standard 9.  ``seed`` fixes the reference's random starts.  ``robust_accuracy()`` of the result is
-    the reference's robust accuracy.
+    the reference's robust accuracy.  ``n_iter`` and ``n_queries`` default to the reference's budget
+    (:data:`REFERENCE_ITER`, :data:`REFERENCE_QUERIES`); a smaller one is no longer the reference AutoAttack
+    (the smoke profile uses one only to exercise the code).
     """
     ref = _import()
     _check(model, x, y, eps, norm)
     if version not in VERSIONS:
         raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
+    for name, value in (("n_iter", n_iter), ("n_queries", n_queries)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     x = x.detach()
     with _eval_mode(model):
         aa = ref.AutoAttack(model, norm=_REF_NORM[norm], eps=float(eps), version=version, seed=seed,
@@ -87,6 +108,10 @@ def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, norm: str = "
         # the standard version targets the 9 runner-up classes (k >= 10); with fewer classes, all k - 1
         aa.apgd_targeted.n_target_classes = min(aa.apgd_targeted.n_target_classes, k - 1)
         aa.fab.n_target_classes = min(aa.fab.n_target_classes, k - 1)
+        if (n_iter, n_queries) != (REFERENCE_ITER, REFERENCE_QUERIES):
+            for attack in (aa.apgd, aa.apgd_targeted, aa.fab):
+                _set_iterations(attack, n_iter)
+            aa.square.n_queries = n_queries
         x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=batch_size)
         return _result(model, x, y, x_adv.to(x.device))
 
