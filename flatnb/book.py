@@ -185,6 +185,8 @@ def execute(chapter: Path, output: Path, parameters: dict | None = None,
                     print(f"\n    tolerated (smoke): cell {cell}: {text}", end="", flush=True)
                 else:
                     hard.append((cell, text))
+            if seen:  # the runner's "pass"/"FAIL" goes on a line of its own under the tolerated ones
+                print("\n   ", end="", flush=True)
             if not hard:
                 return time.time() - start
             raise ChapterFailure(chapter, hard[0][0], hard[0][1], output) from None
