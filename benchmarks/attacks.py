@@ -41,8 +41,8 @@ def load_model(width: int, trained: str | None, device):
 
 def load_inputs(n: int):
     try:
-        # a seeded subset over all classes: the JPEG test split is stored class by class, so its first
-        # 1000 images are all airplanes (an H100 run on those gave a random-init model 97.7 % "accuracy")
+        # a seeded subset over all classes: a split stored class by class would make its first
+        # 1000 images all airplanes (an H100 run on the old JPEG copy gave a random-init model 97.7 % "accuracy")
         ds = data.subset(data.load("cifar10", "test"), n=n, seed=0)
         return ds.images.float() / 255, ds.labels.clone(), f"CIFAR-10 test, seeded subset of {n}"
     except Exception as e:  # noqa: BLE001 - any failure falls back, labelled in the table

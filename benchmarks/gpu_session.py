@@ -19,7 +19,7 @@ Here, before the call (the device has torch and torchvision but no registry, and
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \\
         -d .whl $(python benchmarks/gpu_session.py --wheels)
     zip -q -d .whl/pyautoattack-*.whl 'pyautoattack/examples/*'    # 42 MB of example weights, unused
-    mkdir -p .data && cp ../shared/data/cifar10-jpeg.tar.gz .data/
+    mkdir -p .data && cp ../shared/data/cifar10-webp.tar.gz .data/
 
 The call (device tool ``run``, ``carry=[".whl", ".data"]``, ``timeout_s=590``)::
 
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     data = ROOT / ".data"
-    env = {"FLATNB_DATA": str(data)} if (data / "cifar10-jpeg.tar.gz").exists() else {}
+    env = {"FLATNB_DATA": str(data)} if (data / "cifar10-webp.tar.gz").exists() else {}
     env["FLATNB_CACHE"] = os.environ.get("FLATNB_CACHE", "/tmp/flatnb-cache")
     info = args.out / "session.txt"
     probe = ("import torch, platform, subprocess, flatnb.records as r; "

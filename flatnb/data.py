@@ -2,10 +2,11 @@
 
 Sources (found under :func:`data_root`):
 
-* ``cifar10``: torchvision's python-pickle folder ``cifar-10-batches-py`` (the
-  original images, preferred when present), else the JPEG layout
-  ``[cifar10-jpeg/]{train,test}/<class>/*.jpg`` as a ``cifar10-jpeg.tar.gz``/``.tar``
-  or a folder (a lossy re-encoding: :func:`source_description` says which).
+* ``cifar10``: torchvision's python-pickle folder ``cifar-10-batches-py`` (what torchvision and
+  Colab download), else the same images as lossless WebP, ``cifar10/{train,test}/<class>/<index>_<name>.webp``
+  in a ``cifar10-webp.tar.gz``/``.tar`` or a folder (``<index>`` is the position in torchvision's
+  order). Either way the decoded arrays are checked against the SHA-256 values of
+  :data:`CIFAR10_SHA256` (the data README's), so the book always computes on the original CIFAR-10.
 * ``cifar100``: torchvision's pickle folder ``cifar-100-python``.
 * ``tinyimagenet``: ``tiny-imagenet-200`` as ``.tar.gz``/``.tar``/``.zip`` or a
   folder; ``"test"`` is the labelled validation split (``val/val_annotations.txt``).
@@ -117,7 +118,7 @@ def _strip(rel: str, marker: str) -> str | None:
     return None
 
 
-_IMG_EXT = (".jpg", ".jpeg", ".png")
+_IMG_EXT = (".jpg", ".jpeg", ".png", ".webp")
 
 
 def _decode(items: list[tuple[str, bytes]], size: int, where: Path) -> torch.Tensor:
@@ -138,7 +139,7 @@ def _decode_impl(items: list[tuple[str, bytes]], size: int, where: Path) -> torc
         part = items[start:start + chunk]
         datas = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for _, b in part]
         try:
-            if all(n.lower().endswith((".jpg", ".jpeg")) for n, _ in part):
+            if all(n.lower().endswith((".jpg", ".jpeg")) for n, _ in part):  # Tiny ImageNet: batched
                 imgs = decode_jpeg(datas, mode=ImageReadMode.RGB)
             else:
                 imgs = [decode_image(d, mode=ImageReadMode.RGB) for d in datas]
@@ -159,25 +160,68 @@ def _decode_impl(items: list[tuple[str, bytes]], size: int, where: Path) -> torc
     return out
 
 
-def _load_jpeg_classes(src: _Source, split: str, size: int) -> tuple[torch.Tensor, torch.Tensor, list]:
-    """CIFAR-10 JPEG layout: ``<split>/<class>/<file>``."""
-    items: list[tuple[str, str, bytes]] = []
+#: torchvision's CIFAR-10 classes; a label is the position of its class here
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+#: SHA-256 of the decoded CIFAR-10 splits in torchvision's order: (uint8 pixels as (N, 32, 32, 3), int64 labels).
+#: From ../shared/data/README.md; torchvision's pickles and the lossless WebP archive both decode to these.
+CIFAR10_SHA256 = {
+    "train": ("47af8b02cfcfb6cdf3dbbd1969ad7f1b70f4413f6f80f437b020ee4e5bc8304a",
+              "f5cfe00b0f00968c0cc5ff3b1d2de51b10e33efa277c2986f4e0fa63e58c9f4f"),
+    "test": ("f9b1e2130bab680db56eb06d886f7f1ad0f1183907ceff4659d1735c890f5b04",
+             "cbb7365de8ed11f05cc4c3a1e7f78144127c5e851efd83762fb18202461230bb"),
+}
+
+
+def array_sha256(images: torch.Tensor, labels: torch.Tensor) -> tuple[str, str]:
+    """SHA-256 of a split as the data README states them: uint8 pixels in HWC order, int64 labels."""
+    hwc = images.permute(0, 2, 3, 1).contiguous().numpy()
+    return (hashlib.sha256(hwc.tobytes()).hexdigest(),
+            hashlib.sha256(labels.to(torch.int64).contiguous().numpy().tobytes()).hexdigest())
+
+
+def check_cifar10(images: torch.Tensor, labels: torch.Tensor, split: str, where: Path) -> None:
+    """Raise ``ValueError`` naming ``where`` unless the split is exactly torchvision's CIFAR-10."""
+    want = CIFAR10_SHA256.get(split)
+    if want is None:
+        return
+    have = array_sha256(images, labels)
+    if have != want:
+        what = "pixels" if have[0] != want[0] else "labels"
+        raise ValueError(
+            f"CIFAR-10 {split} from {where} is not the original dataset: the SHA-256 of its {what} is "
+            f"{have[0 if what == 'pixels' else 1]}, expected {want[0 if what == 'pixels' else 1]} ({len(labels)} images "
+            f"read). To fix: replace {where} with an intact copy (cifar10-webp.tar.gz of the shared data, or "
+            f"torchvision's cifar-10-batches-py via data.load(..., download=True))")
+
+
+def _load_webp(src: _Source, split: str) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """CIFAR-10 as lossless WebP: ``cifar10/<split>/<class>/<index>_<name>.webp`` in torchvision's order."""
+    items: dict[int, tuple[str, int, bytes]] = {}
 
     def want(rel: str) -> bool:
         s = _strip(rel, split)
-        return s is not None and s.count("/") == 2 and rel.lower().endswith(_IMG_EXT)
+        return s is not None and s.count("/") == 2 and rel.lower().endswith(".webp")
 
     for rel, b in _iter_files(src.path, want):
-        s = _strip(rel, split).split("/")
-        items.append((s[1], rel, b))
+        _, cls, base = _strip(rel, split).split("/")
+        head = base.split("_", 1)[0]
+        if not head.isdigit() or cls not in CIFAR10_CLASSES:
+            raise ValueError(f"{rel!r} in {src.path} does not follow the layout <split>/<class>/<index>_<name>.webp "
+                             f"with a class of {CIFAR10_CLASSES}. To fix: {_HOW}")
+        i = int(head)
+        if i in items:
+            raise ValueError(f"{rel!r} and {items[i][0]!r} in {src.path} share the index {i}. To fix: {_HOW}")
+        items[i] = (rel, CIFAR10_CLASSES.index(cls), b)
     if not items:
-        raise FileNotFoundError(f"no images under '{split}/<class>/' in {src.path}. To fix: {_HOW}")
-    items.sort(key=lambda t: (t[0], t[1]))
-    classes = sorted({c for c, _, _ in items})
-    idx = {c: i for i, c in enumerate(classes)}
-    labels = torch.tensor([idx[c] for c, _, _ in items], dtype=torch.int64)
-    images = _decode([(r, b) for _, r, b in items], size, src.path)
-    return images, labels, classes
+        raise FileNotFoundError(f"no images under '{split}/<class>/*.webp' in {src.path}. To fix: {_HOW}")
+    missing = sorted(set(range(len(items))) - set(items))
+    if missing:
+        raise ValueError(f"{src.path} {split}: the image indices are not 0..{len(items) - 1} (first gap at "
+                         f"{missing[0]}): the archive is incomplete. To fix: replace it with a complete copy")
+    order = [items[i] for i in range(len(items))]
+    labels = torch.tensor([c for _, c, _ in order], dtype=torch.int64)
+    images = _decode([(r, b) for r, _, b in order], 32, src.path)
+    return images, labels, list(CIFAR10_CLASSES)
 
 
 def _load_pickle(name: str, src: _Source, split: str) -> tuple[torch.Tensor, torch.Tensor, list]:
@@ -269,25 +313,18 @@ _TITLE = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "tinyimagenet": "Tiny 
 
 
 def _describe(name: str, src: _Source) -> str:
-    """What the pixels of ``src`` are (original images or a lossy re-encoding), in one line."""
+    """What the pixels of ``src`` are, in one line."""
     title = _TITLE[name]
     if src.kind == "pickle-dir":
-        return f"{title}, original (torchvision)"
-    if src.kind.startswith("tiny"):
-        return f"{title}, cs231n release ({src.path.name}); test = its labelled validation split"
-    first = next(_iter_files(src.path, lambda rel: rel.lower().endswith((".jpg", ".jpeg"))), None)
-    q = dl.jpeg_quality(first[1]) if first is not None else None
-    at = f"at quality {q}" if q is not None else "of unknown quality"
-    return f"{title}, JPEG re-encoding {at} ({src.path.name}), not the original images"
+        return f"{title}, original (torchvision's {src.path.name})"
+    if src.kind.startswith("webp"):
+        return f"{title}, original (lossless WebP of torchvision's images, {src.path.name}; SHA-256 checked)"
+    return f"{title}, cs231n release ({src.path.name}); test = its labelled validation split"
 
 
 def source_description(name: str, root: str | os.PathLike | None = None) -> str:
-    """Which copy of ``name`` :func:`load` reads under ``root``, e.g. ``"CIFAR-10, original (torchvision)"``.
-
-    The CIFAR-10 here may be a JPEG re-encoding (quality read from the files' own
-    quantisation tables); ``walter2026flatness`` uses the original images, so a
-    chapter states which one its numbers come from.
-    """
+    """Which copy of ``name`` :func:`load` reads under ``root``, e.g. ``"CIFAR-10, original (torchvision's
+    cifar-10-batches-py)"``: a chapter's provenance line states it."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
     return _describe(name, _find_source(name, data_root(root), download=False))
@@ -334,12 +371,14 @@ def load(name: str, split: str, root: str | os.PathLike | None = None, cache: bo
             return ds if ds.source else Dataset(*ds[:4], _describe(name, src))  # (_replace trips on __len__)
         warnings.warn(f"data cache {path} is damaged: {why}; decoding {src.path} again", RuntimeWarning,
                       stacklevel=2)
-    if src.kind in ("jpeg-tar", "jpeg-dir"):
-        images, labels, classes = _load_jpeg_classes(src, split, _IMAGE_SIZE[name])
+    if src.kind in ("webp-tar", "webp-dir"):
+        images, labels, classes = _load_webp(src, split)
     elif src.kind == "pickle-dir":
         images, labels, classes = _load_pickle(name, src, split)
     else:
         images, labels, classes = _load_tiny(src, split)
+    if name == "cifar10":
+        check_cifar10(images, labels, split, src.path)
     ds = Dataset(images, labels, classes, _digest(images, labels, classes), _describe(name, src))
     if cache is not False:
         try:

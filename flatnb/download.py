@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DATASETS = ("cifar10", "cifar100", "tinyimagenet")
-_CACHE_VERSION = 1  # part of the decoded-data cache key (flatnb.data)
+_CACHE_VERSION = 2  # part of the decoded-data cache key (flatnb.data)
 
 #: name -> where the archive comes from and how it is checked (None = not checked)
 SOURCES: dict[str, dict] = {
@@ -171,36 +171,8 @@ def download_cifar(name: str, root: Path) -> Path:
     return final
 
 
-def jpeg_quality(jpeg: bytes) -> int | None:
-    """The IJG quality (1-100) whose luminance table the JPEG uses, or ``None`` if none matches."""
-    table = None
-    i = 2
-    while i + 4 <= len(jpeg) and jpeg[i] == 0xFF:
-        marker, length = jpeg[i + 1], int.from_bytes(jpeg[i + 2:i + 4], "big")
-        if marker == 0xDB:
-            seg = jpeg[i + 4:i + 2 + length]
-            if seg and seg[0] == 0:  # 8-bit table 0 (luminance)
-                table = list(seg[1:65])
-            break
-        if marker in (0xDA, 0xD9):
-            break
-        i += 2 + length
-    if table is None or len(table) != 64:
-        return None
-    base = [16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
-            14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
-            49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99]
-    zigzag = sorted(range(64), key=lambda k: (k // 8 + k % 8, (k // 8) if (k // 8 + k % 8) % 2 else -(k // 8)))
-    for q in range(1, 101):
-        scale = 5000 // q if q < 50 else 200 - 2 * q
-        std = [min(255, max(1, (base[k] * scale + 50) // 100)) for k in zigzag]
-        if std == table:
-            return q
-    return None
-
-
 _HOW = (
-    "set FLATNB_DATA=/path/to/folder holding cifar-10-batches-py/ or cifar10-jpeg.tar.gz, "
+    "set FLATNB_DATA=/path/to/folder holding cifar-10-batches-py/ or cifar10-webp.tar.gz, "
     "tiny-imagenet-200.zip (or .tar.gz / extracted folders) or cifar-100-python/, or pass root=...; "
     "or pass download=True to fetch CIFAR-10/100 (torchvision) and Tiny ImageNet (official URL)"
 )
@@ -238,7 +210,7 @@ def data_root(root: str | os.PathLike | None = None) -> Path:
 
 @dataclass
 class _Source:
-    kind: str  # "jpeg-tar" | "jpeg-dir" | "pickle-dir" | "tiny-tar" | "tiny-zip" | "tiny-dir"
+    kind: str  # "webp-tar" | "webp-dir" | "pickle-dir" | "tiny-tar" | "tiny-zip" | "tiny-dir"
     path: Path
     prefix: str = ""  # folder inside an archive that holds train/ and test/ (or val/)
     extra: dict = field(default_factory=dict)
@@ -252,16 +224,14 @@ def _find_source(name: str, root: Path, download: bool) -> _Source:
         return p.exists()
 
     if name == "cifar10":
-        if exists(root / "cifar-10-batches-py" / "batches.meta"):  # the original images win
+        if exists(root / "cifar-10-batches-py" / "batches.meta"):  # torchvision's own download
             return _Source("pickle-dir", root / "cifar-10-batches-py")
-        for stem in ("cifar10-jpeg", "cifar10"):
-            for ext in (".tar.gz", ".tgz", ".tar"):
-                if exists(root / f"{stem}{ext}"):
-                    return _Source("jpeg-tar", root / f"{stem}{ext}")
+        for ext in (".tar.gz", ".tgz", ".tar"):  # the same images as lossless WebP (../shared/data)
+            if exists(root / f"cifar10-webp{ext}"):
+                return _Source("webp-tar", root / f"cifar10-webp{ext}")
+        for stem in ("cifar10-webp", "cifar10"):
             if exists(root / stem / "train") and (root / stem / "test").is_dir():
-                return _Source("jpeg-dir", root / stem)
-        if exists(root / "train") and (root / "test").is_dir() and (root / "train" / "airplane").is_dir():
-            return _Source("jpeg-dir", root)
+                return _Source("webp-dir", root / stem)
     elif name == "cifar100":
         if exists(root / "cifar-100-python" / "meta"):
             return _Source("pickle-dir", root / "cifar-100-python")

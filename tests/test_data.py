@@ -9,11 +9,14 @@ import time
 import zipfile
 from pathlib import Path
 
+import io
+
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from PIL import Image
 from torchvision.io import encode_jpeg
 
 from flatnb import data
@@ -24,6 +27,14 @@ CLASSES10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "ho
 @pytest.fixture(autouse=True)
 def _tmp_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FLATNB_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(autouse=True)
+def _synthetic_cifar10(request, monkeypatch):
+    """The synthetic CIFAR-10 copies below are not the real dataset: tests that check the SHA-256 gate
+    set the expected digests themselves (the real-data test keeps the package's gate on)."""
+    if not request.node.name.startswith("test_real_data"):
+        monkeypatch.setattr(data, "CIFAR10_SHA256", {})
 
 
 def _flat_image(colour, size) -> torch.Tensor:
@@ -40,13 +51,34 @@ def _write_jpeg(path: Path, img: torch.Tensor) -> None:
     path.write_bytes(encode_jpeg(img, quality=100).numpy().tobytes())
 
 
-def make_cifar10_jpeg(root: Path, n_per_class=(3, 2), classes=CLASSES10[:3]) -> Path:
-    base = root / "cifar10-jpeg"
+def _write_webp(path: Path, img: torch.Tensor) -> None:
+    """Lossless WebP, as in ../shared/data/cifar10-webp.tar.gz (decodes to the exact pixels)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    Image.fromarray(img.permute(1, 2, 0).numpy()).save(buf, "WEBP", lossless=True)
+    path.write_bytes(buf.getvalue())
+
+
+def make_cifar10_webp(root: Path, n_per_class=(3, 2), classes=CLASSES10[:3], seed=0) -> Path:
+    """``cifar10/<split>/<class>/<index>_<name>.webp`` with random pixels and the classes interleaved
+    (index i has class i % len(classes)), so the loader must sort by index, not by folder."""
+    base = root / "cifar10"
+    g = torch.Generator().manual_seed(seed)
     for split, n in zip(("train", "test"), n_per_class):
-        for c, name in enumerate(classes):
-            for i in range(n):
-                _write_jpeg(base / split / name / f"{i:04d}.jpg", _flat_image(_colour(i, c), 32))
+        for i in range(n * len(classes)):
+            name = classes[i % len(classes)]
+            img = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=g)
+            _write_webp(base / split / name / f"{i:05d}_{name}_s_{i:06d}.webp", img)
     return base
+
+
+def _expected(base: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixture's arrays, decoded independently of flatnb (PIL), in index order."""
+    files = sorted((base / split).glob("*/*.webp"), key=lambda p: int(p.name.split("_")[0]))
+    imgs = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB")).copy()).permute(2, 0, 1)
+                        for f in files])
+    labels = torch.tensor([CLASSES10.index(f.parent.name) for f in files])
+    return imgs, labels
 
 
 def _tar(src: Path, dest: Path) -> Path:
@@ -67,22 +99,54 @@ def _check_flat(ds: data.Dataset, size: int):
 
 
 @pytest.mark.parametrize("fmt", ["folder", "tar.gz"])
-def test_cifar10_jpeg(tmp_path, fmt):
-    base = make_cifar10_jpeg(tmp_path / "src")
+def test_cifar10_webp(tmp_path, fmt):
+    base = make_cifar10_webp(tmp_path / "src")
     root = tmp_path / "root"
     root.mkdir()
     if fmt == "folder":
-        shutil.move(str(base), root / "cifar10-jpeg")
+        shutil.move(str(base), root / "cifar10")
     else:
-        _tar(base, root / "cifar10-jpeg.tar.gz")
+        _tar(base, root / "cifar10-webp.tar.gz")
+    base = tmp_path / "src" / "cifar10" if fmt != "folder" else root / "cifar10"
     tr = data.load("cifar10", "train", root=root)
     te = data.load("cifar10", "test", root=root)
     assert len(tr) == 9 and len(te) == 6
-    assert tr.classes == CLASSES10[:3]
-    assert tr.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    _check_flat(tr, 32)
-    _check_flat(te, 32)
-    assert tr.digest != te.digest
+    assert tr.classes == CLASSES10  # torchvision's class list, whatever folders exist
+    assert tr.labels.tolist() == [0, 1, 2, 0, 1, 2, 0, 1, 2]  # index order, not folder order
+    for ds, split in ((tr, "train"), (te, "test")):
+        imgs, labels = _expected(base, split)
+        assert torch.equal(ds.images, imgs) and torch.equal(ds.labels, labels)  # lossless: bit-identical
+    assert tr.digest != te.digest and "original" in tr.source and "JPEG" not in tr.source
+
+
+def test_cifar10_sha256_gate(tmp_path, monkeypatch):
+    """The decoded arrays must carry the SHA-256 the data README states; another copy is an error naming
+    the archive and the fix, never silent data. The digest is computed here with hashlib on an HWC array."""
+    import hashlib
+
+    base = make_cifar10_webp(tmp_path / "src")
+    root = tmp_path / "root"
+    root.mkdir()
+    arch = _tar(base, root / "cifar10-webp.tar.gz")
+    imgs, labels = _expected(base, "test")
+    good = (hashlib.sha256(imgs.permute(0, 2, 3, 1).contiguous().numpy().tobytes()).hexdigest(),
+            hashlib.sha256(labels.numpy().astype(np.int64).tobytes()).hexdigest())
+    monkeypatch.setattr(data, "CIFAR10_SHA256", {"test": good})
+    assert torch.equal(data.load("cifar10", "test", root=root, cache=False).images, imgs)
+    monkeypatch.setattr(data, "CIFAR10_SHA256", {"test": (good[0][::-1], good[1])})
+    with pytest.raises(ValueError, match="not the original dataset.*pixels") as e:
+        data.load("cifar10", "test", root=root, cache=False)
+    assert str(arch) in str(e.value) and "To fix" in str(e.value)
+    monkeypatch.setattr(data, "CIFAR10_SHA256", {"test": (good[0], good[1][::-1])})
+    with pytest.raises(ValueError, match="labels"):
+        data.load("cifar10", "test", root=root, cache=False)
+
+
+def test_cifar10_webp_with_a_missing_image_is_incomplete(tmp_path):
+    base = make_cifar10_webp(tmp_path)
+    next((base / "train").glob("*/00004_*.webp")).unlink()
+    with pytest.raises(ValueError, match="first gap at 4.*incomplete"):
+        data.load("cifar10", "train", root=tmp_path)
 
 
 def _write_pickle(path: Path, obj) -> None:
@@ -178,10 +242,10 @@ def test_tinyimagenet(tmp_path, fmt):
 
 
 def test_corrupt_image_names_file(tmp_path):
-    base = make_cifar10_jpeg(tmp_path)
-    bad = base / "train" / "bird" / "0001.jpg"
-    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
-    with pytest.raises(ValueError, match="0001.jpg"):
+    base = make_cifar10_webp(tmp_path)
+    bad = next((base / "train" / "bird").glob("00002_*.webp"))
+    bad.write_bytes(b"RIFF\x10\x00\x00\x00WEBP this is not a webp")
+    with pytest.raises(ValueError, match=bad.name):
         data.load("cifar10", "train", root=tmp_path)
 
 
@@ -194,7 +258,7 @@ def test_missing_root_and_dataset(tmp_path, monkeypatch):
         data.load("cifar10", "train")
     monkeypatch.setenv("FLATNB_DATA", str(tmp_path))
     assert data.data_root() == tmp_path.resolve()
-    with pytest.raises(FileNotFoundError, match="cifar10-jpeg.tar.gz"):  # lists what it looked for
+    with pytest.raises(FileNotFoundError, match="cifar10-webp.tar.gz"):  # lists what it looked for
         data.load("cifar10", "train")
     with pytest.raises(ValueError, match="unknown dataset"):
         data.load("mnist", "train", root=tmp_path)
@@ -203,7 +267,7 @@ def test_missing_root_and_dataset(tmp_path, monkeypatch):
 
 
 def test_cache_is_used_and_invalidated(tmp_path, monkeypatch):
-    base = make_cifar10_jpeg(tmp_path)
+    base = make_cifar10_webp(tmp_path)
     first = data.load("cifar10", "test", root=tmp_path)
     files = list((Path(os.environ["FLATNB_CACHE"]) / "data").glob("cifar10-test-*.pt"))
     assert len(files) == 1 and not list(files[0].parent.glob("*.tmp"))
@@ -215,34 +279,34 @@ def test_cache_is_used_and_invalidated(tmp_path, monkeypatch):
     assert calls == [] and torch.equal(again.images, first.images) and again.digest == first.digest
 
     # change one source image: the cache must be rebuilt, not silently reused
-    img = base / "test" / "airplane" / "0000.jpg"
-    _write_jpeg(img, _flat_image((250, 250, 250), 32))
+    img = next((base / "test" / "airplane").glob("00000_*.webp"))
+    _write_webp(img, _flat_image((250, 250, 250), 32))
     st_ = img.stat()
     os.utime(img, ns=(st_.st_atime_ns, st_.st_mtime_ns + 10**9))
     changed = data.load("cifar10", "test", root=tmp_path)
     assert calls == [1]
     assert changed.digest != first.digest
-    assert changed.images[0].float().mean().item() > 245
+    assert changed.images[0].float().mean().item() == 250
     assert data.load("cifar10", "test", root=tmp_path, cache=False).digest == changed.digest
 
 
 def test_tar_change_invalidates(tmp_path):
-    base = make_cifar10_jpeg(tmp_path / "src")
-    tar = _tar(base, tmp_path / "cifar10-jpeg.tar.gz")
+    base = make_cifar10_webp(tmp_path / "src")
+    tar = _tar(base, tmp_path / "cifar10-webp.tar.gz")
     a = data.load("cifar10", "train", root=tmp_path)
-    _write_jpeg(base / "train" / "cat" / "0000.jpg", _flat_image(_colour(0, 3), 32))  # a new class
+    _write_webp(base / "train" / "cat" / "00009_cat.webp", _flat_image(_colour(0, 3), 32))  # a new class
     time.sleep(0.01)
     _tar(base, tar)
     b = data.load("cifar10", "train", root=tmp_path)
-    assert len(b) == len(a) + 1 and b.classes == CLASSES10[:4]
+    assert len(b) == len(a) + 1 and b.labels[-1].item() == 3 and 3 not in a.labels.tolist()
 
 
 def test_an_old_version_of_the_same_source_is_pruned(tmp_path):
     """A changed source (same path, new mtime) leaves one cache file, not one per version; a cache of
     another source (another folder) is kept."""
-    tar = _tar(make_cifar10_jpeg(tmp_path / "src"), tmp_path / "cifar10-jpeg.tar.gz")
+    tar = _tar(make_cifar10_webp(tmp_path / "src"), tmp_path / "cifar10-webp.tar.gz")
     other = tmp_path / "other"
-    make_cifar10_jpeg(other)
+    make_cifar10_webp(other)
     data.load("cifar10", "test", root=tmp_path)
     data.load("cifar10", "test", root=other)
     cache = Path(os.environ["FLATNB_CACHE"]) / "data"
@@ -264,7 +328,7 @@ def test_a_full_disk_costs_the_cache_not_the_data(tmp_path, monkeypatch):
 
     from flatnb import runtime
 
-    make_cifar10_jpeg(tmp_path)
+    make_cifar10_webp(tmp_path)
     expected = data.load("cifar10", "test", root=tmp_path, cache=False)
 
     def full(obj, f):
@@ -304,7 +368,7 @@ def test_atomic_save_names_a_full_disk_and_keeps_the_old_file(tmp_path, monkeypa
 
 def test_cache_with_changed_pixels_is_rebuilt(tmp_path):
     """Same size, same keys, one pixel changed: the stored digest no longer matches, so decode again."""
-    make_cifar10_jpeg(tmp_path)
+    make_cifar10_webp(tmp_path)
     first = data.load("cifar10", "test", root=tmp_path)
     (path,) = (Path(os.environ["FLATNB_CACHE"]) / "data").glob("cifar10-test-*.pt")
     blob = bytearray(path.read_bytes())
@@ -328,7 +392,7 @@ def test_cache_with_changed_pixels_is_rebuilt(tmp_path):
 def test_truncated_archive_names_the_archive_and_the_fix(tmp_path, kind):
     (tmp_path / "root").mkdir()
     if kind == "tar.gz":
-        arch = _tar(make_cifar10_jpeg(tmp_path / "src"), tmp_path / "root" / "cifar10-jpeg.tar.gz")
+        arch = _tar(make_cifar10_webp(tmp_path / "src"), tmp_path / "root" / "cifar10-webp.tar.gz")
         name = "cifar10"
     else:
         base = make_tiny(tmp_path / "src")
@@ -344,20 +408,20 @@ def test_truncated_archive_names_the_archive_and_the_fix(tmp_path, kind):
     assert str(arch) in str(e.value) and "download" in str(e.value)
 
 
-def test_original_cifar10_is_preferred_and_described(tmp_path):
-    make_cifar10_jpeg(tmp_path)  # a JPEG copy (quality 100 here) ...
+def test_torchvision_pickles_are_preferred_and_described(tmp_path):
+    make_cifar10_webp(tmp_path)  # the lossless WebP copy ...
     assert data.source_description("cifar10", tmp_path) == (
-        "CIFAR-10, JPEG re-encoding at quality 100 (cifar10-jpeg), not the original images")
-    jpeg = data.load("cifar10", "train", root=tmp_path)
-    assert "JPEG re-encoding at quality 100" in jpeg.source and len(jpeg) == 9
-    base = tmp_path / "cifar-10-batches-py"  # ... and the original beside it: the original wins
+        "CIFAR-10, original (lossless WebP of torchvision's images, cifar10; SHA-256 checked)")
+    webp = data.load("cifar10", "train", root=tmp_path)
+    assert webp.source.startswith("CIFAR-10, original (lossless WebP") and len(webp) == 9
+    base = tmp_path / "cifar-10-batches-py"  # ... and torchvision's own download beside it: that one is read
     rng = np.random.default_rng(3)
     for f in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         _write_pickle(base / f, {"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8), "labels": [0, 1]})
     _write_pickle(base / "batches.meta", {"label_names": CLASSES10})
-    assert data.source_description("cifar10", tmp_path) == "CIFAR-10, original (torchvision)"
+    assert data.source_description("cifar10", tmp_path) == "CIFAR-10, original (torchvision's cifar-10-batches-py)"
     orig = data.load("cifar10", "train", root=tmp_path)
-    assert len(orig) == 10 and orig.source == "CIFAR-10, original (torchvision)"
+    assert len(orig) == 10 and orig.source == "CIFAR-10, original (torchvision's cifar-10-batches-py)"
     assert data.load("cifar10", "train", root=tmp_path).source == orig.source  # from the cache
     assert data.subset(orig, n=3).source == orig.source
 
@@ -484,6 +548,14 @@ def _real_root():
         return None
 
 
+README_SHA256 = {  # copied from ../shared/data/README.md, not from flatnb
+    "train": ("47af8b02cfcfb6cdf3dbbd1969ad7f1b70f4413f6f80f437b020ee4e5bc8304a",
+              "f5cfe00b0f00968c0cc5ff3b1d2de51b10e33efa277c2986f4e0fa63e58c9f4f"),
+    "test": ("f9b1e2130bab680db56eb06d886f7f1ad0f1183907ceff4659d1735c890f5b04",
+             "cbb7365de8ed11f05cc4c3a1e7f78144127c5e851efd83762fb18202461230bb"),
+}
+
+
 @pytest.mark.parametrize("name,split,n,k,size", [
     ("cifar10", "test", 10_000, 10, 32), ("cifar10", "train", 50_000, 10, 32),
     ("tinyimagenet", "test", 10_000, 200, 64), ("tinyimagenet", "train", 100_000, 200, 64),
@@ -499,6 +571,12 @@ def test_real_data(caller_cache, name, split, n, k, size):
     assert ds.images.shape == (n, 3, size, size) and len(ds.classes) == k
     assert torch.bincount(ds.labels, minlength=k).tolist() == [n // k] * k
     assert 60 < ds.images[:1000].float().mean().item() < 190  # real photos, not blank
+    if name == "cifar10":  # the original CIFAR-10: the SHA-256 of ../shared/data/README.md, hashed here by hand
+        import hashlib
+
+        hwc = ds.images.permute(0, 2, 3, 1).contiguous().numpy()
+        assert hashlib.sha256(hwc.tobytes()).hexdigest() == README_SHA256[split][0]
+        assert hashlib.sha256(ds.labels.numpy().astype(np.int64).tobytes()).hexdigest() == README_SHA256[split][1]
     t = time.perf_counter()
     again = data.load(name, split, root=root)
     assert again.digest == ds.digest

@@ -203,6 +203,9 @@ def cifar10_tarball() -> tuple[bytes, dict]:
 
 
 def _point_cifar10(monkeypatch, url: str, payload: bytes, md5s: dict, tgz_md5: str | None = None):
+    from flatnb import data
+
+    monkeypatch.setattr(data, "CIFAR10_SHA256", {})  # a synthetic tarball, not the real CIFAR-10
     C = torchvision.datasets.CIFAR10
     monkeypatch.setattr(C, "url", url)
     monkeypatch.setattr(C, "tgz_md5", tgz_md5 or hashlib.md5(payload).hexdigest())
@@ -220,7 +223,7 @@ def test_cifar10_download_through_torchvision(tmp_path, server, monkeypatch):
     tr = data.load("cifar10", "train", root=root, download=True)
     te = data.load("cifar10", "test", root=root, download=True)
     assert len(tr) == 10 and len(te) == 2 and tr.classes == [f"c{i}" for i in range(10)]
-    assert tr.source == "CIFAR-10, original (torchvision)" == data.source_description("cifar10", root)
+    assert tr.source == "CIFAR-10, original (torchvision's cifar-10-batches-py)" == data.source_description("cifar10", root)
     assert _leftovers(root) == ["cifar-10-batches-py"]  # no tarball, no staging folder
 
 
