@@ -119,14 +119,15 @@ class Chapter:
     # ------------------------------------------------------------------ models and data
     def model(self, arch: str = "main", dataset: str = "cifar10", recipe: str = "standard",
               seed: int | None = None, describe: str | None = None):
-        """The trained model of the recipe table (trained once, then cached), in eval mode on the
-        chapter's device; its clean test accuracy is added to the banner."""
+        """The model of the recipe table in eval mode on the chapter's device: the shipped weights under
+        ``weights/`` where the manifest holds exactly this recipe and data (:func:`flatnb.zoo.model`), else
+        trained once and cached; its clean test accuracy (and where it comes from) goes into the banner."""
         from flatnb import data as fdata
         from flatnb import train as ftrain
+        from flatnb import zoo
 
         seed = self.seed if seed is None else seed
-        model = ftrain.trained_model(arch, dataset, recipe=recipe, profile=self.profile, seed=seed,
-                                     device=self.device)
+        model = zoo.model(arch, dataset, recipe=recipe, profile=self.profile, seed=seed, device=self.device)
         test = ftrain.test_data(ftrain.config_for(arch, dataset, recipe, self.profile, seed))
         if self.profile == "smoke":  # a full-width model on all test images takes minutes on a CPU
             from flatnb import smoke
@@ -134,7 +135,9 @@ class Chapter:
             test = fdata.subset(test, n=min(len(test.labels), smoke.EVAL_IMAGES), seed=0)
         acc = ftrain.evaluate(model, test, self.device)["accuracy"]
         name = describe or f"{getattr(model, 'train_info', {}).get('config', {}).get('arch', arch)} ({recipe}, {dataset})"
-        self.models.append(f"{name}: clean accuracy {100 * acc:.1f} % on {len(test.labels):,} test images")
+        origin = (f"shipped weights {model.shipped['file']}" if getattr(model, "shipped", None) and "file" in model.shipped
+                  else "trained here")
+        self.models.append(f"{name}: clean accuracy {100 * acc:.1f} % on {len(test.labels):,} test images ({origin})")
         describe_source = getattr(fdata, "source_description", None)
         if describe_source is not None and self.data is None:
             try:

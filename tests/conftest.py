@@ -88,7 +88,8 @@ def _terminal(request):
 
 @pytest.fixture(scope="session")
 def chapter_models(request):
-    """Train (or load) every model of ``budgets.CHAPTER_MODELS``, two at a time.
+    """Load (shipped weights, :func:`flatnb.zoo.model`) or train every model of ``budgets.CHAPTER_MODELS``,
+    two at a time.
 
     Each model trains in its own process with one torch thread, two processes at once: the CI machine
     has two cores, and one-thread training leaves the second idle. A failed training fails here with
@@ -103,10 +104,9 @@ def chapter_models(request):
     needed = list(getattr(budgets, "CHAPTER_MODELS", []))
     lanes = int(os.environ.get("FLATNB_TRAIN_PROCESSES", "2"))
     env = dict(os.environ, OMP_NUM_THREADS="1", FLATNB_THREADS="1", FLATNB_PROGRESS="0")
-    code = ("import sys, torch; torch.set_num_threads(1); from flatnb import train; "
-            "train.trained_model(sys.argv[1], sys.argv[2], recipe=sys.argv[3], seed=int(sys.argv[4]), profile='quick', "
-            "device='cpu', "
-            "progress=False)")
+    code = ("import sys, torch; torch.set_num_threads(1); from flatnb import zoo; "
+            "zoo.model(sys.argv[1], sys.argv[2], recipe=sys.argv[3], seed=int(sys.argv[4]), profile='quick', "
+            "device='cpu', progress=False)")
     queue, running, start = list(enumerate(needed, 1)), [], time.time()
     while queue or running:
         while queue and len(running) < lanes:

@@ -1,0 +1,14 @@
+"""The evidence zoo: the book's trained models, shipped as half-precision weights under ``weights/`` with a
+manifest, and the command that trains, measures and checks them (``python -m flatnb.zoo``).
+
+Owns: :mod:`~flatnb.zoo.manifest` (read, write and verify ``weights/manifest.json``; load a shipped model
+into the model contract; :func:`model`, the one way a chapter gets a model: shipped weights when the
+manifest holds the recipe's exact configuration and training data, else trained once and cached),
+:mod:`~flatnb.zoo.catalogue` (which models the book ships) and :mod:`~flatnb.zoo.cli` (the command).
+May import: the configuration, data, models, training and attacks layers; nothing of the book.
+"""
+from flatnb.zoo.manifest import (ManifestError, find, load, load_external, model, read_manifest, state_sha256,
+                                 weights_dir)
+
+__all__ = ["ManifestError", "find", "load", "load_external", "model", "read_manifest", "state_sha256",
+           "weights_dir"]

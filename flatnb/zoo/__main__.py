@@ -1,0 +1,5 @@
+import sys
+
+from flatnb.zoo.cli import main
+
+sys.exit(main())

@@ -1,0 +1,73 @@
+"""Which models the book ships: each a recipe of :data:`flatnb.recipes.TABLE` (or, for the paper's
+architecture, the ResNet-18 that ships inside ``pyautoattack``), with what ``python -m flatnb.zoo train``
+measures on it. Every number about these models lives in the recipe table or here."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from flatnb import budgets, recipes
+
+
+class Item(NamedTuple):
+    """One shipped model: a recipe of the table in a profile with a seed, and its AutoAttack sample size
+    (ℓ∞ 8/255, the reference's standard version; 0 = not measured at training time). Robustness claims
+    (the adversarially trained models) get n = 1,000; a standard model, which AutoAttack breaks at its
+    first attack, gets 200 (its Wilson interval at 0 % robust is [0, 1.9 %]) to save an hour of CPU."""
+
+    arch: str
+    dataset: str
+    recipe: str
+    profile: str
+    seed: int = 0
+    aa_n: int = 0
+
+
+#: the evidence models of the paper-grade (`full`) profile, in training order (a shard takes every n-th)
+EVIDENCE = {
+    "fastnet64-standard-s0": Item("fastnet", "cifar10", "standard", "full", 0, aa_n=200),
+    "fastnet32-pgd_at-s0": Item("fastnet", "cifar10", "pgd_at", "full", 0, aa_n=1000),
+    "fastnet32-trades-s0": Item("fastnet", "cifar10", "trades", "full", 0, aa_n=1000),
+    "fastnet64-standard-s1": Item("fastnet", "cifar10", "standard", "full", 1),
+    "fastnet64-standard-s2": Item("fastnet", "cifar10", "standard", "full", 2),
+}
+
+#: the models the quick profile's chapters use (budgets.CHAPTER_MODELS), shipped so that CI and readers
+#: load them instead of training
+QUICK = {}
+for _m in budgets.CHAPTER_MODELS:
+    _arch, _dataset, _recipe, *_seed = _m
+    _arch, _seed = recipes.resolve_arch(_arch, "quick"), (_seed[0] if _seed else 0)
+    QUICK[f"quick-{_arch}-{_dataset}-{_recipe}-s{_seed}"] = Item(_arch, _dataset, _recipe, "quick", _seed)
+
+#: the paper's architecture, trained by others: the reference AutoAttack's example model (kuangliu's
+#: ResNet-18 layout, 512-d penultimate layer, inputs in [0, 1] without normalisation), inside pyautoattack 0.2.0.
+#: Its training recipe is not published; its SHA-256 is pinned here.
+EXTERNAL = {
+    "resnet18-pyautoattack": {
+        "sha256": "399f52da9f914c323fa5a6096d60f460a3449a59b64a6405200c1e629f8425a7",
+        "external": {"package": "pyautoattack", "requirement": "pyautoattack==0.2.0",
+                     "file": "examples/model_test.pt", "module": "examples/resnet.py", "factory": "ResNet18",
+                     "head": "linear", "arch": "resnet18 (kuangliu layout, pyautoattack's example model)"},
+        "provenance": "the ResNet-18 shipped inside pyautoattack 0.2.0 (examples/model_test.pt): the reference "
+                      "AutoAttack's example CIFAR-10 model; trained by its authors with an unpublished recipe",
+        "aa_n": 200,
+    },
+}
+
+GROUPS = {"evidence": EVIDENCE, "quick": QUICK, "external": EXTERNAL}
+
+
+def names(group: str = "all") -> list[str]:
+    """Catalogue names in training order: external first (nothing to train), then evidence, then quick."""
+    if group == "all":
+        return [*EXTERNAL, *EVIDENCE, *QUICK]
+    if group not in GROUPS:
+        raise ValueError(f"group must be one of {['all', *GROUPS]}, got {group!r}")
+    return list(GROUPS[group])
+
+
+def item(name: str):
+    for g in GROUPS.values():
+        if name in g:
+            return g[name]
+    raise ValueError(f"no model {name!r} in the zoo's catalogue; choose from {names()}")

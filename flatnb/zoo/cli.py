@@ -1,0 +1,199 @@
+"""``python -m flatnb.zoo``: train, measure, ship and check the book's models on any machine.
+
+    python -m flatnb.zoo list                         what the catalogue holds and what is shipped
+    python -m flatnb.zoo train [--group G] [--only NAME ...] [--shard i/n]
+                                                      train (resuming), measure and ship, one model at a time
+    python -m flatnb.zoo verify [--n 1000]            SHA-256 and clean accuracy of every shipped model
+
+``train`` skips a model whose exact configuration is already shipped (``--force`` measures it again),
+resumes an interrupted model from its checkpoint, prints a line per epoch with an estimate of the time
+left, and with ``--shard i/n`` takes every n-th model of the list from the i-th (0-based), so any job
+runner (a Slurm array, a second laptop) can share the work. Two shards on one machine: one torch thread
+each (``--threads 1``, the default), ``OMP_WAIT_POLICY=PASSIVE``.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+
+from flatnb import data as fdata
+from flatnb import train as ftrain
+from flatnb.runtime import describe_device
+from flatnb.zoo import catalogue
+from flatnb.zoo import manifest as mf
+
+
+def _wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    from scipy.stats import binomtest
+
+    ci = binomtest(k, n).proportion_ci(0.95, method="wilson")
+    return ci.low, ci.high
+
+
+def _clean(model, config_or_dataset, device, n: int | None = None) -> dict:
+    dataset = config_or_dataset if isinstance(config_or_dataset, str) else None
+    test = fdata.load(dataset, "test") if dataset else ftrain.test_data(config_or_dataset)
+    if n is not None and n < len(test):
+        test = fdata.subset(test, n=n, seed=0)
+    ev = ftrain.evaluate(model, test, device)
+    k = round(ev["accuracy"] * ev["n"])
+    lo, hi = _wilson(k, ev["n"])
+    return {"value": ev["accuracy"], "n": ev["n"], "ci95": [lo, hi], "mean_confidence": ev["mean_confidence"],
+            "images": f"first {ev['n']} of a seeded subset (seed 0)" if n is not None and n < 10_000 else
+            "all test images"}
+
+
+def _autoattack(model, dataset: str, n: int, device, batch: int = 250) -> dict:
+    from flatnb import attacks
+
+    test = fdata.subset(fdata.load(dataset, "test"), n=n, seed=0)
+    x, y = test.images.float().div(255).to(device), test.labels.to(device)
+    t0 = time.time()
+    res = attacks.autoattack(model, x, y, eps=8 / 255, norm="linf", version="standard", batch_size=batch)
+    ok = int((res.clean_correct & ~res.success).sum())
+    lo, hi = _wilson(ok, n)
+    return {"attack": "AutoAttack (reference, pyautoattack 0.2.0, standard version)", "norm": "linf",
+            "eps": 8 / 255, "value": ok / n, "n": n, "ci95": [lo, hi], "images": f"seeded subset of {n} (seed 0)",
+            "minutes": (time.time() - t0) / 60}
+
+
+def _shard(names: list[str], shard: str | None) -> list[str]:
+    if shard is None:
+        return names
+    try:
+        i, n = (int(v) for v in shard.split("/"))
+        assert 0 <= i < n
+    except (ValueError, AssertionError):
+        raise SystemExit(f"--shard must be i/n with 0 <= i < n (e.g. 0/2), got {shard!r}") from None
+    return names[i::n]
+
+
+def _train_one(name: str, args, device, root) -> None:
+    item = catalogue.item(name)
+    if isinstance(item, dict):  # external: nothing to train, measure and record
+        have = mf.read_manifest(root)["models"].get(name)
+        if have is not None and not args.force:
+            print(f"[{name}] shipped already (external)")
+            return
+        entry = {k: v for k, v in item.items() if k != "aa_n"}
+        entry["clean"], entry["robust"] = {}, []
+        mf.write_entry(name, entry, root)  # pins the SHA-256 before loading checks it
+        model = mf.load_external(name, device, root)
+        entry["clean"] = _clean(model, "cifar10", device)
+        print(f"[{name}] clean {100 * entry['clean']['value']:.2f} % on {entry['clean']['n']:,}", flush=True)
+        if item.get("aa_n") and args.aa:
+            entry["robust"] = [_autoattack(model, "cifar10", item["aa_n"], device)]
+            print(f"[{name}] AutoAttack {100 * entry['robust'][0]['value']:.1f} % on {item['aa_n']}", flush=True)
+        entry["commit"] = mf._git_commit()
+        mf.write_entry(name, entry, root)
+        return
+    config = ftrain.config_for(item.arch, item.dataset, item.recipe, item.profile, item.seed)
+    train_ds = ftrain.training_data(config)
+    hit = mf.find(config, train_ds.digest, root)
+    if hit is not None and not args.force:
+        print(f"[{name}] shipped already as {hit[1]['file']}")
+        return
+    t0 = time.time()
+
+    def eta(epoch: int, metrics: dict) -> None:
+        done = epoch + 1
+        if start[0] is None:  # epochs a checkpoint had before this run
+            start[0] = epoch
+        left = (time.time() - t0) / max(done - start[0], 1) * (config.epochs - done)
+        print(f"[{name}] epoch {done}/{config.epochs} in {metrics['train_s'] / 60:.1f} min, about "
+              f"{left / 60:.0f} min left", flush=True)
+
+    start = [None]
+    model = ftrain.train(config, device, train_ds=train_ds, callback=eta, progress=False)
+    history = getattr(model, "train_info", {}).get("history", [])
+    minutes = sum(h.get("train_s", 0.0) for h in history) / 60
+    # the shipped file is what readers load: measure the half-precision weights, not the float32 ones
+    shipped = ftrain.build_model(config)
+    shipped.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in
+                             mf.half_state(model.state_dict()).items()})
+    shipped = shipped.to(device).eval()
+    clean = _clean(shipped, config, device)
+    clean["value_fp32"] = _clean(model, config, device)["value"]
+    robust = [_autoattack(shipped, config.dataset, item.aa_n, device)] if item.aa_n and args.aa else []
+    training = {"device": describe_device(device), "threads": torch.get_num_threads(), "minutes": minutes,
+                "history": history}
+    entry = mf.export(model, config, train_ds.digest, name, root, clean=clean, training=training, robust=robust,
+                      data_source=train_ds.source)
+    rob = f", AutoAttack {100 * robust[0]['value']:.1f} % (n = {robust[0]['n']})" if robust else ""
+    print(f"[{name}] shipped {entry['file']}: clean {100 * clean['value']:.2f} % on {clean['n']:,}{rob}, "
+          f"{minutes:.1f} min of training", flush=True)
+
+
+def verify(n: int = 1000, tolerance: float = 0.01, root=None, device="cpu", names=None) -> list[dict]:
+    """Load every shipped model (SHA-256 checked) and measure its clean accuracy on ``n`` test images (a seeded
+    subset): it must lie within ``tolerance`` of the manifest's accuracy. Returns one row per model; raises
+    :class:`~flatnb.zoo.manifest.ManifestError` for the first failure."""
+    rows = []
+    for name, entry in mf.read_manifest(root)["models"].items():
+        if names is not None and name not in names:
+            continue
+        model = mf.load(name, device, root)
+        cfg = mf.config_from(entry) if "config" in entry else "cifar10"
+        got = _clean(model, cfg, device, n=n)["value"]
+        want = entry["clean"]["value"]
+        rows.append({"name": name, "manifest": want, "measured": got, "n": n})
+        if not math.isfinite(got) or abs(got - want) > tolerance:
+            raise mf.ManifestError(f"shipped model {name!r}: clean accuracy {100 * got:.1f} % on {n} test images, "
+                                   f"the manifest says {100 * want:.1f} % (tolerance {100 * tolerance:.0f} points). "
+                                   f"To fix: retrain it (python -m flatnb.zoo train --only {name} --force)")
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m flatnb.zoo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    p_list = sub.add_parser("list", help="the catalogue and what is shipped")
+    p_train = sub.add_parser("train", help="train, measure and ship (resumable)")
+    p_train.add_argument("--group", default="all", choices=["all", *catalogue.GROUPS])
+    p_train.add_argument("--only", nargs="*", help="catalogue names (default: the whole group)")
+    p_train.add_argument("--shard", help="i/n: every n-th model from the i-th (0-based)")
+    p_train.add_argument("--force", action="store_true", help="measure and ship again what is shipped")
+    p_train.add_argument("--no-aa", dest="aa", action="store_false", help="skip the AutoAttack measurement")
+    p_verify = sub.add_parser("verify", help="SHA-256 and clean accuracy of every shipped model")
+    p_verify.add_argument("--n", type=int, default=1000)
+    p_verify.add_argument("--tolerance", type=float, default=0.01)
+    for q in (p_list, p_train, p_verify):
+        q.add_argument("--weights", help="the weights folder (default: weights/ of this checkout)")
+        q.add_argument("--threads", type=int, default=int(os.environ.get("FLATNB_THREADS", "1")))
+        q.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    root = args.weights or mf.weights_dir() or os.path.join(os.getcwd(), "weights")
+    if args.cmd == "list":
+        shipped = mf.read_manifest(root)["models"]
+        for name in catalogue.names():
+            e = shipped.get(name)
+            state = "not shipped" if e is None else (
+                f"clean {100 * e['clean'].get('value', float('nan')):.2f} %"
+                + "".join(f", {r['attack'].split(' (')[0]} {100 * r['value']:.1f} % (n={r['n']})" for r in e["robust"]))
+            print(f"{name:45s} {state}")
+        return 0
+    if args.cmd == "verify":
+        for r in verify(args.n, args.tolerance, root, args.device):
+            print(f"{r['name']:45s} manifest {100 * r['manifest']:.2f} %, measured {100 * r['measured']:.2f} % "
+                  f"on {r['n']}")
+        return 0
+    names = args.only if args.only else catalogue.names(args.group)
+    for n in names:
+        catalogue.item(n)  # unknown names fail before any training
+    todo = _shard(names, args.shard)
+    print(f"zoo: {len(todo)} model(s) for this shard into {root}: {', '.join(todo)}", flush=True)
+    for i, name in enumerate(todo, 1):
+        print(f"[{i}/{len(todo)}] {name}", flush=True)
+        _train_one(name, args, args.device, root)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

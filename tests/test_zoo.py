@@ -1,0 +1,186 @@
+"""flatnb.zoo: the manifest of shipped weights (write, find, load, refuse), the command, and the checks CI
+makes on the weights the book ships (SHA-256, clean accuracy, a bit-identical retraining)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from flatnb import data, train
+from flatnb.zoo import catalogue, cli
+from flatnb.zoo import manifest as mf
+
+SHIPPED = mf.weights_dir()
+
+
+def _config(seed=0):
+    return train.TrainConfig("fastnet", "cifar10", "standard", epochs=1, width=4, seed=seed, profile="quick")
+
+
+def _model(config):
+    torch.manual_seed(config.seed + 1)
+    m = train.build_model(config)
+    m.init_whitening(torch.rand(64, 3, 32, 32))
+    for p in m.parameters():  # non-trivial values everywhere, BatchNorm included
+        p.data.add_(0.1 * torch.randn_like(p))
+    return m.eval()
+
+
+def _export(tmp_path, config, digest="d" * 32, name="toy"):
+    m = _model(config)
+    entry = mf.export(m, config, digest, name, tmp_path, clean={"value": 0.5, "n": 10},
+                      training={"device": "cpu", "threads": 1, "minutes": 0.0, "history": []})
+    return m, entry
+
+
+def test_export_find_load_round_trip(tmp_path):
+    config = _config()
+    m, entry = _export(tmp_path, config)
+    assert entry["file"].endswith(f"-{config.key('d' * 32)}.pt") and (tmp_path / entry["file"]).is_file()
+    assert entry["config_key"] == config.key("d" * 32) and entry["recipe"]["seed"] == 0
+    on_disk = json.loads((tmp_path / "manifest.json").read_text())
+    assert on_disk["models"]["toy"]["sha256"] == entry["sha256"]
+    assert mf.find(config, "d" * 32, tmp_path)[0] == "toy"
+    assert mf.find(_config(seed=1), "d" * 32, tmp_path) is None  # another seed: not shipped
+    assert mf.find(config, "e" * 32, tmp_path) is None  # other training data: not shipped
+    loaded = mf.load("toy", "cpu", tmp_path)
+    for k, v in m.state_dict().items():  # the shipped weights are the half-precision cast, exactly
+        w = loaded.state_dict()[k]
+        assert w.dtype == v.dtype
+        assert torch.equal(w, v.half().to(v.dtype) if v.is_floating_point() else v)
+    x = torch.rand(8, 3, 32, 32)
+    assert torch.allclose(loaded(x), m(x), atol=5e-2)
+    assert loaded.shipped["name"] == "toy" and loaded.train_info["shipped"] == "toy"
+    # the fp32 hash is of the weights before the cast
+    assert entry["fp32_sha256"] == mf.state_sha256(m.state_dict()) != mf.state_sha256(loaded.state_dict())
+
+
+def test_a_damaged_or_missing_file_is_a_named_error(tmp_path):
+    _, entry = _export(tmp_path, _config())
+    path = tmp_path / entry["file"]
+    blob = bytearray(path.read_bytes())
+    blob[-100] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    with pytest.raises(mf.ManifestError, match="failed their SHA-256 check") as e:
+        mf.load("toy", "cpu", tmp_path)
+    assert str(path) in str(e.value) and "git checkout" in str(e.value) and "--only toy" in str(e.value)
+    path.unlink()
+    with pytest.raises(mf.ManifestError, match="missing"):
+        mf.load("toy", "cpu", tmp_path)
+    with pytest.raises(mf.ManifestError, match="no shipped model 'nope'"):
+        mf.load("nope", "cpu", tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(mf.ManifestError, match="cannot be read"):
+        mf.read_manifest(tmp_path)
+
+
+def test_a_shipped_file_is_never_overwritten_by_other_weights(tmp_path):
+    config = _config()
+    _, entry = _export(tmp_path, config)
+    before = (tmp_path / entry["file"]).read_bytes()
+    other = _model(config)
+    other.head.weight.data.add_(1.0)
+    with pytest.raises(mf.ManifestError, match="not reproducible"):
+        mf.export(other, config, "d" * 32, "toy", tmp_path, clean={"value": 0.5, "n": 10}, training={})
+    assert (tmp_path / entry["file"]).read_bytes() == before
+    # a changed recipe is a new file beside the old one
+    changed = _config().__class__(**{**_config().__dict__, "lr": 0.05})
+    _, e2 = _export(tmp_path, changed, name="toy-lr")
+    assert e2["file"] != entry["file"] and (tmp_path / entry["file"]).read_bytes() == before
+
+
+def test_model_loads_shipped_weights_and_trains_only_what_is_not_shipped(tmp_path, monkeypatch):
+    config = _config()
+    digest = "f" * 32
+    _, entry = _export(tmp_path, config, digest)
+    toy = data.Dataset(torch.zeros((4, 3, 32, 32), dtype=torch.uint8), torch.arange(4), ["a"] * 10, digest)
+    monkeypatch.setattr(train, "config_for", lambda *a, **k: config)
+    monkeypatch.setattr(train, "training_data", lambda c, root=None: toy)
+    trained = []
+    monkeypatch.setattr(train, "train", lambda c, *a, **k: trained.append(c) or "trained")
+    got = mf.model("fastnet", "cifar10", profile="quick", device="cpu", weights=tmp_path)
+    assert trained == [] and got.shipped["file"] == entry["file"]
+    monkeypatch.setattr(train, "config_for", lambda *a, **k: _config(seed=5))
+    assert mf.model("fastnet", "cifar10", profile="quick", device="cpu", weights=tmp_path) == "trained"
+    assert trained == [_config(seed=5)]
+
+
+def test_shards_split_the_list_and_bad_input_is_named():
+    names = catalogue.names()
+    parts = [cli._shard(names, f"{i}/3") for i in range(3)]
+    assert sorted(sum(parts, [])) == sorted(names) and all(parts)
+    assert not set(parts[0]) & set(parts[1])
+    for bad in ("3/3", "x", "1/0", "-1/2"):
+        with pytest.raises(SystemExit, match="--shard must be i/n"):
+            cli._shard(names, bad)
+    with pytest.raises(ValueError, match="no model 'nope'"):
+        cli.main(["train", "--only", "nope", "--weights", "/nonexistent"])
+
+
+def test_the_catalogue_names_recipes_of_the_table():
+    from flatnb import recipes
+
+    for name in catalogue.names():
+        it = catalogue.item(name)
+        if isinstance(it, dict):
+            assert len(it["sha256"]) == 64 and it["external"]["requirement"] == "pyautoattack==0.2.0"
+            continue
+        recipes.lookup(it.arch, it.dataset, it.recipe, it.profile, it.seed)  # raises if not in the table
+
+
+# ----------------------------------------------------------------------------- the shipped weights (CI)
+
+def _shipped():
+    if SHIPPED is None:
+        pytest.skip("no weights/manifest.json in this checkout")
+    return mf.read_manifest(SHIPPED)["models"]
+
+
+def test_every_shipped_file_is_small_half_precision_and_listed():
+    models = _shipped()
+    files = {e["file"] for e in models.values() if "file" in e}
+    on_disk = {p.name for p in SHIPPED.glob("*.pt")}
+    assert on_disk == files, f"unlisted {sorted(on_disk - files)}, missing {sorted(files - on_disk)}"
+    assert sum((SHIPPED / f).stat().st_size for f in files) <= 60 * 2**20
+    for name, e in models.items():
+        if "file" not in e:
+            continue
+        state = torch.load(SHIPPED / e["file"], map_location="cpu", weights_only=True)
+        assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float16}, name
+        for field in ("sha256", "fp32_sha256", "recipe", "config", "config_key", "data", "clean", "training",
+                      "commit"):
+            assert field in e, f"{name} lacks {field}"
+
+
+def test_shipped_models_load_and_keep_their_accuracy(caller_cache):
+    """SHA-256 and clean accuracy on 1,000 test images within ±1 point of the manifest, for every model."""
+    _shipped()
+    try:
+        data.load("cifar10", "test")
+    except FileNotFoundError as e:
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(f"no CIFAR-10 here: {e}")
+    rows = cli.verify(n=1000, tolerance=0.01, root=SHIPPED, device="cpu",
+                      names=[n for n, e in mf.read_manifest(SHIPPED)["models"].items()
+                             if e.get("recipe", {}).get("dataset", "cifar10") == "cifar10"])
+    assert rows and all(abs(r["measured"] - r["manifest"]) <= 0.01 for r in rows)
+
+
+def test_the_cheapest_shipped_recipe_retrains_bit_identically(caller_cache):
+    """Retrain the shipped recipe with the fewest training minutes from scratch on one thread: its float32
+    weights must hash to the manifest's fp32_sha256 (the weights before the half-precision cast)."""
+    models = {n: e for n, e in _shipped().items() if "fp32_sha256" in e and e["training"].get("threads") == 1}
+    if not models:
+        pytest.skip("no shipped recipe trained on one thread")
+    name, entry = min(models.items(), key=lambda kv: kv[1]["training"]["minutes"])
+    config = mf.config_from(entry)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = train.train(config, "cpu", use_cache=False, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert mf.state_sha256(model.state_dict()) == entry["fp32_sha256"], (
+        f"{name}: retrained weights differ from the shipped ones (recipe {entry['recipe']})")
