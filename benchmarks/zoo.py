@@ -1,0 +1,133 @@
+"""Speed of the zoo's recipes as ratios measured in one run: training images/s and achieved FLOP/s against
+this CPU's measured matrix-multiply peak, and PGD-10 images/s against torchattacks on the same model.
+
+    python benchmarks/zoo.py                      # every evidence recipe, one thread (as the zoo trains)
+    python benchmarks/zoo.py --threads 2 --steps 4 --recipes fastnet:standard:full fastnet:pgd_at:full
+
+FLOPs per training step are counted by ``torch.utils.flop_counter.FlopCounterMode`` on one real step of the
+recipe's loss (the attack steps of adversarial training included) and its backward pass; the peak is a
+torch GEMM (n = 2048) in the same process, in bf16 and in fp32, so the ratio does not depend on the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from flatnb import attacks
+from flatnb import data as fdata
+from flatnb import train as T
+from flatnb.runtime import describe_device, resolve_device
+from flatnb.zoo import catalogue
+
+_spec = importlib.util.spec_from_file_location("bench_train", Path(__file__).with_name("train.py"))
+bench_train = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_train)
+
+
+def gemm_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """GFLOP/s of a square matrix multiply in ``dtype`` (the best of three timings)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 * reps / best / 1e9
+
+
+def step_flops(cfg: T.TrainConfig, device) -> float:
+    """FLOPs of one training step of ``cfg`` (loss with its attack steps, and the backward pass)."""
+    model = T.build_model(cfg).to(device).train()
+    x = torch.rand(cfg.batch_size, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (cfg.batch_size,), device=device)
+    g = torch.Generator().manual_seed(0)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(T.select_precision(device, cfg)["autocast"])
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp, enabled=amp is not None)
+
+    with FlopCounterMode(display=False) as fc:
+        loss, _ = T._loss(model, x, y, cfg, g, autocast)
+        loss.backward()
+    return float(fc.get_total_flops())
+
+
+def pgd_rates(device, n: int, repeats: int) -> dict:
+    """PGD-ℓ∞ 8/255, 10 steps of 2/255: flatnb against torchattacks on the shipped FastNet-64 (or the quick
+    main model when nothing is shipped), images/s (median of ``repeats``)."""
+    import torchattacks
+
+    from flatnb import zoo
+
+    try:
+        model, what = zoo.load("fastnet64-standard-s0", device), "shipped FastNet-64 (fastnet64-standard-s0)"
+    except Exception:  # noqa: BLE001 - nothing shipped yet: the quick main model
+        model, what = zoo.model("main", "cifar10", profile="quick", device=device), "quick FastNet-32"
+    test = fdata.subset(fdata.load("cifar10", "test"), n=n, seed=0)
+    x, y = test.images.float().div(255).to(device), test.labels.to(device)
+    ta = torchattacks.PGD(model, eps=8 / 255, alpha=2 / 255, steps=10, random_start=False)
+    runs = {"torchattacks PGD-10": lambda: ta(x, y),
+            "flatnb attacks.pgd PGD-10": lambda: attacks.pgd(model, x, y, 8 / 255, 10, 2 / 255, warn=False)}
+    times = {k: [] for k in runs}
+    for fn in runs.values():
+        fn()
+    for _ in range(repeats):
+        for k, fn in runs.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {"model": what, **{k: n / statistics.median(v) for k, v in times.items()}}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    default = sorted({f"{i.arch}:{i.recipe}:{i.profile}" for i in catalogue.EVIDENCE.values()})
+    ap.add_argument("--recipes", nargs="+", default=default, help="arch:recipe:profile of the recipe table")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=3, help="timed training steps per recipe")
+    ap.add_argument("--pgd-n", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    rows = [("device", describe_device(device)), ("threads", str(args.threads)),
+            ("load average before", " ".join(f"{v:.2f}" for v in os.getloadavg()))]
+    peak = {"bf16": gemm_peak(torch.bfloat16), "fp32": gemm_peak(torch.float32)}
+    rows += [(f"GEMM peak {k} (n = 2048)", f"{v:.0f} GFLOP/s") for k, v in peak.items()]
+    print(*rows[-2:], sep="\n", flush=True)
+    for spec in args.recipes:
+        arch, recipe, profile = spec.split(":")
+        cfg = T.config_for(arch, "cifar10", recipe, profile)
+        prec = "bf16" if T.select_precision(device, cfg)["autocast"] == "bf16" else "fp32"
+        flops = step_flops(cfg, device)
+        rate = bench_train.throughput(cfg, device, None, args.steps)
+        achieved = flops / cfg.batch_size * rate / 1e9
+        rows.append((f"{spec} (width {cfg.width}, batch {cfg.batch_size}, {prec})",
+                     f"{rate:.0f} images/s, {flops / cfg.batch_size / 1e9:.3f} GFLOP per image and step, "
+                     f"{achieved:.0f} GFLOP/s = {achieved / peak[prec]:.2f} of the {prec} GEMM peak"))
+        print(*rows[-1], flush=True)
+    pgd = pgd_rates(device, args.pgd_n, args.repeats)
+    ta, ours = pgd["torchattacks PGD-10"], pgd["flatnb attacks.pgd PGD-10"]
+    rows += [(f"PGD-10 on the {pgd['model']}, {args.pgd_n} images", f"torchattacks {ta:.1f} images/s, flatnb "
+              f"{ours:.1f} images/s: flatnb / torchattacks = {ours / ta:.2f}"),
+             ("load average after", " ".join(f"{v:.2f}" for v in os.getloadavg()))]
+    w = max(len(k) for k, _ in rows)
+    print()
+    for k, v in rows:
+        print(f"{k:<{w}}  {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
