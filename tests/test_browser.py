@@ -2,8 +2,10 @@
 
 A session fixture builds the HTML from the committed outputs with the runner
 (``python -m flatnb.book --no-execute --path-output <tmp>``); then each page is checked for raw Markdown
-table syntax, images that did not load, figures or tables wider than the content column, and the chapter
-banner. Full-page screenshots of chapters 5 and 12 are kept under ``_build/screenshots/`` (CI artifacts).
+table syntax, images that did not load, figures or tables wider than the content column, raw TeX that
+MathJax did not typeset (MathJax is served from the site's ``_static/``, never from a CDN: the test runs
+offline), and the chapter banner. Full-page screenshots of chapters 5 and 12 are kept under
+``_build/screenshots/`` (CI artifacts).
 
 Chromium: ``FLATNB_CHROMIUM``, else ``chromium`` on the PATH (Debian's package). Without it or without the
 ``playwright`` package the tests are skipped, except when ``CI=true``, where they fail.
@@ -26,6 +28,11 @@ PAGES = ["intro.html", *CHAPTERS]
 VIEWPORTS = {"desktop": (1280, 1000), "phone": (390, 844)}
 # a Markdown table's separator row: |---| or | --- |, or |—| once typography turned --- into an em dash
 RAW_TABLE = r"/\|\s*:?(-{3,}|[\u2013\u2014]+):?\s*\|/"
+# TeX delimiters a reader must never see: MyST writes $...$ and $$...$$ as \(...\) and \[...\] for MathJax
+RAW_TEX = ("\\(", "\\)", "\\[", "\\]", "$$")
+# pages that hold math: each must show typeset math (a page whose math was not parsed as math at all
+# shows no delimiters, only dollars)
+MATH_PAGES = ("book/01_relative_flatness.html", "book/03_local_bound.html")
 
 
 def _missing(why: str):
@@ -70,6 +77,12 @@ def _open(browser, site: Path, page_name: str, viewport: str):
                   " window.scrollTo(0, document.body.scrollHeight); }")
     page.wait_for_function("() => [...document.querySelectorAll('img')]"
                            ".every(i => !i.src.startsWith('file:') || i.complete)", timeout=30_000)
+    # MathJax typesets after the load event: wait for its first typeset (when MathJax loaded at all), so
+    # that every check and screenshot sees the page as a reader does
+    page.evaluate("""() => window.MathJax && MathJax.startup && MathJax.startup.promise
+        ? Promise.race([MathJax.startup.promise.then(() => true, () => false),
+                        new Promise(r => setTimeout(() => r(false), 30000))])
+        : null""")
     return page
 
 
@@ -92,6 +105,34 @@ def test_page_in_a_browser(browser, site, page_name):
         external = page.evaluate("""() => [...document.querySelectorAll('img')]
             .filter(i => !i.src.startsWith('file:') && !i.alt).map(i => i.src)""")
         assert not external, f"{page_name}: external images without alt text (shown broken offline): {external}"
+    finally:
+        page.close()
+
+
+@pytest.mark.parametrize("page_name", PAGES)
+def test_math_is_typeset(browser, site, page_name):
+    """No raw TeX delimiters in the page's text outside code, and typeset math where the page holds math."""
+    page = _open(browser, site, page_name, "desktop")
+    try:
+        raw = page.evaluate("""(delims) => {
+            const skip = 'pre, code, script, style, template, textarea, mjx-container';
+            const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+            const found = [];
+            for (let n = walker.nextNode(); n; n = walker.nextNode()) {
+                if (!n.parentElement || n.parentElement.closest(skip)) continue;
+                const text = n.textContent;
+                for (const d of delims) {
+                    const i = text.indexOf(d);
+                    if (i >= 0) { found.push(text.slice(Math.max(0, i - 30), i + 50).trim()); break; }
+                }
+            }
+            return found;
+        }""", list(RAW_TEX))
+        assert not raw, (f"{page_name}: raw TeX in the page ({len(raw)} text nodes; MathJax did not typeset "
+                         f"them): {raw[:5]}")
+        if page_name in MATH_PAGES:
+            typeset = page.locator("mjx-container").count()
+            assert typeset >= 1, f"{page_name}: no typeset math (no mjx-container) on a page that holds math"
     finally:
         page.close()
 
@@ -140,7 +181,7 @@ def test_every_chapter_has_its_banner(browser, site, page_name):
 
 
 def test_the_checks_fail_on_a_bad_page(browser, tmp_path):
-    """A page with a raw table, a broken image and an over-wide figure fails each check."""
+    """A page with a raw table, a broken image, an over-wide figure or raw TeX fails each check."""
     (tmp_path / "bad.html").write_text(
         "<html><body><article class='bd-article' style='width:300px'><p>| a | b |\n|\u2014|\u2014|</p>"
         "<img src='missing.png' alt='x'><img src='wide.svg' style='width:900px'></article></body></html>")
@@ -152,3 +193,13 @@ def test_the_checks_fail_on_a_bad_page(browser, tmp_path):
         test_page_in_a_browser(browser, tmp_path, "bad.html")
     with pytest.raises(AssertionError, match="wider than the content column"):
         test_no_figure_or_table_wider_than_the_column(browser, tmp_path, "bad.html", "desktop")
+    # raw TeX and no MathJax (what a CDN-only page shows offline); then a math page with no typeset math
+    (tmp_path / "tex.html").write_text(
+        "<html><body><article><p>The bound <span class='math'>\\(x^2\\)</span> holds.</p>"
+        "<pre>code may say \\(x\\)</pre></article></body></html>")
+    with pytest.raises(AssertionError, match=r"raw TeX in the page \(1 text nodes"):
+        test_math_is_typeset(browser, tmp_path, "tex.html")
+    (tmp_path / MATH_PAGES[0]).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / MATH_PAGES[0]).write_text("<html><body><article><p>x squared</p></article></body></html>")
+    with pytest.raises(AssertionError, match="no typeset math"):
+        test_math_is_typeset(browser, tmp_path, MATH_PAGES[0])
