@@ -28,7 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flatnb import attacks, data, models, train  # noqa: E402
+from flatnb import attacks, data, models  # noqa: E402
+from flatnb.training import train
 from flatnb.runtime import describe_device, resolve_device  # noqa: E402
 
 

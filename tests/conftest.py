@@ -97,13 +97,13 @@ def chapter_models(request):
     import subprocess
     import sys
 
-    from flatnb import budgets
+    from flatnb.config import budgets
 
     say = _terminal(request)
     needed = list(getattr(budgets, "CHAPTER_MODELS", []))
     lanes = int(os.environ.get("FLATNB_TRAIN_PROCESSES", "2"))
     env = dict(os.environ, OMP_NUM_THREADS="1", FLATNB_THREADS="1", FLATNB_PROGRESS="0")
-    code = ("import sys, torch; torch.set_num_threads(1); from flatnb import train; "
+    code = ("import sys, torch; torch.set_num_threads(1); from flatnb.training import train; "
             "train.trained_model(sys.argv[1], sys.argv[2], recipe=sys.argv[3], seed=int(sys.argv[4]), profile='quick', "
             "device='cpu', "
             "progress=False)")
@@ -131,7 +131,7 @@ def chapter_models(request):
     return needed
 
 
-_RUNNER = ("import json, sys; from pathlib import Path; import flatnb; from flatnb import book\n"
+_RUNNER = ("import json, sys; from pathlib import Path; import flatnb; from flatnb.book import runner as book\n"
            "try:\n"
            "    s = book.execute(Path(sys.argv[1]), Path(sys.argv[2]), {'profile': 'quick'},\n"
            "                     cell_timeout=int(sys.argv[3]))\n"
@@ -172,7 +172,7 @@ def chapter_runs(request, chapter_models):
     start after all the others have finished."""
     import concurrent.futures as cf
 
-    from flatnb import book
+    from flatnb.book import runner as book
 
     say = _terminal(request)
     wanted = {item.callspec.params["chapter"].stem: item.callspec.params["chapter"] for item in request.session.items

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from flatnb import book
+from flatnb.book import runner as book
 
 ROOT = book.ROOT
 

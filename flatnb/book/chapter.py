@@ -6,7 +6,7 @@
 
 :func:`setup` resolves the profile and the device, seeds torch, picks the CPU thread count, sets the
 figure style, reads the chapter's sample sizes for its profile (``ch.sizes``, from
-:data:`flatnb.budgets.SIZES`) and shows the banner: which profile, device, date and commit the page
+:data:`flatnb.config.budgets.SIZES`) and shows the banner: which profile, device, date and commit the page
 shows, which data, which model and its clean accuracy, and where the paper-scale run is. Nothing
 here is global: a :class:`Chapter` holds it all, and helpers take it as an argument.
 """
@@ -20,8 +20,10 @@ from types import SimpleNamespace
 
 import torch
 
-from flatnb import claims as fclaims
-from flatnb import records
+from flatnb import data as fdata
+from flatnb.config import budgets
+from flatnb.evidence import claims as fclaims
+from flatnb.evidence import run_records as records
 from flatnb.runtime import describe_device, resolve_device, resolve_profile, versions
 
 # Threads on the CPU: see the README ("Threads") for the measurement behind the default.
@@ -121,15 +123,16 @@ class Chapter:
               seed: int | None = None, describe: str | None = None):
         """The trained model of the recipe table (trained once, then cached), in eval mode on the
         chapter's device; its clean test accuracy is added to the banner."""
-        from flatnb import data as fdata
-        from flatnb import train as ftrain
+        # loaded here, not at the top: a chapter that trains no model (1-4, 12) then does not fingerprint
+        # the training code in its run record (flatnb.evidence.run_records), so a change there leaves it current
+        from flatnb.training import train as ftrain
 
         seed = self.seed if seed is None else seed
         model = ftrain.trained_model(arch, dataset, recipe=recipe, profile=self.profile, seed=seed,
                                      device=self.device)
         test = ftrain.test_data(ftrain.config_for(arch, dataset, recipe, self.profile, seed))
         if self.profile == "smoke":  # a full-width model on all test images takes minutes on a CPU
-            from flatnb import smoke
+            from flatnb.config import smoke  # only a smoke run loads it (see flatnb.config)
 
             test = fdata.subset(test, n=min(len(test.labels), smoke.EVAL_IMAGES), seed=0)
         acc = ftrain.evaluate(model, test, self.device)["accuracy"]
@@ -182,9 +185,7 @@ def setup(stem: str, profile: str = "auto", device: str = "auto", seed: int = 0,
         torch.set_num_threads(max(1, min(n, os.cpu_count() or 1)))
     torch.manual_seed(seed)
     _style()
-    from flatnb.budgets import sizes as _sizes
-
-    sizes = _sizes(stem, prof)
+    sizes = budgets.sizes(stem, prof)
     ch = Chapter(stem, prof, dev, seed, sizes)
     if banner:
         ch.show_banner()

@@ -1,6 +1,6 @@
 """The uncanny-valley figures (experiment E6 of Walter et al. 2026), legible at the book's page width.
 
-Every panel pair shows one recorded quantity (:data:`flatnb.trajectory.FIELDS`) over the
+Every panel pair shows one recorded quantity (:data:`flatnb.measure.trajectory.FIELDS`) over the
 examples that flip during the attack: median and quartile band by raw attack step, and aligned
 at each example's flip step.  Pairs are laid out two to a row (at most four panels per row), in
 a figure 7.5 inches wide whose fonts survive a PNG scaled to ~700 px; log axes carry a few
@@ -15,9 +15,9 @@ from __future__ import annotations
 import numpy as np
 
 from flatnb.stats import as_interval
-from flatnb.trajectory import FIELDS, _flipping_columns, _values, align_at_flip, step_summary
+from flatnb.measure.trajectory import FIELDS, _flipping_columns, _values, align_at_flip, step_summary
 
-#: axis label of every recorded quantity (one per entry of :data:`flatnb.trajectory.FIELDS`)
+#: axis label of every recorded quantity (one per entry of :data:`flatnb.measure.trajectory.FIELDS`)
 QUANTITIES = {
     "loss": "attack loss",
     "p_y": r"$p_y$ (true class)",
@@ -32,7 +32,7 @@ QUANTITIES = {
     "kappa_unsq": r"$\kappa=\|w\|_F\,\mathrm{Tr}H$ (unsq., [UV])",
     "kappa_neuron": r"$\kappa^\phi_{Tr}$ (neuron-wise)",
 }
-if set(QUANTITIES) != set(FIELDS):  # the field list in flatnb.trajectory is the one source
+if set(QUANTITIES) != set(FIELDS):  # the field list in flatnb.measure.trajectory is the one source
     raise ImportError(f"figure labels {sorted(QUANTITIES)} do not match the recorded fields {sorted(FIELDS)}")
 
 #: quantities drawn on a log axis
@@ -157,7 +157,7 @@ def uncanny_valley_figure(traj, title: str = "", before: int = 5, after: int = 1
 def valley_comparison_figure(trajs: dict, quantity: str = "kappa_sq", before: int = 5, after: int = 10,
                              title: str = "", sharey: bool = False):
     """The same valley panels for several models: one (raw, aligned) pair per entry of ``trajs``
-    (name → :class:`flatnb.trajectory.Trajectory`), two models per row; median and quartile band
+    (name → :class:`flatnb.measure.trajectory.Trajectory`), two models per row; median and quartile band
     over the examples that flip.  ``fig.valley_axes`` is the (2, n) array of panels.
 
     A model none of whose examples flip gets an annotated empty pair instead of an error, so a

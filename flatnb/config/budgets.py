@@ -1,7 +1,7 @@
 """Named attack budgets and each chapter's sample sizes per profile: one explicit table each.
 
-Training configurations live in :mod:`flatnb.recipes`; this module holds the rest of the book's
-configuration. A chapter reads its sizes as ``ch.sizes`` (:func:`flatnb.chapter.setup`) and its
+Training configurations live in :mod:`flatnb.config.recipes`; this module holds the rest of the book's
+configuration. A chapter reads its sizes as ``ch.sizes`` (:func:`flatnb.book.chapter.setup`) and its
 attacks as ``budgets.ATTACKS["pgd_linf_long"]`` (keyword arguments for :func:`flatnb.attacks.pgd`).
 """
 import re
@@ -23,7 +23,7 @@ ATTACKS = {
 
 
 # ============================================================================= chapter sizes
-# Sample sizes per chapter and profile (read by flatnb.chapter.setup into ``ch.sizes``).
+# Sample sizes per chapter and profile (read by flatnb.book.chapter.setup into ``ch.sizes``).
 # quick: minutes on 2 CPU cores, CI; full: the paper's scale on one GPU.
 
 SIZES = {
@@ -87,17 +87,17 @@ SIZES = {
 
 def sizes(stem: str, profile: str) -> dict:
     """A chapter's sizes in ``profile`` (``{}`` for a chapter without any); ``"smoke"``: the full ones at
-    toy scale (:func:`flatnb.smoke.sizes`)."""
+    toy scale (:func:`flatnb.config.smoke.sizes`)."""
     table = SIZES.get(stem, {})
     if profile == "smoke":
-        from flatnb import smoke  # only a smoke run loads it
+        from flatnb.config import smoke  # only a smoke run loads it
 
         return smoke.sizes(stem, table.get("full", {}))
     return dict(table.get(profile, {}))
 
 
 # ============================================================================= the atlas's zoo (chapter 13)
-# label -> (arch, dataset, recipe, seed) of flatnb.recipes.TABLE. quick: FastNet at width 16 for 2 epochs
+# label -> (arch, dataset, recipe, seed) of flatnb.config.recipes.TABLE. quick: FastNet at width 16 for 2 epochs
 # (recipes "zoo_*"); full: the paper's ResNet-18 with each training method.
 ZOO = {
     "quick": {
@@ -123,7 +123,7 @@ ZOO = {
         "TRADES": ("resnet18", "cifar10", "trades", 0),
     },
 }
-ZOO["smoke"] = ZOO["full"]  # the smoke profile: the full zoo's recipes at toy scale (flatnb.smoke)
+ZOO["smoke"] = ZOO["full"]  # the smoke profile: the full zoo's recipes at toy scale (flatnb.config.smoke)
 #: the kind of each zoo label (the atlas's colours and sets): standard / flatness-seeking / confidence / adversarial
 ZOO_METHOD = {"standard": "standard", "SAM": "flatness-seeking (SAM)", "label": "confidence regulariser",
               "mixup": "confidence regulariser", "PGD": "adversarial training",

@@ -1,6 +1,6 @@
 """Every training configuration of the book, written out: ``TABLE[(arch, dataset, recipe)][profile]``.
 
-No override chain: each entry is the whole :class:`flatnb.train.TrainConfig` (fields left out are
+No override chain: each entry is the whole :class:`flatnb.config.train_config.TrainConfig` (fields left out are
 the dataclass defaults, i.e. the paper's recipe, §5: SGD momentum 0.9, lr 0.1, weight decay
 1e-4, cosine, batch 128, crop+flip, 100 epochs, PGD-10 8/255 step 2/255, TRADES β = 6).
 ``seed`` is filled in by :func:`lookup`.
@@ -9,11 +9,11 @@ Profiles: ``quick`` = minutes on 2 CPU cores (smaller models, seeded subsets, sh
 warmup+cosine schedules, weight decay 5e-4); ``full`` = the paper's scale.
 
 Roles: ``arch="main"`` is the model the chapters study (:data:`MAIN`): in the quick profile the
-FastNet (:class:`flatnb.architectures.FastNet`, ≳ 85 % CIFAR-10 test accuracy in a few CPU
+FastNet (:class:`flatnb.models.architectures.FastNet`, ≳ 85 % CIFAR-10 test accuracy in a few CPU
 minutes), in the full profile the paper's ResNet-18.
 
 The table's recipe names are ``standard``, ``pgd_at``, ``trades`` (the training losses of
-:data:`flatnb.train.RECIPES`) and variants of the standard loss: ``sam`` (Foret et al. 2021),
+:data:`flatnb.config.train_config.RECIPES`) and variants of the standard loss: ``sam`` (Foret et al. 2021),
 ``label_smoothing`` and ``mixup`` (Zhang et al. 2018); the variants change confidence, hence the
 flatness measures (§6.10), which is why the main models use none of them.
 """
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from flatnb.train import TrainConfig
+from flatnb.config.train_config import TrainConfig
 
 MAIN = {"quick": "fastnet", "full": "resnet18", "smoke": "resnet18"}
 
@@ -215,7 +215,7 @@ def resolve_arch(arch: str, profile: str) -> str:
 
 def lookup(arch: str, dataset: str, recipe: str = "standard", profile: str = "quick", seed: int = 0) -> TrainConfig:
     """The table's configuration for ``(arch, dataset, recipe)`` in ``profile``, with ``seed`` set
-    (``"smoke"``: the full entry at toy scale, :func:`flatnb.smoke.config`)."""
+    (``"smoke"``: the full entry at toy scale, :func:`flatnb.config.smoke.config`)."""
     if profile not in ("quick", "full", "smoke"):
         raise ValueError(f"profile must be 'quick', 'full' or 'smoke' (resolve 'auto' with "
                          f"flatnb.runtime.resolve_profile), got {profile!r}")
@@ -223,10 +223,10 @@ def lookup(arch: str, dataset: str, recipe: str = "standard", profile: str = "qu
     entry = TABLE.get((name, dataset, recipe))
     if entry is None:
         have = sorted(r for (a, d, r) in TABLE if (a, d) == (name, dataset))
-        raise ValueError(f"no training recipe {recipe!r} for {name} on {dataset} in flatnb.recipes.TABLE "
+        raise ValueError(f"no training recipe {recipe!r} for {name} on {dataset} in flatnb.config.recipes.TABLE "
                          f"(recipes there for this pair: {have or 'none'}); add an entry to the table")
     if profile == "smoke":
-        from flatnb import smoke  # only a smoke run loads it
+        from flatnb.config import smoke  # only a smoke run loads it
 
         return dataclasses.replace(smoke.config(entry["full"]), seed=seed)
     return dataclasses.replace(entry[profile], profile=profile, seed=seed)

@@ -12,7 +12,7 @@ Sources (found under :func:`data_root`):
   folder; ``"test"`` is the labelled validation split (``val/val_annotations.txt``).
 
 With ``download=True`` a missing dataset is fetched (CIFAR through torchvision,
-Tiny ImageNet from its official URL with a checksum; see :mod:`flatnb.download`)
+Tiny ImageNet from its official URL with a checksum; see :mod:`flatnb.data.download`)
 into the data folder, which is created when missing.
 
 Every split is decoded once into ``cache_dir()/data/<name>-<split>-<key>.pt``; the
@@ -28,23 +28,20 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-import tarfile
+import sys
 import warnings
-import zipfile
-import zlib
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple
+from typing import NamedTuple
 
 import torch
 
-from flatnb import download as dl
-from flatnb.download import _HOW, _find_source, _root_for, _Source, _source_key, data_root  # noqa: F401
+from flatnb.config.train_config import DATASETS, NUM_CLASSES
+from flatnb.data import archives
+from flatnb.data.download import HOW_TO_SUPPLY, Source, data_root, find_source, root_for, source_key
 from flatnb.runtime import atomic_save, cache_dir
 
-DATASETS = dl.DATASETS
 SPLITS = ("train", "test")
 _IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "tinyimagenet": 64}
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "tinyimagenet": 200}
 #: per-channel mean/std of the training sets, used by the models' internal normalisation
 MEAN_STD = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -62,102 +59,6 @@ class Dataset(NamedTuple):
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
-
-
-# --------------------------------------------------------------------------- archive walking
-
-_ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError)
-
-
-def _iter_files(path: Path, want: Callable[[str], bool]) -> Iterator[tuple[str, bytes]]:
-    """(relative path with '/', bytes) for every wanted file of a tarball, zip or folder.
-
-    A truncated or corrupt archive raises ``ValueError`` naming the archive and the fix.
-    """
-    if path.is_dir():
-        yield from _iter_dir(path, want)
-        return
-    try:
-        yield from _iter_archive(path, want)
-    except _ARCHIVE_ERRORS as e:
-        raise ValueError(f"the archive {path} is truncated or corrupt ({type(e).__name__}: {e}). To fix: delete "
-                         f"it and download it again (data.load(..., download=True) fetches Tiny ImageNet and "
-                         f"CIFAR), or replace it with a complete copy") from e
-
-
-def _iter_dir(path: Path, want: Callable[[str], bool]) -> Iterator[tuple[str, bytes]]:
-    for dirpath, dirnames, filenames in os.walk(path):
-        dirnames.sort()
-        for f in sorted(filenames):
-            rel = os.path.relpath(os.path.join(dirpath, f), path).replace(os.sep, "/")
-            if want(rel):
-                yield rel, Path(dirpath, f).read_bytes()
-
-
-def _iter_archive(path: Path, want: Callable[[str], bool]) -> Iterator[tuple[str, bytes]]:
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            for info in zf.infolist():
-                if not info.is_dir() and want(info.filename):
-                    yield info.filename, zf.read(info)
-    else:
-        # streaming mode: one sequential pass through the (gzipped) tar, no seeking
-        with tarfile.open(path, "r|*") as tf:
-            for m in tf:
-                if m.isfile() and want(m.name):
-                    f = tf.extractfile(m)
-                    yield m.name, f.read()
-
-
-def _strip(rel: str, marker: str) -> str | None:
-    """Part of ``rel`` from the path component ``marker`` on (handles any top folder)."""
-    parts = rel.split("/")
-    if marker in parts:
-        i = parts.index(marker)
-        return "/".join(parts[i:])
-    return None
-
-
-_IMG_EXT = (".jpg", ".jpeg", ".png", ".webp")
-
-
-def _decode(items: list[tuple[str, bytes]], size: int, where: Path) -> torch.Tensor:
-    """Decode encoded images to uint8 (N, 3, size, size); a bad file raises naming it."""
-    import warnings
-
-    with warnings.catch_warnings():  # torchvision 0.29 deprecates its codecs in favour of torchcodec
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        return _decode_impl(items, size, where)
-
-
-def _decode_impl(items: list[tuple[str, bytes]], size: int, where: Path) -> torch.Tensor:
-    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
-
-    out = torch.empty((len(items), 3, size, size), dtype=torch.uint8)
-    chunk = 2048
-    for start in range(0, len(items), chunk):
-        part = items[start:start + chunk]
-        datas = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for _, b in part]
-        try:
-            if all(n.lower().endswith((".jpg", ".jpeg")) for n, _ in part):  # Tiny ImageNet: batched
-                imgs = decode_jpeg(datas, mode=ImageReadMode.RGB)
-            else:
-                imgs = [decode_image(d, mode=ImageReadMode.RGB) for d in datas]
-        except Exception:
-            imgs = None
-        if imgs is None:  # find the culprit one by one so the error names it
-            imgs = []
-            for (n, _), d in zip(part, datas):
-                try:
-                    imgs.append(decode_image(d, mode=ImageReadMode.RGB))
-                except Exception as e:
-                    raise ValueError(f"corrupt or unreadable image {n!r} in {where}: {e}. "
-                                     "Replace the file (or re-download the dataset).") from e
-        for j, ((n, _), img) in enumerate(zip(part, imgs)):
-            if tuple(img.shape) != (3, size, size):
-                raise ValueError(f"image {n!r} in {where} has shape {tuple(img.shape)}, expected (3, {size}, {size})")
-            out[start + j] = img
-    return out
 
 
 #: torchvision's CIFAR-10 classes; a label is the position of its class here
@@ -194,42 +95,42 @@ def check_cifar10(images: torch.Tensor, labels: torch.Tensor, split: str, where:
             f"torchvision's cifar-10-batches-py via data.load(..., download=True))")
 
 
-def _load_webp(src: _Source, split: str) -> tuple[torch.Tensor, torch.Tensor, list]:
+def _load_webp(src: Source, split: str) -> tuple[torch.Tensor, torch.Tensor, list]:
     """CIFAR-10 as lossless WebP: ``cifar10/<split>/<class>/<index>_<name>.webp`` in torchvision's order."""
     items: dict[int, tuple[str, int, bytes]] = {}
 
     def want(rel: str) -> bool:
-        s = _strip(rel, split)
+        s = archives.strip_to(rel, split)
         return s is not None and s.count("/") == 2 and rel.lower().endswith(".webp")
 
-    for rel, b in _iter_files(src.path, want):
-        _, cls, base = _strip(rel, split).split("/")
+    for rel, b in archives.iter_files(src.path, want):
+        _, cls, base = archives.strip_to(rel, split).split("/")
         head = base.split("_", 1)[0]
         if not head.isdigit() or cls not in CIFAR10_CLASSES:
             raise ValueError(f"{rel!r} in {src.path} does not follow the layout <split>/<class>/<index>_<name>.webp "
-                             f"with a class of {CIFAR10_CLASSES}. To fix: {_HOW}")
+                             f"with a class of {CIFAR10_CLASSES}. To fix: {HOW_TO_SUPPLY}")
         i = int(head)
         if i in items:
-            raise ValueError(f"{rel!r} and {items[i][0]!r} in {src.path} share the index {i}. To fix: {_HOW}")
+            raise ValueError(f"{rel!r} and {items[i][0]!r} in {src.path} share the index {i}. To fix: {HOW_TO_SUPPLY}")
         items[i] = (rel, CIFAR10_CLASSES.index(cls), b)
     if not items:
-        raise FileNotFoundError(f"no images under '{split}/<class>/*.webp' in {src.path}. To fix: {_HOW}")
+        raise FileNotFoundError(f"no images under '{split}/<class>/*.webp' in {src.path}. To fix: {HOW_TO_SUPPLY}")
     missing = sorted(set(range(len(items))) - set(items))
     if missing:
         raise ValueError(f"{src.path} {split}: the image indices are not 0..{len(items) - 1} (first gap at "
                          f"{missing[0]}): the archive is incomplete. To fix: replace it with a complete copy")
     order = [items[i] for i in range(len(items))]
     labels = torch.tensor([c for _, c, _ in order], dtype=torch.int64)
-    images = _decode([(r, b) for r, _, b in order], 32, src.path)
+    images = archives.decode_images([(r, b) for r, _, b in order], 32, src.path)
     return images, labels, list(CIFAR10_CLASSES)
 
 
-def _load_pickle(name: str, src: _Source, split: str) -> tuple[torch.Tensor, torch.Tensor, list]:
+def _load_pickle(name: str, src: Source, split: str) -> tuple[torch.Tensor, torch.Tensor, list]:
     """torchvision's CIFAR python-pickle folders."""
     def read(fname: str) -> dict:
         p = src.path / fname
         if not p.exists():
-            raise FileNotFoundError(f"{p} is missing from the {name} pickle folder. To fix: {_HOW}")
+            raise FileNotFoundError(f"{p} is missing from the {name} pickle folder. To fix: {HOW_TO_SUPPLY}")
         with open(p, "rb") as f:
             try:
                 return pickle.load(f, encoding="latin1")
@@ -252,7 +153,7 @@ def _load_pickle(name: str, src: _Source, split: str) -> tuple[torch.Tensor, tor
     return torch.cat(data).contiguous(), torch.tensor(labels, dtype=torch.int64), classes
 
 
-def _load_tiny(src: _Source, split: str) -> tuple[torch.Tensor, torch.Tensor, list]:
+def _load_tiny(src: Source, split: str) -> tuple[torch.Tensor, torch.Tensor, list]:
     """Tiny ImageNet: ``train/<wnid>/images/*.JPEG``; test = ``val/images`` + ``val_annotations.txt``."""
     texts: dict[str, bytes] = {}
     imgs: list[tuple[str, bytes]] = []
@@ -261,24 +162,24 @@ def _load_tiny(src: _Source, split: str) -> tuple[torch.Tensor, torch.Tensor, li
         base = rel.rsplit("/", 1)[-1]
         if base in ("wnids.txt", "val_annotations.txt"):
             return True
-        s = _strip(rel, "train" if split == "train" else "val")
-        if s is None or not rel.lower().endswith(_IMG_EXT):
+        s = archives.strip_to(rel, "train" if split == "train" else "val")
+        if s is None or not rel.lower().endswith(archives.IMAGE_EXTENSIONS):
             return False
         parts = s.split("/")
         return (len(parts) == 4 and parts[2] == "images") if split == "train" else (len(parts) == 3 and parts[1] == "images")
 
-    for rel, b in _iter_files(src.path, want):
+    for rel, b in archives.iter_files(src.path, want):
         base = rel.rsplit("/", 1)[-1]
         if base in ("wnids.txt", "val_annotations.txt"):
             texts[base] = b
         else:
             imgs.append((rel, b))
     if "wnids.txt" not in texts:
-        raise FileNotFoundError(f"wnids.txt missing in {src.path}: not a Tiny ImageNet layout. To fix: {_HOW}")
+        raise FileNotFoundError(f"wnids.txt missing in {src.path}: not a Tiny ImageNet layout. To fix: {HOW_TO_SUPPLY}")
     classes = sorted(texts["wnids.txt"].decode().split())
     idx = {c: i for i, c in enumerate(classes)}
     if split == "train":
-        lab = [idx[_strip(r, "train").split("/")[1]] for r, _ in imgs]
+        lab = [idx[archives.strip_to(r, "train").split("/")[1]] for r, _ in imgs]
     else:
         if "val_annotations.txt" not in texts:
             raise FileNotFoundError(f"val/val_annotations.txt missing in {src.path}; it holds the validation labels")
@@ -298,7 +199,7 @@ def _load_tiny(src: _Source, split: str) -> tuple[torch.Tensor, torch.Tensor, li
     order = sorted(range(len(imgs)), key=lambda i: (lab[i], imgs[i][0]))
     imgs = [imgs[i] for i in order]
     labels = torch.tensor([lab[i] for i in order], dtype=torch.int64)
-    return _decode(imgs, 64, src.path), labels, classes
+    return archives.decode_images(imgs, 64, src.path), labels, classes
 
 
 def _digest(images: torch.Tensor, labels: torch.Tensor, classes: list) -> str:
@@ -312,7 +213,7 @@ def _digest(images: torch.Tensor, labels: torch.Tensor, classes: list) -> str:
 _TITLE = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "tinyimagenet": "Tiny ImageNet-200"}
 
 
-def _describe(name: str, src: _Source) -> str:
+def _describe(name: str, src: Source) -> str:
     """What the pixels of ``src`` are, in one line."""
     title = _TITLE[name]
     if src.kind == "pickle-dir":
@@ -327,14 +228,12 @@ def source_description(name: str, root: str | os.PathLike | None = None) -> str:
     cifar-10-batches-py)"``: a chapter's provenance line states it."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
-    return _describe(name, _find_source(name, data_root(root), download=False))
+    return _describe(name, find_source(name, data_root(root), download=False))
 
 
 def download_default() -> bool:
     """Whether a missing dataset is downloaded when ``download`` is not given: in Colab, or when the
     environment sets ``FLATNB_DOWNLOAD=1`` (a reader's notebook should fetch its data; CI never does)."""
-    import sys
-
     return "google.colab" in sys.modules or os.environ.get("FLATNB_DOWNLOAD") == "1"
 
 
@@ -355,8 +254,8 @@ def load(name: str, split: str, root: str | os.PathLike | None = None, cache: bo
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     download = download_default() if download is None else bool(download)
-    src = _find_source(name, _root_for(root, download, name), download)
-    key = _source_key(src)
+    src = find_source(name, root_for(root, download, name), download)
+    key = source_key(src)
     path = cache_dir() / "data" / f"{name}-{split}-{key}.pt"
     if cache is not False and path.exists():
         try:
@@ -392,7 +291,7 @@ def load(name: str, split: str, root: str | os.PathLike | None = None, cache: bo
     return ds
 
 
-def _prune_stale(path: Path, name: str, split: str, src: _Source) -> None:
+def _prune_stale(path: Path, name: str, split: str, src: Source) -> None:
     """Delete the cache files of earlier versions of the same source file or folder (same path, other
     size or mtime): each would otherwise keep up to 1.2 GB (Tiny ImageNet's train split) for nothing."""
     for old in path.parent.glob(f"{name}-{split}-*.pt"):

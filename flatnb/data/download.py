@@ -1,6 +1,6 @@
 """Where the datasets live and how they arrive: data roots, source discovery, atomic verified downloads.
 
-:func:`data_root` and :func:`_find_source` locate a dataset under the data folder
+:func:`data_root` and :func:`find_source` locate a dataset under the data folder
 (:mod:`flatnb.data` decodes it); with ``download=True`` a missing one is fetched.
 
 Every download goes to a temporary name in the destination folder and is renamed
@@ -26,7 +26,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DATASETS = ("cifar10", "cifar100", "tinyimagenet")
+from flatnb.config.train_config import DATASETS
+
 _CACHE_VERSION = 2  # part of the decoded-data cache key (flatnb.data)
 
 #: name -> where the archive comes from and how it is checked (None = not checked)
@@ -171,7 +172,7 @@ def download_cifar(name: str, root: Path) -> Path:
     return final
 
 
-_HOW = (
+HOW_TO_SUPPLY = (
     "set FLATNB_DATA=/path/to/folder holding cifar-10-batches-py/ or cifar10-webp.tar.gz, "
     "tiny-imagenet-200.zip (or .tar.gz / extracted folders) or cifar-100-python/, or pass root=...; "
     "or pass download=True to fetch CIFAR-10/100 (torchvision) and Tiny ImageNet (official URL)"
@@ -203,20 +204,20 @@ def data_root(root: str | os.PathLike | None = None) -> Path:
         if c.is_dir():
             return c.resolve()
     looked = ", ".join(str(c) for c in candidates)
-    raise FileNotFoundError(f"no data folder found (from {origin}); looked in: {looked}. To fix: {_HOW}")
+    raise FileNotFoundError(f"no data folder found (from {origin}); looked in: {looked}. To fix: {HOW_TO_SUPPLY}")
 
 
 # --------------------------------------------------------------------------- sources
 
 @dataclass
-class _Source:
+class Source:
     kind: str  # "webp-tar" | "webp-dir" | "pickle-dir" | "tiny-tar" | "tiny-zip" | "tiny-dir"
     path: Path
     prefix: str = ""  # folder inside an archive that holds train/ and test/ (or val/)
     extra: dict = field(default_factory=dict)
 
 
-def _find_source(name: str, root: Path, download: bool) -> _Source:
+def find_source(name: str, root: Path, download: bool) -> Source:
     looked: list[Path] = []
 
     def exists(p: Path) -> bool:
@@ -225,22 +226,22 @@ def _find_source(name: str, root: Path, download: bool) -> _Source:
 
     if name == "cifar10":
         if exists(root / "cifar-10-batches-py" / "batches.meta"):  # torchvision's own download
-            return _Source("pickle-dir", root / "cifar-10-batches-py")
+            return Source("pickle-dir", root / "cifar-10-batches-py")
         for ext in (".tar.gz", ".tgz", ".tar"):  # the same images as lossless WebP (../shared/data)
             if exists(root / f"cifar10-webp{ext}"):
-                return _Source("webp-tar", root / f"cifar10-webp{ext}")
+                return Source("webp-tar", root / f"cifar10-webp{ext}")
         for stem in ("cifar10-webp", "cifar10"):
             if exists(root / stem / "train") and (root / stem / "test").is_dir():
-                return _Source("webp-dir", root / stem)
+                return Source("webp-dir", root / stem)
     elif name == "cifar100":
         if exists(root / "cifar-100-python" / "meta"):
-            return _Source("pickle-dir", root / "cifar-100-python")
+            return Source("pickle-dir", root / "cifar-100-python")
     elif name == "tinyimagenet":
         for ext, kind in ((".tar.gz", "tiny-tar"), (".tgz", "tiny-tar"), (".tar", "tiny-tar"), (".zip", "tiny-zip")):
             if exists(root / f"tiny-imagenet-200{ext}"):
-                return _Source(kind, root / f"tiny-imagenet-200{ext}")
+                return Source(kind, root / f"tiny-imagenet-200{ext}")
         if exists(root / "tiny-imagenet-200" / "wnids.txt"):
-            return _Source("tiny-dir", root / "tiny-imagenet-200")
+            return Source("tiny-dir", root / "tiny-imagenet-200")
     else:
         raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
 
@@ -249,13 +250,13 @@ def _find_source(name: str, root: Path, download: bool) -> _Source:
             download_tinyimagenet(root)
         else:
             download_cifar(name, root)
-        return _find_source(name, root, download=False)
+        return find_source(name, root, download=False)
     raise FileNotFoundError(
-        f"{name} not found under {root}; looked for: " + ", ".join(str(p) for p in looked) + f". To fix: {_HOW}"
+        f"{name} not found under {root}; looked for: " + ", ".join(str(p) for p in looked) + f". To fix: {HOW_TO_SUPPLY}"
     )
 
 
-def _source_key(src: _Source) -> str:
+def source_key(src: Source) -> str:
     """Cheap identity of the source: size+mtime of the archive, or of every file of a folder."""
     h = hashlib.sha256(f"v{_CACHE_VERSION}|{src.kind}|{src.path.resolve()}".encode())
     if src.path.is_file():
@@ -271,7 +272,7 @@ def _source_key(src: _Source) -> str:
     return h.hexdigest()[:20]
 
 
-def _root_for(root, download: bool, name: str) -> Path:
+def root_for(root, download: bool, name: str) -> Path:
     """:func:`data_root`, except that with ``download`` a missing folder is created (and must be writable)."""
     try:
         return data_root(root)

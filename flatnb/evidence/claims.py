@@ -15,7 +15,7 @@ Every row also has a **kind** (:data:`KINDS`): ``"evidence"`` (counts), ``"theor
 mathematics checked in float64; counts) or ``"by construction"`` (true by the way the experiment is
 built, e.g. transfer to a temperature-scaled copy: shown, never counted as evidence).
 
-Rows are saved with the run that measured them by :mod:`flatnb.records`.
+Rows are saved with the run that measured them by :mod:`flatnb.evidence.run_records`.
 """
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ def check_rows(rows: list[dict]) -> list[dict]:
     for r in rows:
         missing = [k for k in _KEYS if k not in r and k != "kind"]
         if missing:
-            raise ValueError(f"claim row {r!r} lacks {missing}; build rows with flatnb.claims.claim(...)")
+            raise ValueError(f"claim row {r!r} lacks {missing}; build rows with flatnb.evidence.claims.claim(...)")
         if r["verdict"] not in VERDICTS or r.get("kind", "evidence") not in KINDS:
             raise ValueError(f"claim row {r.get('id')!r} has an unknown verdict or kind")
         out.append({**r, "kind": r.get("kind", "evidence")})

@@ -33,9 +33,11 @@ from pathlib import Path
 
 import torch
 
-from flatnb.claims import check_rows
+from flatnb import __version__
+from flatnb.evidence.claims import check_rows
+from flatnb.runtime import describe_device
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # flatnb/evidence/run_records.py -> the repository
 
 
 def runs_dir(root=None) -> Path:
@@ -197,9 +199,6 @@ def changed_files(rec: dict, repo=None, memo: dict | None = None) -> list[str] |
 
 def meta(chapter: str, profile: str, device, seed: int, wall_s: float, **extra) -> dict:
     """The metadata of one run (JSON-ready), with the :func:`fingerprint` of the code it ran."""
-    from flatnb import __version__
-    from flatnb.runtime import describe_device
-
     return {"chapter": chapter, "profile": profile, "device": describe_device(device),
             "slug": device_slug(device), "commit": commit(), "dirty": dirty(), "seed": int(seed),
             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

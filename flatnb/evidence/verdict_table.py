@@ -1,14 +1,14 @@
-"""The verdict table of chapter 12, built from run records (:mod:`flatnb.records`), never from a cache.
+"""The verdict table of chapter 12, built from run records (:mod:`flatnb.evidence.run_records`), never from a cache.
 
 Each experiment chapter saves its verdict rows with the run that measured them
 (``runs/<device>/<chapter>.<profile>.json``). :func:`collect` picks one record per chapter
-(:func:`flatnb.records.choose`: the newest current full-profile record, else the newest quick one;
+(:func:`flatnb.evidence.run_records.choose`: the newest current full-profile record, else the newest quick one;
 a stale record is shown only when nothing current exists, and then labelled), checks that every
 claim of ``walter2026flatness`` listed in :data:`REQUIRED` has its row, adds the claims no
 chapter can test (:data:`UNTESTABLE`) and gives every row its source run. The rest of this module
 renders what chapter 12 shows: the sources, the rows by group with counts over the rows that count
-(:func:`flatnb.claims.counts`: by-construction rows are shown, never counted), the verdicts before and
-after the policy of :mod:`flatnb.claims`, and the stored legacy notebooks (``runs/h100/``: full runs
+(:func:`flatnb.evidence.claims.counts`: by-construction rows are shown, never counted), the verdicts before and
+after the policy of :mod:`flatnb.evidence.claims`, and the stored legacy notebooks (``runs/h100/``: full runs
 of an older version of the chapters, without records) as evidence that is shown but not counted.
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flatnb import claims as fclaims
-from flatnb import records
+from flatnb.evidence import claims as fclaims
+from flatnb.evidence import run_records as records
 
 # The rows each chapter must save (ids agreed for the book): the theory of walter2026flatness (the lemma,
 # average versus worst case after petzka2021relative, the local bound, local versus global), its
@@ -127,10 +127,10 @@ def _how_to_run(stem: str) -> str:
 
 def collect(recs: list[dict] | None = None, required: dict | None = None, untestable=None,
             require_all: bool = True, root=None) -> Table:
-    """One record per required chapter (:func:`flatnb.records.choose`), its rows with their source,
+    """One record per required chapter (:func:`flatnb.evidence.run_records.choose`), its rows with their source,
     then the :data:`UNTESTABLE` rows.
 
-    ``recs`` defaults to :func:`flatnb.records.load_all` of ``root`` (``FLATNB_RUNS`` or ``runs/``).
+    ``recs`` defaults to :func:`flatnb.evidence.run_records.load_all` of ``root`` (``FLATNB_RUNS`` or ``runs/``).
     With ``require_all``, a chapter without a record, or whose record lacks a required id, raises
     :class:`MissingRecords` naming the chapter and how to produce its record; otherwise it is listed
     in ``Table.missing`` and the table is partial.
@@ -175,7 +175,7 @@ def _rel(path) -> str:
 
 
 def policy_problems(table: Table) -> list[str]:
-    """Rows that break the verdict policy of :mod:`flatnb.claims` (empty when all is well).
+    """Rows that break the verdict policy of :mod:`flatnb.evidence.claims` (empty when all is well).
 
     Checked: every row states its rule or evidence (a non-empty reason); the theory rows of
     chapters 2-3 are marked ``kind="theory"``; each row's source record says its profile, device,

@@ -29,7 +29,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from flatnb import attacks, budgets, calibration, models, radius, trajectory
+from flatnb import attacks, models
+from flatnb.config import budgets
+from flatnb.measure import calibration, radius, trajectory
 from flatnb import curvature as cv
 from flatnb import data as fdata
 from flatnb.stats import EmptySelection, Fraction, bootstrap_ci
@@ -88,7 +90,7 @@ def measure(model, pr: Probe, sizes, device, seed: int = 0) -> dict:
     ``aa_norms`` (a subset of :data:`AA_BUDGETS`), ``aa_iter`` and ``aa_queries`` (the reference's 100 and
     5000, but in a smoke run), ``n_basin``, ``n_radius``, ``radius_steps``, ``radius_iter``, ``n_curv``,
     ``n_random`` and ``temperature_at_bound`` (``"raise"``, but in a smoke run: see
-    :func:`flatnb.calibration.fit_temperature`).
+    :func:`flatnb.measure.calibration.fit_temperature`).
 
     The model must follow the ``features``/``head`` contract (:func:`flatnb.models.wrap` makes any
     classifier with a final ``nn.Linear`` do so) and be in eval mode."""
@@ -124,7 +126,7 @@ def measure(model, pr: Probe, sizes, device, seed: int = 0) -> dict:
         raise EmptySelection("the model classifies none of the basin images correctly: nothing to measure; "
                          "check the model (its clean accuracy is " f"{e['clean'].pct()})")
     res = attacks.pgd(model, x, y, **dict(budgets.ATTACKS["pgd_l2_e2"], loss="ce", random_start=False,
-                                          record=True))
+                                          record=trajectory.Recorder))
     width = trajectory.basin_width(res.trajectory.loss, rise=0.1 * math.log(k)).clamp_max(res.steps_run + 1)
     e["basin"] = bootstrap_ci(width.double(), seed=seed)
     long = attacks.pgd(model, x, y, **dict(budgets.ATTACKS["pgd_linf_long"], loss="ce", random_start=False))

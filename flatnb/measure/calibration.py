@@ -28,6 +28,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from flatnb import data as fdata
+
 __all__ = ["nll", "fit_temperature", "expected_calibration_error", "calibrated_ce", "negative_margin",
            "model_logits"]
 
@@ -166,8 +168,6 @@ def negative_margin(logits: Tensor, y: Tensor) -> Tensor:
 @torch.no_grad()
 def model_logits(model, dataset, device, batch_size: int = 500) -> tuple[Tensor, Tensor]:
     """``(logits, labels)`` of ``model`` in eval mode over a :class:`flatnb.data.Dataset`, float32 on the CPU."""
-    from flatnb import data as fdata
-
     was = model.training
     model.eval()
     try:

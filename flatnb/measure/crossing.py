@@ -116,12 +116,12 @@ def path_crossings(model, traj, y: Tensor, iters: int = 30, grid: int = 8,
     """:func:`boundary_crossing` for every path of ``traj`` that starts correct and flips
     (``flip_step >= 1``), between iterates ``flip_step - 1`` and ``flip_step``.
 
-    ``traj`` needs the iterates (``pgd(..., record=True, record_inputs=True)``).  Returns the
+    ``traj`` needs the iterates (``pgd(..., record=Recorder, record_inputs=True)``).  Returns the
     crossing's fields for those paths, plus ``cols`` (their columns in ``traj``), ``flip_step``
     and ``t_cross = flip_step - 1 + alpha`` (the crossing in units of attack steps).
     """
     if getattr(traj, "x", None) is None:
-        raise ValueError("the trajectory has no iterates: attack with record=True, record_inputs=True")
+        raise ValueError("the trajectory has no iterates: attack with record=Recorder, record_inputs=True")
     if y.shape[0] != traj.flip_step.shape[0]:
         raise ValueError(f"y has {y.shape[0]} labels for {traj.flip_step.shape[0]} paths")
     cols = torch.nonzero(traj.flip_step >= 1)[:, 0]

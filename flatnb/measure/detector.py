@@ -19,14 +19,15 @@ adversarial inputs and report 5-fold accuracies of 0.92-0.93.  A detector needs 
   distribution, so adversarial and clean inputs look alike to a confidence score.
 
 Scores are plain 1-D arrays (numpy or torch), labels 0 (clean) / 1 (adversarial), groups the image
-index of each sample.  The stump is :func:`flatnb.detector.fit_stump` (one threshold on one number).
+index of each sample.  The stump is :func:`flatnb.measure.stump.fit_stump` (one threshold on one number).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from flatnb.detector import fit_stump, predict_stump
+from flatnb.measure.stump import fit_stump, predict_stump
+from flatnb.stats import Fraction
 
 
 def _arr(v, name: str, dtype=np.float64) -> np.ndarray:
@@ -100,7 +101,7 @@ def grouped_folds(groups, folds: int = 5, seed: int = 0) -> np.ndarray:
 def out_of_fold_scores(scores, labels, groups, folds: int = 5, seed: int = 0):
     """Grouped cross-validation of a stump: ``(oriented, predictions, accuracies, polarities)``.
 
-    In each fold a stump (:func:`flatnb.detector.fit_stump`) is fitted on the other folds; its
+    In each fold a stump (:func:`flatnb.measure.stump.fit_stump`) is fitted on the other folds; its
     polarity orients the held-out scores (``polarity * score``: larger means "adversarial"), so the
     direction of the rule is never chosen on test data.  ``oriented`` holds every sample's
     out-of-fold oriented score (for :func:`auroc`, :func:`tpr_at_fpr`), ``predictions`` its
@@ -204,8 +205,6 @@ def evaluate(scores, labels, groups, folds: int = 5, seed: int = 0, fpr: float =
     :class:`flatnb.stats.Fraction`), ``fold_accuracies``, ``polarity`` (per fold), ``auroc``
     ``(estimate, lo, hi)`` with an image-bootstrap interval, and ``tpr`` (a Fraction of the
     adversarial inputs detected at a false-positive rate of at most ``fpr`` on clean inputs)."""
-    from flatnb.stats import Fraction
-
     oriented, pred, accs, pols = out_of_fold_scores(scores, labels, groups, folds, seed)
     t = _arr(labels, "labels", np.int64)
     tpr = tpr_at_fpr(oriented, t, fpr)

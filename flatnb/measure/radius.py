@@ -12,7 +12,7 @@ bound is compared with (chapters 2 and 3):
 * :func:`bisect_radius`, :func:`loss_change_radius`, :func:`flip_radius` — the smallest radius at
   which the attack finds a loss change above ``eps`` (or a label flip), by bisection per sample.
   An attack only finds violations, so the result ``hi`` is an **upper bound on the true radius**:
-  a violation was found at ``hi``. The certified radius of :func:`flatnb.bounds.robust_radius`
+  a violation was found at ``hi``. The certified radius of :func:`flatnb.curvature.bounds.robust_radius`
   is a lower bound, so ``certified <= true <= hi`` (a check of the bound that can fail).
 
 The ball is the plain l2 ball (no pixel box): the bound covers all of it.
@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from flatnb import attacks as fa
+from flatnb.measure.trajectory import Recorder
 from flatnb.runtime import draw
 
 Tensor = torch.Tensor
@@ -116,8 +118,6 @@ def max_loss_change(model, x: Tensor, y: Tensor, delta, steps: int = 20, restart
     every run is scored by the cross-entropy in the model's dtype and the maximum is kept. Steps of
     ``2.5 delta / steps``. The model must be in eval mode.
     """
-    from flatnb import attacks as fa
-
     r = torch.as_tensor(delta, dtype=x.dtype, device=x.device).expand(x.shape[0]).clone()
     if bool((r < 0).any()) or not bool(torch.isfinite(r).all()):
         raise ValueError("delta must be finite and >= 0")
@@ -126,7 +126,7 @@ def max_loss_change(model, x: Tensor, y: Tensor, delta, steps: int = 20, restart
         l0 = F.cross_entropy(model(x), y, reduction="none")
     best, flipped, xi = torch.zeros_like(l0), torch.zeros_like(y, dtype=torch.bool), None
     kw = dict(eps=1.0, steps=steps, step_size=2.5 / steps, norm="l2", clip=None, generator=generator,
-              warn=False, record=True)
+              warn=False, record=Recorder)
     runs = [dict(loss="ce", random_start=i > 0) for i in range(restarts + 1)]
     if margin_attack:
         runs.append(dict(loss="cw", random_start=False, record_inputs=True))

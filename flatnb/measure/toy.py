@@ -1,9 +1,9 @@
 """Small problems the theory chapters (1-4) solve in seconds: synthetic data, short fits, 2-D landscapes.
 
 * :func:`blobs` and :func:`fit` — chapter 1's ten Gaussian classes and the minibatch fit of an
-  :class:`flatnb.architectures.MLP` (no dataset needed).
-* :func:`train_small_relu` — chapters 2 and 3's :class:`flatnb.architectures.SmallReLUNet`, a chain of
-  Lipschitz layers that :func:`flatnb.bounds.global_lipschitz` can certify, trained for a few epochs.
+  :class:`flatnb.models.architectures.MLP` (no dataset needed).
+* :func:`train_small_relu` — chapters 2 and 3's :class:`flatnb.models.architectures.SmallReLUNet`, a chain of
+  Lipschitz layers that :func:`flatnb.curvature.bounds.global_lipschitz` can certify, trained for a few epochs.
 * :func:`head_hessian_through_network`, :func:`high_precision_terms` — chapter 1's references:
   autograd through the whole network, and 50-digit ``Tr H`` and ``kappa^phi_Tr``.
 * :func:`moons`, :func:`moon_normals`, :func:`fit_full_batch`, :func:`normal_profiles`, :func:`walls` —
@@ -21,7 +21,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from flatnb.architectures import MLP, SmallReLUNet
+from flatnb import data as fdata
+
+from flatnb.models.architectures import MLP, SmallReLUNet
 
 Tensor = torch.Tensor
 F64 = torch.float64
@@ -62,7 +64,7 @@ def fit(net: torch.nn.Module, x: Tensor, y: Tensor, steps: int, lr: float = 0.05
 
 
 def blob_mlp(d_in: int, hidden: int, k: int, seed: int = 0, dtype=F64, device="cpu") -> MLP:
-    """The two-hidden-layer ReLU :class:`~flatnb.architectures.MLP` of chapter 1, seeded."""
+    """The two-hidden-layer ReLU :class:`~flatnb.models.architectures.MLP` of chapter 1, seeded."""
     torch.manual_seed(seed)
     return MLP(d_in, hidden, k, depth=2).to(device=device, dtype=dtype)
 
@@ -115,11 +117,9 @@ def high_precision_terms(phi: Tensor, logits: Tensor, weight: Tensor, dps: int =
 
 def train_small_relu(train, epochs: int, seed: int = 0, lr: float = 2e-3, batch: int = 128,
                      device="cpu") -> SmallReLUNet:
-    """A :class:`~flatnb.architectures.SmallReLUNet` after ``epochs`` epochs of Adam on ``train``
+    """A :class:`~flatnb.models.architectures.SmallReLUNet` after ``epochs`` epochs of Adam on ``train``
     (a :class:`flatnb.data.Dataset`): enough for real, non-random features (about 30 % CIFAR-10
     accuracy from 4,000 images), in eval mode on ``device``."""
-    from flatnb import data as fdata
-
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     torch.manual_seed(seed)
@@ -166,7 +166,7 @@ def moon_normals(x: Tensor, y: Tensor) -> Tensor:
 
 def fit_full_batch(x: Tensor, y: Tensor, steps: int, seed: int = 0, hidden: int = 64, lr: float = 1e-2,
                    off_manifold: float = 0.0, normals: Tensor | None = None) -> MLP:
-    """Full-batch Adam on a two-hidden-layer ReLU :class:`~flatnb.architectures.MLP` (float64).
+    """Full-batch Adam on a two-hidden-layer ReLU :class:`~flatnb.models.architectures.MLP` (float64).
 
     ``off_manifold > 0`` adds, at every step, a copy of the data pushed a uniform distance in
     ``[-off_manifold, off_manifold]`` along ``normals``, with the same labels.

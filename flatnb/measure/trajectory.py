@@ -3,13 +3,13 @@
 The recorded quantities are listed once, in :data:`FIELDS`: the attack's own
 (:data:`ATTACK_FIELDS`) followed by every per-sample term of
 :class:`flatnb.curvature.FlatnessTerms` (:data:`CURVATURE_FIELDS`).  Buffers, truncation,
-concatenation and the figure labels (:mod:`flatnb.figures`) all iterate over that list.
+concatenation and the figure labels (:mod:`flatnb.book.figures`) all iterate over that list.
 
 A :class:`Recorder` is an ``on_iterate`` hook of the attacks in :mod:`flatnb.attacks`:
 ``recorder(t, x_t, phi, logits, loss)`` is called once per iterate with that iterate's own
 forward pass, and the closed-form curvature terms (Walter et al. 2026; Petzka et al. 2021)
-are computed from it, so recording costs no extra forward pass.  ``record=True`` on an attack
-builds one.
+are computed from it, so recording costs no extra forward pass.  ``record=Recorder`` on an attack
+builds one per run (``attacks.pgd(model, x, y, eps, record=Recorder)``).
 
 Statistics (the "uncanny valley", experiment E6 of Walter et al. 2026): :func:`align_at_flip`,
 :func:`step_summary`, :func:`valley_stats`, :func:`valley_medians`, :func:`basin_width`;
@@ -27,7 +27,9 @@ import torch
 import torch.nn as nn
 
 from flatnb.attacks.losses import true_margin
+from flatnb.curvature import require_eval
 from flatnb.curvature.last_layer import FlatnessTerms, class_distances, closed_form
+from flatnb.models import check_contract
 
 Tensor = torch.Tensor
 
@@ -322,13 +324,10 @@ def boundary_crossing(model: nn.Module, traj: Trajectory, y: Tensor, iters: int 
     ``y``.  One forward pass of the M flipping examples per bisection step; the model runs in eval
     mode, without gradients, in its own dtype (curvature in at least float32).
     """
-    from flatnb.curvature._common import _require_eval
-    from flatnb.models import check_contract
-
     check_contract(model)
-    _require_eval(model)
+    require_eval(model)
     if traj.x is None:
-        raise ValueError("boundary_crossing needs the iterates: attack with record=True, record_inputs=True")
+        raise ValueError("boundary_crossing needs the iterates: attack with record=Recorder, record_inputs=True")
     if y.shape != traj.flip_step.shape:
         raise ValueError(f"y must be (N,) = {tuple(traj.flip_step.shape)}, got {tuple(y.shape)}")
     if not isinstance(iters, int) or iters < 1:

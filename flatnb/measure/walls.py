@@ -11,7 +11,7 @@ the data manifold". :func:`directions` builds unit input directions of two kinds
 
 :func:`measure` evaluates, per direction type and correctly classified input, four quantities:
 the curvature ``vᵀ∇²ℓ v`` at ``x`` of the raw cross-entropy (``curv``) and of the
-temperature-calibrated one ``ℓ(z/T)`` (``curv_cal``; :mod:`flatnb.calibration`), and per step
+temperature-calibrated one ``ℓ(z/T)`` (``curv_cal``; :mod:`flatnb.measure.calibration`), and per step
 length ``t`` the calibrated loss rise ``max_± ℓ_T(x ± t v) − ℓ_T(x)`` (``rise_cal``) and the share
 of the clean logit margin lost ``max_± (m(x) − m(x ± t v)) / m(x)`` (``margin``), which needs no
 softmax and no temperature. Random directions are summarised per input by their median. Comparing
@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import torch
 
-from flatnb import calibration
+from flatnb import attacks
 from flatnb import curvature as cv
+from flatnb import data as fdata
+from flatnb.measure import calibration
 from flatnb.stats import EmptySelection
 
 Tensor = torch.Tensor
@@ -38,8 +40,6 @@ ATTACK = dict(eps=0.5, steps=20, step_size=0.05, norm="l2", random_start=False, 
 def directions(model, x: Tensor, y: Tensor, pool_x: Tensor, pool_y: Tensor, n_random: int,
                generator: torch.Generator, attack: dict | None = None) -> dict[str, Tensor]:
     """Unit directions per type, each ``(P, *x.shape)`` (P = ``n_random`` for "random", else 1)."""
-    from flatnb import attacks
-
     if n_random < 1:
         raise ValueError(f"n_random must be >= 1, got {n_random}")
     aug = cv.augmentation_directions(x, ON[1:])
@@ -86,8 +86,6 @@ def measure(model, dataset, temperature: float, pool_x: Tensor, pool_y: Tensor, 
             batch_size: int, device, seed: int = 0) -> dict[str, dict[str, Tensor]]:
     """:func:`measure_batch` over the correctly classified images of a :class:`flatnb.data.Dataset`,
     joined: ``out[kind][quantity]`` with the images along the last axis."""
-    from flatnb import data as fdata
-
     gen = torch.Generator(device=device).manual_seed(seed)
     parts = []
     for x, y in fdata.batches(dataset, batch_size, device=device):

@@ -261,7 +261,7 @@ class MLP(ContractModel):
 class SmallReLUNet(ContractModel):
     """A plain chain conv-ReLU-conv-ReLU-pool-linear-ReLU up to the features (m = ``m``).
 
-    A ``Sequential`` of Lipschitz layers, so :func:`flatnb.bounds.global_lipschitz`
+    A ``Sequential`` of Lipschitz layers, so :func:`flatnb.curvature.bounds.global_lipschitz`
     can certify it (chapters 2 and 3); no internal normalisation, inputs in [0, 1].
     """
 

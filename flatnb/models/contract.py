@@ -3,7 +3,7 @@
 Contract: ``model.features(x) -> (N, m)`` penultimate features φ, ``model.head`` the
 final ``nn.Linear`` (``in_features = m``), and ``model(x) == model.head(model.features(x))``.
 
-* :func:`build` — the book's networks by name (:mod:`flatnb.architectures`).
+* :func:`build` — the book's networks by name (:mod:`flatnb.models.architectures`).
 * :func:`wrap` — any classifier whose last layer is an ``nn.Linear`` (a torchvision or
   timm model, a RobustBench model, your own) as a :class:`HeadModel`, sharing its weights.
 * :func:`scale_head` — the temperature-scaled copy ``f_s`` (weight *and* bias times ``s``).
@@ -18,9 +18,8 @@ import math
 import torch
 import torch.nn as nn
 
-from flatnb import architectures as arch
-
-MODELS = ("resnet18", "wrn28_4", "vgg11_bn", "vit_tiny", "vit_small", "fastnet")
+from flatnb.config.train_config import MODELS
+from flatnb.models import architectures as arch
 
 
 # ----------------------------------------------------------------------------- the contract

@@ -9,7 +9,7 @@ A Colab reader can load the weights behind a chapter instead of training them
 The file is a plain state dict (``torch.save``; loaded with ``weights_only=True``,
 so a weights file cannot run code). URLs (``http://``, ``https://``, ``file://``)
 are downloaded atomically into ``cache_dir()/weights/`` and reused from there.
-:func:`read_checkpoint` guards the training checkpoints of :func:`flatnb.train.train`:
+:func:`read_checkpoint` guards the training checkpoints of :func:`flatnb.training.train.train`:
 a corrupt one is moved aside with a warning instead of stopping the run.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from flatnb.download import DownloadError, fetch, file_digest
+from flatnb.data.download import DownloadError, fetch, file_digest
 from flatnb.runtime import atomic_save, cache_dir
 
 _URL_SCHEMES = ("http", "https", "file")
@@ -96,7 +96,7 @@ def load_weights(model: nn.Module, source: str | os.PathLike, sha256: str | None
         path = Path(src).expanduser()
         if not path.is_file():
             raise WeightsError(f"weights file {path} does not exist. To fix: give the path or URL of a file "
-                               "written by flatnb.weights.export_weights")
+                               "written by flatnb.models.weights.export_weights")
         side = path.with_name(path.name + ".sha256")
         if sha256 is None and side.is_file():
             sha256 = side.read_text().split()[0]
@@ -131,7 +131,7 @@ CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "history", "done"
 
 
 def read_checkpoint(ckpt: Path, device, model: nn.Module) -> dict | None:
-    """A training checkpoint's contents (:func:`flatnb.train.train`), or ``None`` after moving a corrupt one aside.
+    """A training checkpoint's contents (:func:`flatnb.training.train.train`), or ``None`` after moving a corrupt one aside.
 
     Corrupt means: ``torch.load`` fails (truncated file, garbage), a key is missing,
     or the weights do not fit ``model``. The file goes to ``<name>.corrupt-<UTC time>``

@@ -1,4 +1,4 @@
-"""How :func:`flatnb.train.train` runs a configuration: precision, optimizer, weight averaging.
+"""How :func:`flatnb.training.train.train` runs a configuration: precision, optimizer, weight averaging.
 
 * :func:`select_precision` — bf16 / fp16 + gradient scaler / float32, memory format, fused SGD.
 * :func:`optimizer` — SGD (AdamW for ViTs) with parameter groups (no decay on 1-d parameters;
@@ -6,7 +6,7 @@
 * :func:`lr_lambda` — the learning-rate schedules.
 * :class:`Lookahead` — airbench's lookahead EMA of the weights.
 
-``config`` is a :class:`flatnb.train.TrainConfig` (not imported here: train imports this module).
+``config`` is a :class:`flatnb.config.train_config.TrainConfig` (not imported here: train imports this module).
 """
 from __future__ import annotations
 

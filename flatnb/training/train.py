@@ -1,6 +1,6 @@
 """Training: the loop, the shared checkpoint cache, and evaluation.
 
-Recipes (Walter et al. 2026 §5; the configurations are one explicit table, :mod:`flatnb.recipes`):
+Recipes (Walter et al. 2026 §5; the configurations are one explicit table, :mod:`flatnb.config.recipes`):
 ``standard``, ``pgd_at`` (ℓ∞ PGD-AT, loss ``α·CE(clean) + (1-α)·CE(adv)``) and ``trades`` (β = 6);
 label smoothing, SAM and mixup are off unless a recipe asks (they change confidence, hence κ).
 Checkpoints live in ``cache_dir()/checkpoints``, keyed by a hash of the :class:`TrainConfig` and the
@@ -29,101 +29,17 @@ import torch.nn.functional as F
 
 from flatnb import data as fdata
 from flatnb import models as fmodels
-from flatnb.optim import Lookahead as _Lookahead
-from flatnb.optim import lr_lambda as _lr_lambda
-from flatnb.optim import optimizer as _optimizer
-from flatnb.optim import plain_state as _plain_state
-from flatnb.optim import select_precision
+from flatnb.config import recipes
+from flatnb.config.train_config import RECIPES, TrainConfig  # noqa: F401 - RECIPES, TrainConfig: this module's API too
+from flatnb.models.weights import read_checkpoint
 from flatnb.runtime import atomic_save, cache_dir, resolve_device, resolve_profile
-from flatnb.weights import read_checkpoint
-
-RECIPES = ("standard", "pgd_at", "trades")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that determines a trained model (all of it goes into the checkpoint key)."""
-
-    arch: str = "resnet18"
-    dataset: str = "cifar10"
-    recipe: str = "standard"
-    epochs: int = 100
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    nesterov: bool = False
-    batch_size: int = 128
-    schedule: str = "cosine"  # "cosine" (per step, after warmup), "constant" or "triangle" (optim.lr_lambda)
-    warmup_epochs: float = 0.0
-    label_smoothing: float = 0.0
-    sam_rho: float = 0.0  # > 0 enables SAM (Foret et al. 2021)
-    augment: bool = True  # random crop (pad 4) + horizontal flip
-    n_train: int | None = None  # seeded random subset of the training set (None = all)
-    num_classes: int | None = None  # keep only the first k classes (Tiny ImageNet quick profile)
-    width: int | None = None  # ResNet-18 / VGG width multiplier (None = model default)
-    model_kw: tuple = ()  # extra build() kwargs as sorted (key, value) pairs
-    eps: float = 8 / 255  # adversarial training: ℓ∞ radius
-    pgd_steps: int = 10
-    pgd_step_size: float = 2 / 255
-    pgd_random_start: bool = True
-    at_alpha: float = 0.0  # pgd_at: weight of the clean loss
-    trades_beta: float = 6.0
-    seed: int = 0
-    profile: str = "custom"
-    # Added later; left out of the checkpoint key while at their defaults (old checkpoints stay valid).
-    bias_lr_scale: float = 1.0  # lr multiplier of the BatchNorm parameters (their decay per step stays the same)
-    ema_every: int = 0  # > 0: lookahead EMA of the weights every n steps, copied back into the model (airbench)
-    ema_start_epochs: float = 0.0  # when the lookahead EMA starts
-    mixup_alpha: float = 0.0  # > 0: mixup (Zhang et al. 2018) with Beta(α, α) weights
-    cpu_bf16: bool = False  # bf16 autocast + channels_last on the CPU (training only)
-    crop_pad: int = 4  # augmentation: random crop of this padding (with augment=True)
-    crop_mode: str = "zeros"  # "zeros" (the paper's crop) or "reflect" (airbench's translation)
-
-    def __post_init__(self):
-        if self.recipe not in RECIPES:
-            raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
-        if self.arch not in fmodels.MODELS:
-            raise ValueError(f"arch must be one of {fmodels.MODELS}, got {self.arch!r}")
-        if self.dataset not in fdata.DATASETS:
-            raise ValueError(f"dataset must be one of {fdata.DATASETS}, got {self.dataset!r}")
-        if self.schedule not in ("cosine", "constant", "triangle"):
-            raise ValueError(f"schedule must be 'cosine', 'constant' or 'triangle', got {self.schedule!r}")
-        if self.crop_mode not in ("zeros", "reflect") or not 0 <= self.crop_pad:
-            raise ValueError(f"crop_mode must be 'zeros' or 'reflect' and crop_pad >= 0, got {self.crop_mode!r}, "
-                             f"{self.crop_pad}")
-        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
-            raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
-
-    def key(self, data_digest: str = "") -> str:
-        """Hash of the whole configuration plus the training data's identity."""
-        d = dataclasses.asdict(self)
-        for f in _LATER_FIELDS:
-            if d[f.name] == f.default:
-                del d[f.name]
-        blob = json.dumps(d, sort_keys=True, default=str) + "|" + data_digest
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-    @property
-    def n_classes(self) -> int:
-        return self.num_classes or fdata.NUM_CLASSES[self.dataset]
-
-    @property
-    def image_size(self) -> int:
-        return 64 if self.dataset == "tinyimagenet" else 32
-
-
-_LATER_FIELDS = tuple(f for f in dataclasses.fields(TrainConfig)
-                      if f.name in ("bias_lr_scale", "ema_every", "ema_start_epochs", "mixup_alpha", "cpu_bf16",
-                                                   "crop_pad", "crop_mode"))
-
+from flatnb.training.optim import Lookahead, lr_lambda, optimizer, plain_state, select_precision
 
 def config_for(arch: str, dataset: str, recipe: str = "standard", profile: str = "quick", seed: int = 0) -> TrainConfig:
     """The configuration of ``(arch, dataset, recipe)`` in ``profile`` ("quick" or "full"), read from
-    the table :data:`flatnb.recipes.TABLE` with ``seed`` filled in. ``arch="main"`` is the profile's
-    main model (:data:`flatnb.recipes.MAIN`). Resolve ``profile="auto"`` first with
+    the table :data:`flatnb.config.recipes.TABLE` with ``seed`` filled in. ``arch="main"`` is the profile's
+    main model (:data:`flatnb.config.recipes.MAIN`). Resolve ``profile="auto"`` first with
     :func:`flatnb.runtime.resolve_profile` (or call :func:`trained_model`, which does)."""
-    from flatnb import recipes
-
     return recipes.lookup(arch, dataset, recipe, profile, seed)
 
 
@@ -302,12 +218,12 @@ def train(config: TrainConfig, device=None, root=None, train_ds: fdata.Dataset |
     prec = select_precision(device, config, compile=compile)
     if hasattr(model, "init_whitening"):  # FastNet: whitening filters from the first 2,000 training images
         model.init_whitening(ds.images[:2000].float().div(255))
-    opt = _optimizer(model, config, fused=prec["fused_sgd"])
+    opt = optimizer(model, config, fused=prec["fused_sgd"])
     loader = fdata.Loader(ds, config.batch_size, device, shuffle=True, augment=config.augment,
                           seed=config.seed, drop_last=len(ds) >= 2 * config.batch_size,
                           pad=config.crop_pad, pad_mode=config.crop_mode)
     steps = len(loader)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config, steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config, steps))
     ckpt = checkpoint_path(config, ds.digest)
     # One process trains a given configuration at a time; another one waits here and then
     # resumes from (or simply loads) what the first one wrote.
@@ -334,7 +250,7 @@ def train(config: TrainConfig, device=None, root=None, train_ds: fdata.Dataset |
         scaler = torch.amp.GradScaler(device.type) if prec["grad_scaler"] else None
         if scaler is not None and use_cache and ckpt.exists() and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
-        lookahead = _Lookahead(model) if config.ema_every > 0 else None
+        lookahead = Lookahead(model) if config.ema_every > 0 else None
         if lookahead is not None and use_cache and ckpt.exists() and state.get("lookahead") is not None:
             lookahead.load_state_dict(state["lookahead"])
         net = torch.compile(model) if compile else model
@@ -390,7 +306,7 @@ def train(config: TrainConfig, device=None, root=None, train_ds: fdata.Dataset |
                     "precision": prec}
             if use_cache and can_save:
                 try:
-                    atomic_save({"model": _plain_state(model), "optimizer": opt.state_dict(),
+                    atomic_save({"model": plain_state(model), "optimizer": opt.state_dict(),
                                  "scheduler": sched.state_dict(), "epoch": epoch, "history": history,
                                  "done": done, "info": info,
                                  "scaler": None if scaler is None else scaler.state_dict(),
@@ -506,7 +422,7 @@ def trained_model(arch: str, dataset: str, recipe: str = "standard", profile: st
     loaded from the checkpoint cache, or trained once (resuming an interrupted run).
 
     ``arch="main"`` is the profile's main model (FastNet in the quick profile, the paper's
-    ResNet-18 in the full one; :data:`flatnb.recipes.MAIN`); ``profile="auto"`` is resolved by
+    ResNet-18 in the full one; :data:`flatnb.config.recipes.MAIN`); ``profile="auto"`` is resolved by
     :func:`flatnb.runtime.resolve_profile` for ``device`` (full on CUDA, quick elsewhere)."""
     device = resolve_device(device)
     config = config_for(arch, dataset, recipe, resolve_profile(profile, device), seed)
