@@ -34,7 +34,7 @@ class Tiny(nn.Module):
 
 
 class _Traj:
-    """A stand-in trajectory: (T+1, N) rows and flip_step, as flatnb.attacks.Trajectory has them."""
+    """A stand-in trajectory: (T+1, N) rows and flip_step, as flatnb.measure.trajectory.Trajectory has them."""
 
     def __init__(self, kappa, flip, p_top=None):
         self.kappa_sq = kappa

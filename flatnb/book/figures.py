@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from flatnb.stats import as_interval
-from flatnb.measure.trajectory import FIELDS, _flipping_columns, _values, align_at_flip, step_summary
+from flatnb.measure.trajectory import FIELDS, align_at_flip, field_values, flipping_columns, step_summary
 
 #: axis label of every recorded quantity (one per entry of :data:`flatnb.measure.trajectory.FIELDS`)
 QUANTITIES = {
@@ -91,7 +91,7 @@ def _valley_panels(ax_raw, ax_aligned, traj, quantity: str, before: int, after: 
     aligned at the flip on ``ax_aligned`` (both describe the same examples).  ``label`` names the
     median line of one model among several (then the band gets no legend entry).  Returns how many
     examples flip (0: nothing drawn)."""
-    cols = _flipping_columns(traj)
+    cols = flipping_columns(traj)
     ax_raw.set_ylabel(QUANTITIES[quantity], fontsize=FONT["label"])
     ax_raw.set_xlabel("attack step", fontsize=FONT["label"])
     ax_aligned.set_xlabel("steps after the flip", fontsize=FONT["label"])
@@ -105,7 +105,7 @@ def _valley_panels(ax_raw, ax_aligned, traj, quantity: str, before: int, after: 
     log = quantity in LOG_QUANTITIES
     for ax in (ax_raw, ax_aligned):
         _style(ax, log)
-    vals = _values(traj, quantity)
+    vals = field_values(traj, quantity)
     raw = step_summary(vals[:, cols.to(vals.device)])
     offsets, aligned = align_at_flip(vals, traj.flip_step, before, after)
     al = step_summary(aligned)

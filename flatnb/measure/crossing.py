@@ -17,7 +17,7 @@ would count as "peaking near the flip".  This module
   uniformly random point of the refined path) and a κ that only falls from the clean point (the
   peak sits at step 0); :func:`null_test`.
 
-Paths are :class:`flatnb.attacks.Trajectory` objects recorded with ``record_inputs=True``
+Paths are :class:`flatnb.measure.trajectory.Trajectory` objects recorded with ``record_inputs=True``
 (``traj.x`` holds the iterates, (T+1, N, ...)).
 """
 from __future__ import annotations

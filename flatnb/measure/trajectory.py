@@ -156,7 +156,8 @@ class Recorder:
 # ----------------------------------------------------------------------------- statistics over paths
 
 
-def _values(traj, name: str) -> Tensor:
+def field_values(traj, name: str) -> Tensor:
+    """The (T+1, N) rows of one recorded quantity of :data:`FIELDS` (a ``ValueError`` names the others)."""
     if name not in FIELDS:
         raise ValueError(f"unknown trajectory quantity {name!r}; choose one of {FIELDS}")
     return getattr(traj, name)
@@ -209,7 +210,7 @@ def valley_stats(traj, kappa: str = "kappa_sq", window: int = 1, num_classes: in
     ``min_confidence`` keeps only examples whose clean top-class probability is at least that
     (the rise towards the boundary needs a confident start).
     """
-    k_all = _values(traj, kappa).to(torch.float64)
+    k_all = field_values(traj, kappa).to(torch.float64)
     f = traj.flip_step
     keep = (f >= 1) & (traj.p_top[0] >= min_confidence)
     n = int(keep.sum())
@@ -271,7 +272,7 @@ def basin_width(loss: Tensor, rise: float | None = None, fraction: float | None 
     return first
 
 
-def _flipping_columns(traj) -> Tensor:
+def flipping_columns(traj) -> Tensor:
     """Indices of the examples that start correct and flip during the attack (``flip_step >= 1``)."""
     return torch.nonzero(traj.flip_step >= 1)[:, 0]
 
@@ -279,8 +280,8 @@ def _flipping_columns(traj) -> Tensor:
 def valley_medians(traj, quantity: str = "kappa_sq") -> dict[str, float]:
     """Median of ``quantity`` at the start, at the flip step and at the last step, over the examples
     that flip during the attack (NaN each when none flips); ``n_flipped`` says how many."""
-    vals = _values(traj, quantity).to(torch.float64)
-    cols = _flipping_columns(traj).to(vals.device)
+    vals = field_values(traj, quantity).to(torch.float64)
+    cols = flipping_columns(traj).to(vals.device)
     if cols.numel() == 0:
         return {"n_flipped": 0, "start": float("nan"), "flip": float("nan"), "end": float("nan")}
     flip = traj.flip_step.to(vals.device)[cols]
