@@ -5,7 +5,7 @@
 Rows (same model, same inputs, PGD-ℓ∞ eps 8/255, step 2/255, 10 steps, no random start):
   torchattacks PGD (attack only, and attack + the forward pass that robust accuracy needs),
   flatnb pgd (its result already holds success/robust accuracy), flatnb pgd with
-  record=True, flatnb pgd on ``models.fold_batchnorm(model)`` (the same function with
+  record=Recorder, flatnb pgd on ``models.fold_batchnorm(model)`` (the same function with
   Conv→BatchNorm folded), and on CUDA flatnb pgd with bf16 autocast + channels_last
   (on the folded model).  ``--trained quick|full`` attacks the cached trained
   ResNet-18 of that profile instead of a random-init one (robust accuracies then mean
@@ -28,8 +28,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flatnb import attacks, data, models, train  # noqa: E402
+from flatnb import attacks, data, models  # noqa: E402
+from flatnb.training import train  # noqa: E402
 from flatnb.runtime import describe_device, resolve_device  # noqa: E402
+from flatnb.measure.trajectory import Recorder  # noqa: E402
 
 
 def load_model(width: int, trained: str | None, device):
@@ -97,13 +99,13 @@ def main(argv=None):
         out["folded"] = attacks.pgd(folded, x, y, eps, steps, alpha, warn=False)
 
     def run_rec():
-        out["rec"] = attacks.pgd(model, x, y, eps, steps, alpha, record=True, warn=False)
+        out["rec"] = attacks.pgd(model, x, y, eps, steps, alpha, record=Recorder, warn=False)
 
     methods = {
         "torchattacks PGD (attack only)": run_ta,
         "torchattacks PGD + robust-acc forward": run_ta_eval,
         "flatnb pgd fp32": run_ours,
-        "flatnb pgd fp32 record=True": run_rec,
+        "flatnb pgd fp32 record=Recorder": run_rec,
         "flatnb pgd fp32, fold_batchnorm(model)": run_folded,
     }
     if dev.type == "cuda":
@@ -134,7 +136,7 @@ def main(argv=None):
     acc = {
         "torchattacks PGD + robust-acc forward": float(out["ta_acc"]) * 100,
         "flatnb pgd fp32": out["ours"].robust_accuracy() * 100,
-        "flatnb pgd fp32 record=True": out["rec"].robust_accuracy() * 100,
+        "flatnb pgd fp32 record=Recorder": out["rec"].robust_accuracy() * 100,
         "flatnb pgd fp32, fold_batchnorm(model)": out["folded"].robust_accuracy() * 100,
     }
     if "bf16" in out:
@@ -162,7 +164,7 @@ def main(argv=None):
     fo = med["flatnb pgd fp32, fold_batchnorm(model)"]
     print(f"  flatnb folded/torchattacks images/s            {base / fo:6.3f}x   (target >= 1.0 on CPU)")
     print(f"  flatnb folded/torchattacks, with robust acc    {base_eval / fo:6.3f}x")
-    print(f"  record=True time / plain flatnb time           {med['flatnb pgd fp32 record=True'] / ours:6.3f}x   "
+    print(f"  record=Recorder time / plain flatnb time           {med['flatnb pgd fp32 record=Recorder'] / ours:6.3f}x   "
           "(target <= 1.05)")
     if "bf16" in out:
         bf = med["flatnb pgd bf16 + channels_last, folded"]
@@ -170,7 +172,7 @@ def main(argv=None):
         print(f"  bf16 - fp32 robust accuracy (points)           "
               f"{acc['flatnb pgd bf16 + channels_last, folded'] - acc['flatnb pgd fp32']:+6.2f}   (target |.| <= 0.5)")
     print(f"  max |x_last(flatnb) - x(torchattacks)|         {diff:.2e}")
-    print(f"  record=True gives the same x_adv               {rec_same}")
+    print(f"  record=Recorder gives the same x_adv               {rec_same}")
     print(f"  folded vs unfolded x_last: fraction of pixels that differ  {folded_diff:.2e}  "
           "(float rounding flips the sign of near-zero gradient entries)")
 

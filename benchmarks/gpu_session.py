@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {"FLATNB_DATA": str(data)} if (data / "cifar10-webp.tar.gz").exists() else {}
     env["FLATNB_CACHE"] = os.environ.get("FLATNB_CACHE", "/tmp/flatnb-cache")
     info = args.out / "session.txt"
-    probe = ("import torch, platform, subprocess, flatnb.records as r; "
+    probe = ("import torch, platform, subprocess, flatnb.evidence.run_records as r; "
              "print('commit', r.commit(), 'dirty', r.dirty()); print('python', platform.python_version(), "
              "'torch', torch.__version__); c = torch.cuda.is_available(); print('cuda', c); "
              "c and print('gpu', torch.cuda.get_device_name(0), 'bf16', torch.cuda.is_bf16_supported(), "
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         book = [py, "-m", "flatnb.book", "--profile", "full", "--device", "cuda", "--no-build", *only]
         sys.path.insert(0, str(ROOT))
-        from flatnb.book import device_slug
+        from flatnb.book.runner import device_slug
         folder = ROOT / "runs" / device_slug("cuda")
     rc, wall = step("book", book, left, args.out / "book.log", env)
     packed = pack(folder, args.out / "records.tar.gz")

@@ -1,6 +1,6 @@
 """How many torch threads on a small CPU, with and without a busy neighbour?
 
-    python benchmarks/threads.py            # prints the ratios behind flatnb.chapter.DEFAULT_CPU_THREADS
+    python benchmarks/threads.py            # prints the ratios behind flatnb.book.chapter.DEFAULT_CPU_THREADS
 
 Each configuration runs in a fresh process (thread settings are per process): a fixed training-step
 workload (forward + backward of the quick ResNet-18, batch 128) timed with 1 and 2 threads, first on an

@@ -21,7 +21,7 @@ import time
 import torch
 
 from flatnb import data as fdata
-from flatnb import train as T
+from flatnb.training import train as T
 from flatnb.runtime import describe_device, resolve_device
 
 OLD, NEW = "resnet18:standard", "main:standard"

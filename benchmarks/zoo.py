@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from flatnb import attacks
 from flatnb import data as fdata
-from flatnb import train as T
+from flatnb.training import train as T
 from flatnb.runtime import describe_device, resolve_device
 from flatnb.zoo import catalogue
 

@@ -10,7 +10,10 @@ import os
 import platform
 from pathlib import Path
 
+import numpy
 import torch
+
+from flatnb import __version__
 
 #: quick = minutes on a CPU; full = the paper's scale on a GPU; smoke = the full profile's code paths (its
 #: models, recipes, chapter branches) at toy sizes, to test a paper-scale run on a CPU before a GPU session
@@ -110,10 +113,6 @@ def describe_device(device: torch.device | str) -> str:
 
 def versions() -> dict:
     """The versions of Python and of the libraries a chapter's numbers depend on (those installed)."""
-    import numpy
-
-    from flatnb import __version__
-
     out = {"python": platform.python_version(), "flatnb": __version__, "torch": torch.__version__,
            "numpy": numpy.__version__}
     for name in ("torchvision", "sympy", "matplotlib"):

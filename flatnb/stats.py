@@ -1,7 +1,7 @@
 """Uncertainty for the book's numbers: Wilson intervals for fractions, bootstrap intervals for the rest.
 
 Every fraction the book reports carries a 95 % interval (:class:`Fraction`), and verdicts are
-decided on the interval, not the point (:func:`flatnb.claims.grade`).
+decided on the interval, not the point (:func:`flatnb.evidence.claims.grade`).
 """
 from __future__ import annotations
 

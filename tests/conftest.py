@@ -34,7 +34,7 @@ class Tiny(nn.Module):
 
 
 class _Traj:
-    """A stand-in trajectory: (T+1, N) rows and flip_step, as flatnb.attacks.Trajectory has them."""
+    """A stand-in trajectory: (T+1, N) rows and flip_step, as flatnb.measure.trajectory.Trajectory has them."""
 
     def __init__(self, kappa, flip, p_top=None):
         self.kappa_sq = kappa
@@ -98,7 +98,7 @@ def chapter_models(request):
     import subprocess
     import sys
 
-    from flatnb import budgets
+    from flatnb.config import budgets
 
     say = _terminal(request)
     needed = list(getattr(budgets, "CHAPTER_MODELS", []))
@@ -131,7 +131,7 @@ def chapter_models(request):
     return needed
 
 
-_RUNNER = ("import json, sys; from pathlib import Path; import flatnb; from flatnb import book\n"
+_RUNNER = ("import json, sys; from pathlib import Path; import flatnb; from flatnb.book import runner as book\n"
            "try:\n"
            "    s = book.execute(Path(sys.argv[1]), Path(sys.argv[2]), {'profile': 'quick'},\n"
            "                     cell_timeout=int(sys.argv[3]))\n"
@@ -172,7 +172,7 @@ def chapter_runs(request, chapter_models):
     start after all the others have finished."""
     import concurrent.futures as cf
 
-    from flatnb import book
+    from flatnb.book import runner as book
 
     say = _terminal(request)
     wanted = {item.callspec.params["chapter"].stem: item.callspec.params["chapter"] for item in request.session.items

@@ -8,7 +8,9 @@ import scipy.stats
 import torch
 import torch.nn as nn
 
-from flatnb import atlas, budgets, recipes, stats
+from flatnb import stats
+from flatnb.config import budgets, recipes
+from flatnb.measure import atlas
 from flatnb import data as fdata
 
 

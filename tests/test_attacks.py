@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from flatnb import attacks
 from flatnb.curvature import closed_form, kappa_from_hessian, last_layer_hessian_autograd
+from flatnb.measure.trajectory import Recorder
 
 K = 5
 HYP = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -183,7 +184,7 @@ def test_pgd_linf_matches_torchattacks(untrained, eps, alpha_frac, steps, seed, 
     ref = torchattacks.PGD(untrained, eps=eps, alpha=alpha, steps=steps, random_start=False)(x, y)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        ours = attacks.pgd(untrained, x, y, eps, steps, alpha, record=record)
+        ours = attacks.pgd(untrained, x, y, eps, steps, alpha, record=Recorder if record else None)
     torch.testing.assert_close(ours.x_last, ref, rtol=0, atol=1e-6)
 
 
@@ -269,9 +270,9 @@ def test_trajectory_matches_recomputation(trained, test_set, attack):
     x, y = test_set[0][:24], test_set[1][:24]
     steps = 8
     if attack == "pgd":
-        r = attacks.pgd(trained, x, y, 0.15, steps, record=True, record_inputs=True)
+        r = attacks.pgd(trained, x, y, 0.15, steps, record=Recorder, record_inputs=True)
     else:
-        r = attacks.apgd(trained, x, y, 0.15, steps=steps, record=True, record_inputs=True,
+        r = attacks.apgd(trained, x, y, 0.15, steps=steps, record=Recorder, record_inputs=True,
                          generator=torch.Generator().manual_seed(0))
     tr = r.trajectory
     assert tr.x.shape == (steps + 1,) + tuple(x.shape)
@@ -326,7 +327,7 @@ def test_recording_reuses_the_forward_pass(trained, test_set):
 
     model.features = counted
     counts = []
-    for record in (False, True):
+    for record in (None, Recorder):
         calls["n"] = 0
         attacks.pgd(model, x, y, 0.1, 6, record=record)
         counts.append(calls["n"])
@@ -335,17 +336,17 @@ def test_recording_reuses_the_forward_pass(trained, test_set):
 
 def test_early_stop_truncates_consistently(trained, test_set):
     x, y = test_set[0][:32], test_set[1][:32]
-    r = attacks.pgd(trained, x, y, 0.4, 30, early_stop=True, check_every=2, record=True)
+    r = attacks.pgd(trained, x, y, 0.4, 30, early_stop=True, check_every=2, record=Recorder)
     assert r.success.all()
     assert r.steps_run < 30 and r.steps_run % 2 == 0
     assert r.trajectory.loss.shape == (r.steps_run + 1, 32)
-    full = attacks.pgd(trained, x, y, 0.4, 30, record=True)
+    full = attacks.pgd(trained, x, y, 0.4, 30, record=Recorder)
     torch.testing.assert_close(full.trajectory.loss[: r.steps_run + 1], r.trajectory.loss)
 
 
 def test_bf16_autocast_keeps_loss_and_curvature_fp32(trained, test_set):
     x, y = test_set[0][:32], test_set[1][:32]
-    r = attacks.pgd(trained, x, y, 0.1, 5, record=True, autocast_dtype=torch.bfloat16)
+    r = attacks.pgd(trained, x, y, 0.1, 5, record=Recorder, autocast_dtype=torch.bfloat16)
     assert r.trajectory.kappa_sq.dtype == torch.float32 and r.loss_best.dtype == torch.float32
     assert (delta_norm(r.x_adv, x, "linf") <= 0.1 + 1e-6).all()
     ref = attacks.pgd(trained, x, y, 0.1, 5)

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from flatnb import attacks
 from flatnb.curvature import closed_form, flatness_over
+from flatnb.measure.trajectory import Recorder
 
 K = 4
 
@@ -48,7 +49,7 @@ ATTACKS = {
     "apgd": lambda m, x, y: attacks.apgd(m, x, y, 0.05, steps=3, generator=torch.Generator().manual_seed(0)),
     "fgsm": lambda m, x, y: attacks.fgsm(m, x, y, 0.05),
     "transfer": lambda m, x, y: attacks.transfer(x, y, m),
-    "recorded": lambda m, x, y: attacks.pgd(m, x, y, 0.05, steps=2, record=True),
+    "recorded": lambda m, x, y: attacks.pgd(m, x, y, 0.05, steps=2, record=Recorder),
 }
 
 
@@ -151,7 +152,8 @@ def test_evaluate_rejects_nan_weights_and_nan_pixels():
     from torch import nn
 
     from flatnb import data as fdata
-    from flatnb import models, train
+    from flatnb import models
+    from flatnb.training import train
 
     torch.manual_seed(0)
     model = models.build("resnet18", 3, width=4).eval()

@@ -9,7 +9,8 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from flatnb import book
+from flatnb.book import runner as book
+from flatnb.book import site as book_site
 
 
 def _notebook(text: str | None = None, injected: bool = False, code=("x = 1",)) -> dict:
@@ -43,7 +44,7 @@ def repo(tmp_path, monkeypatch):
     (root / "_toc.yml").write_text("format: jb-book\nroot: intro\nchapters:\n"
                                    "  - file: book/01_a\n  - file: book/02_b\n")
     (root / "_config.yml").write_text("title: t\n")
-    (root / "intro.md").write_text(f"# intro\n\n{book.PAGE_TABLE}\n")
+    (root / "intro.md").write_text(f"# intro\n\n{book_site.PAGE_TABLE}\n")
     (root / "references.bib").write_text("")
     (root / "_static").mkdir()
     (root / "_static" / "x.css").write_text("p {}\n")
@@ -88,7 +89,7 @@ def _text(path: Path) -> str:
 
 def test_strip_papermill_drops_the_injected_cell_and_machine_paths():
     nb = json.loads(json.dumps(_notebook("a", injected=True)))
-    out = book.strip_papermill(nb)
+    out = book_site.strip_papermill(nb)
     assert not any("injected-parameters" in c["metadata"].get("tags", []) for c in out["cells"])
     assert any("parameters" in c["metadata"].get("tags", []) for c in out["cells"]), "parameters cell kept"
     assert "papermill" not in out["metadata"]
@@ -102,9 +103,9 @@ def test_the_newest_full_record_with_its_json_is_the_page(repo):
     newest = _record(runs, "nvidia-h200", "01_a", "full on h200, February", "2026-02-01T00:00:00+00:00")
     _record(runs, "nvidia-h100", "01_a", "no json, March", None)            # not a run record
     _record(runs, "nvidia-h100", "02_b", "quick, not full", "2026-03-01", profile="quick")
-    chapter_a, chapter_b = book.chapters(repo)
-    assert book.page_source(chapter_a, runs) == newest
-    assert book.page_source(chapter_b, runs) == chapter_b
+    chapter_a, chapter_b = book_site.chapters(repo)
+    assert book_site.page_source(chapter_a, runs) == newest
+    assert book_site.page_source(chapter_b, runs) == chapter_b
 
 
 def test_stage_builds_a_tree_of_config_and_chosen_chapters(repo):
@@ -112,7 +113,7 @@ def test_stage_builds_a_tree_of_config_and_chosen_chapters(repo):
     site = repo / "_build" / "site"
     (site / "stale.txt").parent.mkdir(parents=True)
     (site / "stale.txt").write_text("left from an earlier build")
-    sources = book.stage(repo, site)
+    sources = book_site.stage(repo, site)
     assert sources == {"01_a": repo / "book" / "01_a.ipynb",
                        "02_b": repo / "runs" / "nvidia-h200" / "02_b.full.ipynb"}
     for name in ("_config.yml", "_toc.yml", "intro.md", "references.bib", "_static/x.css"):
@@ -132,7 +133,7 @@ def test_executing_on_the_cpu_never_replaces_a_full_profile_page(repo, monkeypat
     record = _record(repo / "runs", "nvidia-h200", "01_a", "paper scale a", "2026-02-01T00:00:00Z")
     assert book.main(["--profile", "quick", "--no-build"]) == 0
     assert "executed with {'profile': 'quick'}" in _text(repo / "book" / "01_a.ipynb")  # in place
-    sources = book.stage(repo, repo / "_build" / "site")
+    sources = book_site.stage(repo, repo / "_build" / "site")
     assert sources["01_a"] == record
     assert "paper scale a" in _text(repo / "_build" / "site" / "book" / "01_a.ipynb")
 
@@ -282,15 +283,15 @@ def test_license_and_citation_agree_with_pyproject():
 def test_the_intro_says_which_run_each_page_shows(repo):
     _record(repo / "runs", "nvidia-h200", "02_b", "paper scale b", "2026-02-01T00:00:00Z")
     site = repo / "_build" / "site"
-    book.stage(repo, site)
+    book_site.stage(repo, site)
     intro = (site / "intro.md").read_text()
-    assert book.PAGE_TABLE not in intro
+    assert book_site.PAGE_TABLE not in intro
     rows = [line for line in intro.splitlines() if line.startswith("| {doc}")]
     assert len(rows) == 2, intro
     assert rows[0].startswith("| {doc}`committed a <book/01_a>` |")
     assert "| full | nvidia-h200 | 2026\u201102\u201101 | `runs/nvidia-h200/02_b.full.ipynb` |" in rows[1]
     assert "`book/01_a.ipynb`" in rows[0]
-    assert book.PAGE_TABLE in (repo / "intro.md").read_text(), "the committed intro keeps its marker"
+    assert book_site.PAGE_TABLE in (repo / "intro.md").read_text(), "the committed intro keeps its marker"
 
 
 def test_auto_on_a_gpu_writes_run_records_and_on_the_cpu_the_book(repo, monkeypatch):
@@ -311,7 +312,7 @@ def test_auto_on_a_gpu_writes_run_records_and_on_the_cpu_the_book(repo, monkeypa
 def _gpu_session():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("gpu_session", Path(book.__file__).parent.parent / "benchmarks"
+    spec = importlib.util.spec_from_file_location("gpu_session", Path(book.__file__).parents[2] / "benchmarks"
                                                   / "gpu_session.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

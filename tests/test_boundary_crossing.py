@@ -7,7 +7,8 @@ import torch.nn as nn
 
 from flatnb import attacks
 from flatnb.curvature import closed_form
-from flatnb.trajectory import boundary_crossing
+from flatnb.measure.trajectory import boundary_crossing
+from flatnb.measure.trajectory import Recorder
 
 D, K = 6, 3
 
@@ -54,7 +55,7 @@ def test_crossing_matches_the_closed_form_on_a_linear_model(seed):
     g = torch.Generator().manual_seed(10 + seed)
     x = torch.rand(64, D, generator=g, dtype=torch.float64)
     y = model(x).argmax(1)
-    r = attacks.pgd(model, x, y, eps=1.0, steps=8, step_size=0.2, clip=None, record=True, record_inputs=True,
+    r = attacks.pgd(model, x, y, eps=1.0, steps=8, step_size=0.2, clip=None, record=Recorder, record_inputs=True,
                     warn=False)
     tr = r.trajectory
     c = boundary_crossing(model, tr, y, iters=50)
@@ -79,10 +80,10 @@ def test_crossing_needs_iterates_and_handles_no_flips():
     model = Linear().eval()
     x = torch.rand(8, D, dtype=torch.float64)
     y = model(x).argmax(1)
-    r = attacks.pgd(model, x, y, eps=1.0, steps=3, step_size=0.3, clip=None, record=True, warn=False)
+    r = attacks.pgd(model, x, y, eps=1.0, steps=3, step_size=0.3, clip=None, record=Recorder, warn=False)
     with pytest.raises(ValueError, match="record_inputs"):
         boundary_crossing(model, r.trajectory, y)
-    none = attacks.pgd(model, x, y, eps=0.0, steps=2, clip=None, record=True, record_inputs=True, warn=False)
+    none = attacks.pgd(model, x, y, eps=0.0, steps=2, clip=None, record=Recorder, record_inputs=True, warn=False)
     c = boundary_crossing(model, none.trajectory, y)
     assert c.columns.numel() == 0 and c.terms.kappa_sq.numel() == 0
     with pytest.raises(ValueError, match="y must be"):

@@ -1,4 +1,4 @@
-"""flatnb.bounds: the lemma, Lipschitz constants, the local bound against a strong l2 PGD."""
+"""flatnb.curvature.bounds: the lemma, Lipschitz constants, the local bound against a strong l2 PGD."""
 import math
 
 import numpy as np
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flatnb import bounds as bd
+from flatnb.curvature import bounds as bd
 from flatnb import curvature as fl
 
 DT = torch.float64

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from flatnb import book
+from flatnb.book import runner as book
 
 ROOT = book.ROOT
 SCREENSHOTS = ROOT / "_build" / "screenshots"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from flatnb import calibration as cal
+from flatnb.measure import calibration as cal
 from flatnb import data as fdata
 
 

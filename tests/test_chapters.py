@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from flatnb import book
+from flatnb.book import runner as book
 
 ROOT = book.ROOT
 OUT = ROOT / "_build" / "executed"
@@ -38,7 +38,7 @@ def test_the_quick_main_model_meets_its_target(chapter_models):
     without label smoothing or test-time augmentation; checked on the model this run trained for the chapters."""
     import torch
 
-    from flatnb import train
+    from flatnb.training import train
 
     torch.set_num_threads(1)
     model = train.trained_model("main", "cifar10", profile="quick", device="cpu", progress=False)

@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flatnb import claims, records, stats
+from flatnb import stats
+from flatnb.evidence import claims, run_records as records
 
 
 def test_wilson_matches_an_independent_formula_and_known_values():
@@ -105,7 +106,7 @@ def test_records_round_trip_choose_and_reject_corrupt_files(tmp_path, monkeypatc
 
 
 def test_a_smoke_chapter_writes_no_record_unless_the_dry_run_names_a_folder(tmp_path, monkeypatch):
-    from flatnb import chapter
+    from flatnb.book import chapter
 
     monkeypatch.setenv("FLATNB_RUNS", str(tmp_path / "runs"))
     monkeypatch.delenv("FLATNB_RUN_DIR", raising=False)
@@ -151,7 +152,7 @@ def test_fingerprint_sees_code_changes_but_not_comments_docstrings_or_outputs(tm
 
 
 def _fake_rows(stem):
-    from flatnb import verdict
+    from flatnb.evidence import verdict_table as verdict
 
     kinds = {"E4": "by construction", **{i: "theory" for i in verdict.THEORY}}
     return [claims.claim(i, f"claim {i}", "paper", "ours", "partly" if i != "E3" else "reproduced",
@@ -159,7 +160,7 @@ def _fake_rows(stem):
 
 
 def _fake_records(root, profile="quick", slug="cpu", date="2026-11-30T01:00:00Z", stems=None):
-    from flatnb import verdict
+    from flatnb.evidence import verdict_table as verdict
 
     for stem in stems or verdict.REQUIRED:
         m = dict(records.meta(stem, profile, "cpu", 0, 1.0), slug=slug, date=date, commit="c" * 40)
@@ -174,7 +175,7 @@ def _make_stale(root, slug, stem, profile):
 
 
 def test_verdict_table_prefers_current_full_records_and_labels_stale_ones(tmp_path, monkeypatch):
-    from flatnb import verdict
+    from flatnb.evidence import verdict_table as verdict
 
     monkeypatch.setenv("FLATNB_RUNS", str(tmp_path))
     _fake_records(tmp_path)  # every chapter, quick, current
@@ -203,7 +204,7 @@ def test_verdict_table_prefers_current_full_records_and_labels_stale_ones(tmp_pa
 
 
 def test_verdict_table_counts_names_missing_chapters_and_shows_legacy_runs(tmp_path, monkeypatch):
-    from flatnb import verdict
+    from flatnb.evidence import verdict_table as verdict
 
     monkeypatch.setenv("FLATNB_RUNS", str(tmp_path))
     _fake_records(tmp_path, stems=[s for s in verdict.REQUIRED if s != "08_flatness_detector"])
@@ -250,7 +251,7 @@ def test_verdict_table_counts_names_missing_chapters_and_shows_legacy_runs(tmp_p
 
 
 def test_the_stored_h100_notebooks_read_as_legacy_evidence():
-    from flatnb import verdict
+    from flatnb.evidence import verdict_table as verdict
 
     items = {i["chapter"]: i for i in verdict.legacy(records.REPO / "runs")}
     assert items, "runs/h100/ holds the stored legacy notebooks of chapters 4, 5 and 7 in this repository"
@@ -260,7 +261,7 @@ def test_the_stored_h100_notebooks_read_as_legacy_evidence():
 
 
 def test_duplicate_row_ids_are_refused(tmp_path):
-    from flatnb import verdict
+    from flatnb.evidence import verdict_table as verdict
 
     _fake_records(tmp_path)
     recs = records.load_all(tmp_path)
@@ -290,7 +291,7 @@ def test_dirty_ignores_outputs_but_not_code(tmp_path, monkeypatch):
     import nbformat
     from nbformat.v4 import new_code_cell, new_notebook, new_output
 
-    from flatnb import records
+    from flatnb.evidence import run_records as records
 
     def git(*a):
         subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)

@@ -1,4 +1,4 @@
-"""flatnb.flatness beyond the basic closed form: the streamed closed form on models,
+"""flatnb.curvature beyond the basic closed form: the streamed closed form on models,
 full-network and input-space curvature.  Float64, against independent references
 (autograd Hessians, dense eigh)."""
 import math

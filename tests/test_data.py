@@ -20,6 +20,7 @@ from PIL import Image
 from torchvision.io import encode_jpeg
 
 from flatnb import data
+from flatnb.data import archives, datasets
 
 CLASSES10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -34,7 +35,7 @@ def _synthetic_cifar10(request, monkeypatch):
     """The synthetic CIFAR-10 copies below are not the real dataset: tests that check the SHA-256 gate
     set the expected digests themselves (the real-data test keeps the package's gate on)."""
     if not request.node.name.startswith("test_real_data"):
-        monkeypatch.setattr(data, "CIFAR10_SHA256", {})
+        monkeypatch.setattr(datasets, "CIFAR10_SHA256", {})
 
 
 def _flat_image(colour, size) -> torch.Tensor:
@@ -131,13 +132,13 @@ def test_cifar10_sha256_gate(tmp_path, monkeypatch):
     imgs, labels = _expected(base, "test")
     good = (hashlib.sha256(imgs.permute(0, 2, 3, 1).contiguous().numpy().tobytes()).hexdigest(),
             hashlib.sha256(labels.numpy().astype(np.int64).tobytes()).hexdigest())
-    monkeypatch.setattr(data, "CIFAR10_SHA256", {"test": good})
+    monkeypatch.setattr(datasets, "CIFAR10_SHA256", {"test": good})
     assert torch.equal(data.load("cifar10", "test", root=root, cache=False).images, imgs)
-    monkeypatch.setattr(data, "CIFAR10_SHA256", {"test": (good[0][::-1], good[1])})
+    monkeypatch.setattr(datasets, "CIFAR10_SHA256", {"test": (good[0][::-1], good[1])})
     with pytest.raises(ValueError, match="not the original dataset.*pixels") as e:
         data.load("cifar10", "test", root=root, cache=False)
     assert str(arch) in str(e.value) and "To fix" in str(e.value)
-    monkeypatch.setattr(data, "CIFAR10_SHA256", {"test": (good[0], good[1][::-1])})
+    monkeypatch.setattr(datasets, "CIFAR10_SHA256", {"test": (good[0], good[1][::-1])})
     with pytest.raises(ValueError, match="labels"):
         data.load("cifar10", "test", root=root, cache=False)
 
@@ -273,8 +274,8 @@ def test_cache_is_used_and_invalidated(tmp_path, monkeypatch):
     assert len(files) == 1 and not list(files[0].parent.glob("*.tmp"))
 
     calls = []
-    real = data._decode
-    monkeypatch.setattr(data, "_decode", lambda *a: calls.append(1) or real(*a))
+    real = archives.decode_images
+    monkeypatch.setattr(archives, "decode_images", lambda *a: calls.append(1) or real(*a))
     again = data.load("cifar10", "test", root=tmp_path)
     assert calls == [] and torch.equal(again.images, first.images) and again.digest == first.digest
 
@@ -317,8 +318,8 @@ def test_an_old_version_of_the_same_source_is_pruned(tmp_path):
     files = list(cache.glob("cifar10-test-*.pt"))
     assert len(files) == 2
     sources = {torch.load(f, weights_only=True)["source"] for f in files}
-    assert sources == {str(data._find_source("cifar10", tmp_path, False).path),
-                       str(data._find_source("cifar10", other, False).path)}
+    assert sources == {str(data.find_source("cifar10", tmp_path, False).path),
+                       str(data.find_source("cifar10", other, False).path)}
 
 
 def test_a_full_disk_costs_the_cache_not_the_data(tmp_path, monkeypatch):
@@ -514,7 +515,7 @@ def test_reflect_augment_is_a_window_of_the_mirrored_image(seed, pad):
 def test_augment_mode_and_the_configs_crop_reach_the_loader():
     with pytest.raises(ValueError, match="mode"):
         data.augment_batch(torch.rand(2, 3, 8, 8), torch.Generator(), mode="wrap")
-    from flatnb import train as T
+    from flatnb.training import train as T
     with pytest.raises(ValueError, match="crop_mode"):
         T.TrainConfig(crop_mode="mirror")
     quick = T.config_for("main", "cifar10", "standard", "quick")

@@ -1,4 +1,4 @@
-"""The decision stump of flatnb.detector against brute force."""
+"""The decision stump of flatnb.measure.stump against brute force."""
 import itertools
 import math
 
@@ -9,7 +9,7 @@ import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flatnb import detector as an
+from flatnb.measure import stump as an
 
 
 

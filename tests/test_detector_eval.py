@@ -1,4 +1,4 @@
-"""flatnb.detector_eval: AUROC and TPR@FPR against brute-force references, grouped folds, the
+"""flatnb.measure.detector: AUROC and TPR@FPR against brute-force references, grouped folds, the
 bootstrap interval and the confidence-matching adaptive attack."""
 import itertools
 from types import SimpleNamespace
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from flatnb import detector_eval as de
+from flatnb.measure import detector as de
 
 
 def _brute_auroc(s, t):

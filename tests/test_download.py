@@ -1,4 +1,4 @@
-"""flatnb.download: the real download code against a local HTTP server on 127.0.0.1.
+"""flatnb.data.download: the real download code against a local HTTP server on 127.0.0.1.
 
 Success, checksum mismatch, a connection cut mid-file, 404 and an unwritable
 folder, for Tiny ImageNet (flatnb's own fetch) and CIFAR-10 (torchvision's
@@ -24,7 +24,8 @@ import torchvision
 from torchvision.io import encode_jpeg
 
 from flatnb import data
-from flatnb import download as dl
+from flatnb.data import datasets
+from flatnb.data import download as dl
 
 WNIDS = ["n0001", "n0002"]
 
@@ -205,7 +206,7 @@ def cifar10_tarball() -> tuple[bytes, dict]:
 def _point_cifar10(monkeypatch, url: str, payload: bytes, md5s: dict, tgz_md5: str | None = None):
     from flatnb import data
 
-    monkeypatch.setattr(data, "CIFAR10_SHA256", {})  # a synthetic tarball, not the real CIFAR-10
+    monkeypatch.setattr(datasets, "CIFAR10_SHA256", {})  # a synthetic tarball, not the real CIFAR-10
     C = torchvision.datasets.CIFAR10
     monkeypatch.setattr(C, "url", url)
     monkeypatch.setattr(C, "tgz_md5", tgz_md5 or hashlib.md5(payload).hexdigest())

@@ -1,4 +1,4 @@
-"""flatnb.figures: what each panel draws, layout legible at page width."""
+"""flatnb.book.figures: what each panel draws, layout legible at page width."""
 import itertools
 import math
 
@@ -9,8 +9,9 @@ import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flatnb import figures as an
+from flatnb.book import figures as an
 from flatnb.attacks import pgd
+from flatnb.measure.trajectory import Recorder
 from conftest import Tiny, _Traj
 
 
@@ -21,7 +22,7 @@ def test_valley_comparison_figure_draws_each_model_and_survives_no_flips():
     model = Tiny(k=3, m=5, n_in=4).eval()
     x = torch.rand(32, 4)
     y = model(x).argmax(1)
-    tr = pgd(model, x, y, eps=3.0, steps=12, step_size=0.5, record=True, clip=None, warn=False).trajectory
+    tr = pgd(model, x, y, eps=3.0, steps=12, step_size=0.5, record=Recorder, clip=None, warn=False).trajectory
     none = _Traj(torch.rand(13, 4, dtype=torch.float64), torch.full((4,), -1))
     fig = an.valley_comparison_figure({"a": tr, "b": tr, "nothing flips": none}, "kappa_sq", before=3, after=4)
     axes = fig.valley_axes
@@ -56,7 +57,7 @@ def test_uncanny_valley_figure_overlays_models_in_given_axes():
     model = Tiny(k=3, m=5, n_in=4).eval()
     x = torch.rand(32, 4)
     y = model(x).argmax(1)
-    trs = [pgd(model, x, y, eps=3.0, steps=12, step_size=s, record=True, clip=None, warn=False).trajectory
+    trs = [pgd(model, x, y, eps=3.0, steps=12, step_size=s, record=Recorder, clip=None, warn=False).trajectory
            for s in (0.5, 0.25)]
     qs = ("kappa_sq", "loss")
     fig, axes = plt.subplots(2, len(qs), squeeze=False)
@@ -94,7 +95,7 @@ def test_figures_are_legible_at_page_width():
     model = Tiny(k=3, m=5, n_in=4).eval()
     x = torch.rand(32, 4)
     y = model(x).argmax(1)
-    tr = pgd(model, x, y, eps=3.0, steps=12, step_size=0.5, record=True, clip=None, warn=False).trajectory
+    tr = pgd(model, x, y, eps=3.0, steps=12, step_size=0.5, record=Recorder, clip=None, warn=False).trajectory
     figs = [an.uncanny_valley_figure(tr, "seven quantities"),
             an.valley_comparison_figure({f"model {i}": tr for i in range(12)}, "kappa_sq")]
     for fig in figs:
@@ -112,7 +113,7 @@ def test_figures_are_legible_at_page_width():
 
 
 def test_every_recorded_field_has_a_label():
-    from flatnb.trajectory import FIELDS
+    from flatnb.measure.trajectory import FIELDS
 
     assert list(an.QUANTITIES) == list(an.QUANTITIES) and set(an.QUANTITIES) == set(FIELDS)
     assert set(an.LOG_QUANTITIES) <= set(FIELDS)
@@ -125,8 +126,8 @@ def test_sharey_puts_each_row_on_one_range():
     model = Tiny(k=3, m=5, n_in=4).eval()
     x = torch.rand(32, 4)
     y = model(x).argmax(1)
-    tr = pgd(model, x, y, eps=3.0, steps=12, step_size=0.5, record=True, clip=None, warn=False).trajectory
-    tr2 = pgd(model, x, y, eps=3.0, steps=12, step_size=0.2, record=True, clip=None, warn=False).trajectory
+    tr = pgd(model, x, y, eps=3.0, steps=12, step_size=0.5, record=Recorder, clip=None, warn=False).trajectory
+    tr2 = pgd(model, x, y, eps=3.0, steps=12, step_size=0.2, record=Recorder, clip=None, warn=False).trajectory
     fig = an.valley_comparison_figure({"a": tr, "b": tr2}, "loss", sharey=True)
     for row in fig.valley_axes:
         assert row[0].get_ylim() == row[1].get_ylim()

@@ -5,9 +5,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from flatnb import architectures, models
+from flatnb import models
 
 # small sizes keep the tests fast; the default sizes are checked structurally below
+from flatnb.models import architectures
 SMALL = [
     ("resnet18", 32, dict(width=4)),
     ("resnet18", 64, dict(width=4)),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from flatnb import book
+from flatnb.book import runner as book
 
 CHAPTERS = book.chapters()
 MACHINE_PATH = re.compile(r"(?<![\w.~])/(work|tmp|root|home)/")
@@ -50,7 +50,7 @@ def test_no_injected_parameters_cell_or_papermill_metadata(chapter):
     injected = [i for i, c in enumerate(nb["cells"]) if "injected-parameters" in c["metadata"].get("tags", [])]
     assert not injected, (f"{chapter.name}: papermill's injected-parameters cell (cells {injected}) would pin "
                           "the chapter's profile; run `python -m flatnb.book` (it strips it) or "
-                          "`python -c 'from flatnb import book; book.strip_file(\"book/<chapter>.ipynb\")'`")
+                          "`python -c 'from flatnb.book import runner; runner.strip_file(\"book/<chapter>.ipynb\")'`")
     assert "papermill" not in nb["metadata"], f"{chapter.name}: papermill metadata holds the machine's paths"
     tagged = [c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", [])]
     assert len(tagged) == 1, f"{chapter.name}: exactly one 'parameters' cell must remain"

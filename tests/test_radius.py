@@ -1,4 +1,4 @@
-"""flatnb.radius: ball search, the strongest loss change, radii by bisection (float64, known answers)."""
+"""flatnb.measure.radius: ball search, the strongest loss change, radii by bisection (float64, known answers)."""
 import math
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from flatnb import radius as rd
+from flatnb.measure import radius as rd
 from flatnb.models import HeadModel
 
 DT = torch.float64

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from flatnb import attacks
+from flatnb.measure.trajectory import Recorder
 
 pyautoattack = pytest.importorskip("pyautoattack")
 K = 5
@@ -79,7 +80,7 @@ def test_misclassified_points_are_skipped_by_default(trained):
     x, y = make_data(40, 3)
     y[:6] = (y[:6] + 1) % K  # some clean misclassifications
     seen = []
-    r = attacks.apgd(trained, x, y, EPS, steps=10, generator=torch.Generator().manual_seed(1), record=True,
+    r = attacks.apgd(trained, x, y, EPS, steps=10, generator=torch.Generator().manual_seed(1), record=Recorder,
                      on_iterate=lambda t, x_t, *a: seen.append(x_t.shape[0]))
     assert torch.equal(r.attacked, r.clean_correct) and not bool(r.attacked.all())
     skipped = ~r.attacked

@@ -17,7 +17,8 @@ def test_draw_uses_the_generators_device_then_moves():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cpu_generator_with_cuda_inputs_in_attacks_and_bounds():
-    from flatnb import attacks, bounds, models
+    from flatnb import attacks, models
+    from flatnb.curvature import bounds
 
     model = models.build("resnet18", 10, width=8).cuda().eval()
     x = torch.rand(4, 3, 32, 32, device="cuda")

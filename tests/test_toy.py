@@ -1,11 +1,11 @@
-"""flatnb.toy: the theory chapters' synthetic data, fits and 2-D landscapes."""
+"""flatnb.measure.toy: the theory chapters' synthetic data, fits and 2-D landscapes."""
 import math
 
 import pytest
 import torch
 
 from flatnb import curvature as cv
-from flatnb import toy
+from flatnb.measure import toy
 
 DT = torch.float64
 torch.set_num_threads(1)

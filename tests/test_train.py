@@ -1,4 +1,4 @@
-"""flatnb.train: configs, resume after interruption, recipes, NaN detection, evaluation."""
+"""flatnb.training.train: configs, resume after interruption, recipes, NaN detection, evaluation."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from flatnb import data, models
-from flatnb import train as T
+from flatnb.training import train as T
 
 
 @pytest.fixture(autouse=True)
@@ -23,8 +23,12 @@ def _tmp_cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def cifar_root(tmp_path) -> Path:
-    """A synthetic CIFAR-10 pickle folder: 10 classes separable by mean colour, 6 per class."""
+def cifar_root(tmp_path, monkeypatch) -> Path:
+    """A synthetic CIFAR-10 pickle folder: 10 classes separable by mean colour, 6 per class (not the real
+    CIFAR-10, so the SHA-256 gate of flatnb.data is lifted for it)."""
+    from flatnb.data import datasets
+
+    monkeypatch.setattr(datasets, "CIFAR10_SHA256", {})
     rng = np.random.default_rng(0)
     base = tmp_path / "data" / "cifar-10-batches-py"
     base.mkdir(parents=True)
@@ -299,7 +303,7 @@ def test_corrupt_checkpoint_is_moved_aside_and_retrained(cifar_root, damage):
 # ----------------------------------------------------------------------------- the recipe table, the fast paths
 
 def test_recipe_table_covers_the_chapters_and_keeps_old_checkpoint_keys():
-    from flatnb import recipes
+    from flatnb.config import recipes
 
     for arch, ds in [("resnet18", "cifar10"), ("resnet18", "cifar100"), ("resnet18", "tinyimagenet"),
                      ("wrn28_4", "cifar10"), ("vgg11_bn", "cifar10"), ("vit_tiny", "cifar10"),
@@ -325,7 +329,7 @@ def test_recipe_table_covers_the_chapters_and_keeps_old_checkpoint_keys():
     for variant, field in [("sam", "sam_rho"), ("label_smoothing", "label_smoothing"), ("mixup", "mixup_alpha")]:
         v = T.config_for("main", "cifar10", variant)
         assert getattr(v, field) > 0 and dataclasses.replace(v, **{field: 0.0}) == q
-    with pytest.raises(ValueError, match="flatnb.recipes.TABLE"):
+    with pytest.raises(ValueError, match="flatnb.config.recipes.TABLE"):
         T.config_for("vgg11_bn", "tinyimagenet")
 
 
@@ -356,7 +360,7 @@ def test_precision_selection(monkeypatch):
 
 
 def test_triangle_schedule_and_batchnorm_groups():
-    from flatnb import optim
+    from flatnb.training import optim
 
     cfg = tiny_config(arch="fastnet", width=4, schedule="triangle", epochs=2, warmup_epochs=0.5, bias_lr_scale=8.0)
     f = optim.lr_lambda(cfg, 10)  # 20 steps, peak at step 5
@@ -436,7 +440,7 @@ def test_compile_switch_goes_through_torch_compile_and_is_recorded(cifar_root, m
 
 def test_smoke_profile_is_the_full_recipe_at_toy_scale():
     """The dry run's profile: every full-profile architecture, width, loss and attack, one short epoch."""
-    from flatnb import budgets, recipes, smoke
+    from flatnb.config import budgets, recipes, smoke
 
     for (arch, ds, recipe) in recipes.TABLE:
         full, toy = (T.config_for(arch, ds, recipe, p) for p in ("full", "smoke"))
@@ -465,14 +469,14 @@ def test_smoke_profile_is_the_full_recipe_at_toy_scale():
 
 def test_quick_and_full_runs_never_load_the_smoke_module():
     """Run records fingerprint the modules a chapter loaded: tuning the smoke profile must not make a
-    quick or full record stale, so only a smoke run may import flatnb.smoke."""
+    quick or full record stale, so only a smoke run may import flatnb.config.smoke."""
     import subprocess
     import sys
 
-    code = ("import sys; from flatnb import budgets, chapter, recipes, train; "
+    code = ("import sys; from flatnb.book import chapter; from flatnb.config import budgets, recipes; from flatnb.training import train; "
             "[budgets.sizes(s, p) for s in budgets.SIZES for p in ('quick', 'full')]; "
             "[train.config_for(a, d, r, p) for (a, d, r) in recipes.TABLE for p in ('quick', 'full')]; "
-            "print('flatnb.smoke' in sys.modules); budgets.sizes('05_uncanny_valley', 'smoke'); "
-            "print('flatnb.smoke' in sys.modules)")
+            "print('flatnb.config.smoke' in sys.modules); budgets.sizes('05_uncanny_valley', 'smoke'); "
+            "print('flatnb.config.smoke' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "True"]

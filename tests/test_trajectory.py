@@ -1,4 +1,4 @@
-"""Statistics over attack trajectories (flatnb.trajectory) against independent computations."""
+"""Statistics over attack trajectories (flatnb.measure.trajectory) against independent computations."""
 import itertools
 import math
 
@@ -9,8 +9,9 @@ import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flatnb import trajectory as an
+from flatnb.measure import trajectory as an
 from flatnb.attacks import cat_results, pgd
+from flatnb.measure.trajectory import Recorder
 from conftest import Tiny, _Traj
 
 
@@ -71,7 +72,7 @@ def test_trajectory_helpers_run_on_a_real_attack():
     model = Tiny(k=3, m=5, n_in=4).eval()
     x = torch.rand(32, 4)
     y = model(x).argmax(1)
-    res = pgd(model, x, y, eps=3.0, steps=12, step_size=0.5, record=True, clip=None, warn=False)
+    res = pgd(model, x, y, eps=3.0, steps=12, step_size=0.5, record=Recorder, clip=None, warn=False)
     tr = res.trajectory
     assert int((tr.flip_step >= 1).sum()) >= 5
     offsets, al = an.align_at_flip(tr.kappa_sq, tr.flip_step, 3, 3)
@@ -80,7 +81,7 @@ def test_trajectory_helpers_run_on_a_real_attack():
     kept = torch.nonzero(tr.flip_step >= 1)[:, 0]
     ref = tr.kappa_sq[tr.flip_step[kept], kept].double()
     torch.testing.assert_close(al[3], ref)
-    from flatnb import figures
+    from flatnb.book import figures
 
     fig = figures.uncanny_valley_figure(tr, "tiny", before=3, after=3, quantities=("kappa_sq", "trace_h", "loss"))
     assert sum(ax.get_visible() for ax in fig.axes) == 6
@@ -99,7 +100,7 @@ def test_cat_results_equals_one_big_attack():
     model = Tiny(k=3, m=5, n_in=4).eval()
     x = torch.rand(20, 4)
     y = model(x).argmax(1)
-    kw = dict(eps=3.0, steps=5, step_size=0.5, record=True, clip=None, warn=False)
+    kw = dict(eps=3.0, steps=5, step_size=0.5, record=Recorder, clip=None, warn=False)
     whole = pgd(model, x, y, **kw)
     parts = cat_results([pgd(model, x[:7], y[:7], **kw), pgd(model, x[7:], y[7:], **kw)])
     torch.testing.assert_close(parts.x_adv, whole.x_adv)

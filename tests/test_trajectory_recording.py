@@ -6,9 +6,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from flatnb import attacks, trajectory
+from flatnb import attacks
+from flatnb.measure import trajectory
 from flatnb.curvature import FlatnessTerms, closed_form
 from flatnb.data import Dataset
+from flatnb.measure.trajectory import Recorder
 
 K = 5
 
@@ -55,7 +57,7 @@ def test_on_iterate_sees_each_iterates_own_forward_pass(model, attack):
         seen.append((t, x_t.clone(), phi.clone(), logits.clone(), loss.clone()))
 
     kw = dict(steps=4) if attack != "fgsm" else {}
-    res = getattr(attacks, attack)(model, x, y, 0.1, on_iterate=hook, record=True, **kw)
+    res = getattr(attacks, attack)(model, x, y, 0.1, on_iterate=hook, record=Recorder, **kw)
     T = res.trajectory.steps
     assert [s[0] for s in seen] == list(range(T + 1))
     for t, x_t, phi, logits, loss in seen:
@@ -81,7 +83,7 @@ def test_hook_with_restarts_restarts_the_count(model):
 
 def test_truncate_and_cat_iterate_over_the_field_list(model):
     x, y = data()
-    r = attacks.pgd(model, x, y, 0.1, steps=4, record=True, record_inputs=True)
+    r = attacks.pgd(model, x, y, 0.1, steps=4, record=Recorder, record_inputs=True)
     tr = r.trajectory
     short = tr.truncate(2)
     both = trajectory.Trajectory.cat([tr, tr])
@@ -101,9 +103,9 @@ def _dataset(n=23, seed=1):
 @pytest.mark.parametrize("batch_size", [5, 23, 64])
 def test_attack_dataset_equals_one_attack_per_batch(model, batch_size):
     ds = _dataset()
-    got = attacks.attack_dataset(attacks.pgd, model, ds, batch_size, "cpu", eps=0.05, steps=3, record=True)
+    got = attacks.attack_dataset(attacks.pgd, model, ds, batch_size, "cpu", eps=0.05, steps=3, record=Recorder)
     x = ds.images.float() / 255
-    ref = attacks.pgd(model, x, ds.labels, 0.05, steps=3, record=True)
+    ref = attacks.pgd(model, x, ds.labels, 0.05, steps=3, record=Recorder)
     torch.testing.assert_close(got.x_adv, ref.x_adv)
     assert torch.equal(got.success, ref.success) and torch.equal(got.flip_step, ref.flip_step)
     for f in trajectory.FIELDS:
@@ -133,12 +135,15 @@ def test_attack_dataset_seeds_each_batch_and_casts(model):
                                eps=0.05)
 
 
-def test_attack_modules_import_nothing_from_curvature():
-    """The attack loop records through a hook; only record=True imports the recorder (and curvature)."""
+def test_attack_modules_import_nothing_from_curvature(model):
+    """The attack loop records through a hook: the attacks import neither the recorder nor curvature, and
+    record=True (which would need them) is refused with the fix."""
     import subprocess
     import sys
 
     code = ("import sys, flatnb.attacks as a; "
-            "assert not [m for m in sys.modules if m.startswith(('flatnb.curvature', 'flatnb.trajectory'))]; "
-            "a.Trajectory; assert 'flatnb.trajectory' in sys.modules")
+            "assert not [m for m in sys.modules if m.startswith(('flatnb.curvature', 'flatnb.measure'))]")
     subprocess.run([sys.executable, "-c", code], check=True)
+    x, y = data()
+    with pytest.raises(TypeError, match="record=flatnb.measure.trajectory.Recorder"):
+        attacks.pgd(model, x, y, 0.1, steps=2, record=True)

@@ -1,4 +1,4 @@
-"""flatnb.valley: boundary crossings by bisection, the refined valley shape and its nulls.
+"""flatnb.measure.crossing: boundary crossings by bisection, the refined valley shape and its nulls.
 
 The crossing of a linear model is known in closed form (the margin is affine along a segment), and
 κ there is checked in float64 against an independent computation of the closed form.
@@ -10,8 +10,9 @@ import torch
 import torch.nn as nn
 
 from flatnb import attacks as fa
-from flatnb import valley
+from flatnb.measure import crossing as valley
 from flatnb.models import HeadModel
+from flatnb.measure.trajectory import Recorder
 
 torch.set_num_threads(1)
 
@@ -72,7 +73,7 @@ def test_path_crossings_lie_between_the_flip_iterates_and_the_shape_is_consisten
     g = torch.Generator().manual_seed(0)
     x = torch.rand(40, 3, 4, 4, generator=g)
     y = model(x).argmax(1)  # every clean input correct
-    res = fa.pgd(model, x, y, eps=0.5, steps=12, step_size=0.05, norm="linf", record=True,
+    res = fa.pgd(model, x, y, eps=0.5, steps=12, step_size=0.05, norm="linf", record=Recorder,
                  record_inputs=True)
     tr = res.trajectory
     cr = valley.path_crossings(model, tr, y, iters=25, grid=4)

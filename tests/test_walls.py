@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from flatnb import data as fdata
-from flatnb import walls
+from flatnb.measure import walls
 from flatnb.models import HeadModel
 
 

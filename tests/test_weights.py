@@ -1,4 +1,4 @@
-"""flatnb.weights: export, load by path and by file:// URL, SHA-256 checks, corrupt and misfit files."""
+"""flatnb.models.weights: export, load by path and by file:// URL, SHA-256 checks, corrupt and misfit files."""
 from __future__ import annotations
 
 import hashlib
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from flatnb import weights as W
+from flatnb.models import weights as W
 
 
 @pytest.fixture(autouse=True)

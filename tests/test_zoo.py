@@ -9,7 +9,9 @@ import shutil
 import pytest
 import torch
 
-from flatnb import data, train
+from flatnb import data
+from flatnb.config.train_config import TrainConfig
+from flatnb.training import train
 from flatnb.zoo import catalogue, cli
 from flatnb.zoo import manifest as mf
 
@@ -17,7 +19,7 @@ SHIPPED = mf.weights_dir()
 
 
 def _config(seed=0):
-    return train.TrainConfig("fastnet", "cifar10", "standard", epochs=1, width=4, seed=seed, profile="quick")
+    return TrainConfig("fastnet", "cifar10", "standard", epochs=1, width=4, seed=seed, profile="quick")
 
 
 def _model(config):
@@ -121,7 +123,7 @@ def test_shards_split_the_list_and_bad_input_is_named():
 
 
 def test_the_catalogue_names_recipes_of_the_table():
-    from flatnb import recipes
+    from flatnb.config import recipes
 
     for name in catalogue.names():
         it = catalogue.item(name)

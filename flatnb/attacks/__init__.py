@@ -1,4 +1,5 @@
-"""Adversarial attacks with trajectory recording: FGSM, PGD, APGD, transfer.
+"""Adversarial attacks: FGSM, PGD, APGD, transfer, the reference AutoAttack and Square; it may import
+:mod:`flatnb.runtime`, :mod:`flatnb.data` and :mod:`flatnb.models`, never the measurements built on it.
 
 Attacks are plain functions over tensors (cleverhans v4 style).  Every model
 follows the flatnb contract: ``model.features(x) -> phi`` (N, m), ``model.head``
@@ -31,7 +32,9 @@ Conventions shared by all attacks
   sync at the start) and logits that become NaN/inf (one sync at the end) raise ``ValueError``
   naming the rows or the parameter: never a robust accuracy computed from NaN.
 * **Hooks.**  ``on_iterate(t, x_t, phi, logits, loss)`` sees every iterate's own forward pass;
-  ``record=True`` attaches a :class:`flatnb.trajectory.Recorder`.
+  ``record=Recorder`` attaches a recorder built from the class the caller passes
+  (:class:`flatnb.measure.trajectory.Recorder`, which fills ``result.trajectory``): the attacks import
+  nothing from the measurements built on them.
 * **Zero gradients.**  Examples whose input gradient is exactly zero at the
   first step (a saturated softmax: float32 CE gradients underflow for a scaled
   head, experiment E3 of Walter et al. 2026) are reported in ``AttackResult.zero_grad`` with a warning, as
@@ -56,14 +59,6 @@ from flatnb.attacks.pgd import fgsm, pgd
 from flatnb.attacks.reference import autoattack, square
 from flatnb.attacks.transfer import transfer
 
-__all__ = ["APGD_LOSSES", "LOSSES", "NORMS", "AttackResult", "TransferResult", "Trajectory", "apgd",
-           "apgd_checkpoints", "attack_dataset", "autoattack", "square", "cat_results", "ce_loss", "cw_loss", "dlr_loss", "fgsm", "pgd", "transfer", "true_margin"]
-
-
-def __getattr__(name: str):
-    # Trajectory lives in flatnb.trajectory (it depends on flatnb.curvature); imported on first use
-    if name == "Trajectory":
-        from flatnb.trajectory import Trajectory
-
-        return Trajectory
-    raise AttributeError(f"module 'flatnb.attacks' has no attribute {name!r}")
+__all__ = ["APGD_LOSSES", "LOSSES", "NORMS", "AttackResult", "TransferResult", "apgd", "apgd_checkpoints",
+           "attack_dataset", "autoattack", "square", "cat_results", "ce_loss", "cw_loss", "dlr_loss", "fgsm", "pgd",
+           "transfer", "true_margin"]

@@ -113,7 +113,7 @@ def apgd(
     restarts: int = 1,
     rho: float = 0.75,
     target: Tensor | None = None,
-    record: bool = False,
+    record: Callable | None = None,
     record_inputs: bool = False,
     clip: tuple[float, float] | None = (0.0, 1.0),
     autocast_dtype: torch.dtype | None = None,
@@ -147,7 +147,7 @@ def apgd(
     if not isinstance(restarts, int) or restarts < 1:
         raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
     if record and restarts > 1:
-        raise ValueError("record=True records one run; use restarts=1")
+        raise ValueError("record= records one run; use restarts=1")
     if not 0 < rho <= 1:
         raise ValueError(f"rho must be in (0, 1], got {rho!r}")
     x = x.detach()

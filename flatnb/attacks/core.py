@@ -9,16 +9,13 @@ import contextlib
 import math
 import warnings
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
 from flatnb.attacks.losses import LOSS_FNS, true_margin
 from flatnb.runtime import draw
-
-if TYPE_CHECKING:
-    from flatnb.trajectory import Trajectory
 
 Tensor = torch.Tensor
 
@@ -45,7 +42,8 @@ class AttackResult:
     (``pred == target`` when targeted), 0 for a clean misclassification, -1 if
     never (first run only when restarting); ``zero_grad``: input gradient
     exactly zero at the first step; ``steps_run``: steps actually taken (early
-    stop); ``trajectory``: with ``record=True``; ``attacked``: which examples the attack ran
+    stop); ``trajectory``: what the ``record`` recorder made (a
+    :class:`flatnb.measure.trajectory.Trajectory` for its ``Recorder``), else None; ``attacked``: which examples the attack ran
     on (all of them, except for APGD with ``attack_misclassified=False``, which skips the
     examples misclassified when clean, as the reference AutoAttack does: they keep ``x_adv = x``,
     ``success`` from their clean prediction, ``flip_step`` 0, ``zero_grad`` False).
@@ -60,7 +58,7 @@ class AttackResult:
     flip_step: Tensor
     zero_grad: Tensor
     steps_run: int
-    trajectory: "Trajectory | None" = None
+    trajectory: Any = None
     attacked: Tensor | None = None
 
     @property
@@ -273,16 +271,17 @@ class _Tracker:
         return succ
 
 
-def _recorder(record: bool, model, x, y, norm, steps, record_inputs):
-    """A :class:`flatnb.trajectory.Recorder` hook when ``record``, else ``None``.
-
-    Imported here, at call time, so that the attack modules import nothing from
-    :mod:`flatnb.curvature` (the recorder computes the closed-form curvature terms)."""
-    if not record:
+def _recorder(record: Callable | None, model, x, y, norm, steps, record_inputs):
+    """The hook ``record(model, x, y, norm, steps, record_inputs)`` when a recorder class is given, else
+    ``None``. The attacks take the class from the caller (:class:`flatnb.measure.trajectory.Recorder`),
+    so that they import nothing from the measurements built on them, nor the curvature the recorder
+    computes."""
+    if record is None or record is False:
         return None
-    from flatnb.trajectory import Recorder
-
-    return Recorder(model, x, y, norm, steps, record_inputs)
+    if record is True or not callable(record):
+        raise TypeError("record= takes a recorder class, e.g. record=flatnb.measure.trajectory.Recorder "
+                        f"(the attacks do not import it), got {record!r}")
+    return record(model, x, y, norm, steps, record_inputs)
 
 
 def _loss_and_grad(model, x_t, y, target, loss_fn, autocast_dtype):

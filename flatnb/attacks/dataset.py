@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from flatnb.attacks.core import AttackResult, _warn_zero_grad, cat_results
+from flatnb.data import batches
 
 
 def attack_dataset(
@@ -35,8 +36,6 @@ def attack_dataset(
     (``warn=False`` silences it).  Returns the concatenated :class:`AttackResult`
     (``steps_run``: the smallest over the batches).
     """
-    from flatnb.data import batches
-
     if "generator" in kw:
         raise ValueError("attack_dataset seeds a generator per batch: pass seed= (an int or batch_index -> int)")
     if not isinstance(batch_size, int) or batch_size < 1:

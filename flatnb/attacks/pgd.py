@@ -70,7 +70,7 @@ def pgd(
     target: Tensor | None = None,
     early_stop: bool = False,
     check_every: int = 5,
-    record: bool = False,
+    record: Callable | None = None,
     record_inputs: bool = False,
     clip: tuple[float, float] | None = (0.0, 1.0),
     autocast_dtype: torch.dtype | None = None,
@@ -87,8 +87,8 @@ def pgd(
     ``restarts`` for robustness numbers.  ``target`` (N,) makes it targeted.
     ``on_iterate(t, x_t, phi, logits, loss)`` is called once per iterate (``t = 0 .. T``, again
     from 0 for each restart) with that iterate's own forward pass, all detached, ``logits`` in at
-    least float32.  ``record=True`` fills ``result.trajectory`` through such a hook, a
-    :class:`flatnb.trajectory.Recorder` (needs ``restarts == 1``);
+    least float32.  ``record=Recorder`` (a recorder class, :class:`flatnb.measure.trajectory.Recorder`)
+    builds such a hook and fills ``result.trajectory`` from it (needs ``restarts == 1``);
     ``early_stop`` stops once every example succeeded, checked every
     ``check_every`` steps.  ``clip=None`` lifts the [0, 1] box and its input check.
     """
@@ -100,7 +100,7 @@ def pgd(
     if restarts > 1 and not random_start:
         raise ValueError("restarts > 1 repeats the same deterministic attack; set random_start=True")
     if record and restarts > 1:
-        raise ValueError("record=True records one run; use restarts=1")
+        raise ValueError("record= records one run; use restarts=1")
     if check_every < 1:
         raise ValueError(f"check_every must be >= 1, got {check_every!r}")
     if step_size is None:
@@ -128,7 +128,7 @@ def fgsm(
     norm: str = "linf",
     loss: str = "ce",
     target: Tensor | None = None,
-    record: bool = False,
+    record: Callable | None = None,
     record_inputs: bool = False,
     clip: tuple[float, float] | None = (0.0, 1.0),
     autocast_dtype: torch.dtype | None = None,

@@ -1,4 +1,5 @@
-"""Curvature: last-layer closed forms, exact references, parameter-space operators, input space.
+"""Curvature and the paper's theory: last-layer closed forms, exact references, parameter-space operators,
+input space and the local bound (:mod:`.bounds`); it may import :mod:`flatnb.runtime` and :mod:`flatnb.models`.
 
 * :mod:`~flatnb.curvature.last_layer` — κ in all three conventions from one forward pass
   (:func:`closed_form`, :func:`flatness_over`).
@@ -7,7 +8,10 @@
   take an operator: :func:`hutchinson_trace`, :func:`lanczos`, :func:`power_iteration_deflated`.
 * :mod:`~flatnb.curvature.input_space` — input gradients, HVPs, directional curvature and the
   directions of chapter 11.
+* :mod:`~flatnb.curvature.bounds` — the lemma, Lipschitz constants, the local bound and its radii
+  (``from flatnb.curvature import bounds``; not re-exported here).
 """
+from flatnb.curvature._common import NonFiniteError, require_eval
 from flatnb.curvature.hessian import (ParameterHVP, TraceEstimate, hessian_eigenvalues, hutchinson_trace,
                                       lanczos, power_iteration_deflated)
 from flatnb.curvature.input_space import (AUGMENTATIONS, InputEigen, augmentation_directions,

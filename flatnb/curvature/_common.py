@@ -7,7 +7,7 @@ import torch.nn.functional as F
 Tensor = torch.Tensor
 
 
-def _require_eval(model: torch.nn.Module) -> None:
+def require_eval(model: torch.nn.Module) -> None:
     """BatchNorm / dropout in training mode couple samples or add noise: curvature needs eval mode."""
     for name, mod in model.named_modules():
         if mod.training and isinstance(mod, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.dropout._DropoutNd)):

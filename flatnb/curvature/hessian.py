@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from flatnb.curvature._common import _ce_mean, _ce_sum, _math_attention, _require_eval
+from flatnb.curvature._common import _ce_mean, _ce_sum, _math_attention, require_eval
 from flatnb.runtime import draw
 
 Tensor = torch.Tensor
@@ -35,7 +35,7 @@ class ParameterHVP:
     def __init__(self, model, inputs, targets, loss_fn=None, names=None, mode: str = "auto"):
         if mode not in ("auto", "fwd_rev", "double_backward"):
             raise ValueError(f"mode must be 'auto', 'fwd_rev' or 'double_backward', got {mode!r}")
-        _require_eval(model)
+        require_eval(model)
         self.model, self.inputs, self.targets = model, inputs, targets
         self.loss_fn = _ce_mean if loss_fn is None else loss_fn
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

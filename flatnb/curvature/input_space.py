@@ -10,7 +10,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from flatnb.curvature._common import _ce_sum, _math_attention, _require_eval
+from flatnb.curvature._common import _ce_sum, _math_attention, require_eval
 from flatnb.runtime import draw
 
 Tensor = torch.Tensor
@@ -42,7 +42,7 @@ def input_gradient(model, x: Tensor, y: Tensor, loss_fn=None) -> Tensor:
 
     ``loss_fn(logits, y)`` must return the *sum* of per-sample losses (default: CE sum).
     """
-    _require_eval(model)
+    require_eval(model)
     _check_xy(x, y)
     return torch.func.grad(_input_loss(model, y, loss_fn))(x.detach())
 
@@ -57,7 +57,7 @@ def input_hvp(model, x: Tensor, y: Tensor, v: Tensor, loss_fn=None) -> Tensor:
 
     Forward-over-reverse; double backward where forward-mode AD is unsupported.
     """
-    _require_eval(model)
+    require_eval(model)
     _check_xy(x, y)
     if v.shape != x.shape:
         raise ValueError(f"v must have the inputs' shape {tuple(x.shape)}, got {tuple(v.shape)}")
@@ -217,7 +217,7 @@ def loss_along(model, x: Tensor, y: Tensor, direction: Tensor, ts, loss_fn=None)
     No clamping to [0, 1] (the line is the object of study).  ``direction`` has ``x``'s
     shape; ``loss_fn(logits, y)`` returns per-sample losses (default: cross-entropy).
     """
-    _require_eval(model)
+    require_eval(model)
     _check_xy(x, y)
     if direction.shape != x.shape:
         raise ValueError(f"direction must have the inputs' shape {tuple(x.shape)}, got {tuple(direction.shape)}")

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from flatnb.curvature._common import NonFiniteError, _bad_rows, _raise_nonfinite, _require_eval
+from flatnb.curvature._common import NonFiniteError, _bad_rows, _raise_nonfinite, require_eval
 from flatnb.models import check_contract
 
 Tensor = torch.Tensor
@@ -221,7 +221,7 @@ def flatness_over(
     logits but not ``w``: curvature and ``||w||`` are w.r.t. the weight matrix.
     """
     check_contract(model)
-    _require_eval(model)
+    require_eval(model)
     p0 = next(model.parameters())
     device = p0.device if device is None else torch.device(device)
     dtype = p0.dtype if dtype is None else dtype

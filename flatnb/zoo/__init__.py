@@ -5,7 +5,7 @@ Owns: :mod:`~flatnb.zoo.manifest` (read, write and verify ``weights/manifest.jso
 into the model contract; :func:`model`, the one way a chapter gets a model: shipped weights when the
 manifest holds the recipe's exact configuration and training data, else trained once and cached),
 :mod:`~flatnb.zoo.catalogue` (which models the book ships) and :mod:`~flatnb.zoo.cli` (the command).
-May import: the configuration, data, models, training and attacks layers; nothing of the book.
+May import: runtime, config, data, models, training and attacks (it sits above them and below ``book``).
 """
 from flatnb.zoo.manifest import (ManifestError, find, load, load_external, model, read_manifest, state_sha256,
                                  weights_dir)

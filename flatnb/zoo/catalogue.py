@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from flatnb import budgets, recipes
+from flatnb.config import budgets, recipes
 
 
 class Item(NamedTuple):

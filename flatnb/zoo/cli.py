@@ -22,7 +22,7 @@ import time
 import torch
 
 from flatnb import data as fdata
-from flatnb import train as ftrain
+from flatnb.training import train as ftrain
 from flatnb.runtime import describe_device
 from flatnb.zoo import catalogue
 from flatnb.zoo import manifest as mf

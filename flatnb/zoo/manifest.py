@@ -25,11 +25,13 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from filelock import FileLock
 
 from flatnb import models as fmodels
-from flatnb import train as ftrain
-from flatnb.download import file_digest
-from flatnb.runtime import resolve_device, resolve_profile
+from flatnb.config.train_config import TrainConfig
+from flatnb.data.download import file_digest
+from flatnb.runtime import atomic_save, resolve_device, resolve_profile
+from flatnb.training import train as ftrain
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -87,19 +89,19 @@ def half_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             for k, v in state.items()}
 
 
-def file_name(config: ftrain.TrainConfig, key: str) -> str:
+def file_name(config: TrainConfig, key: str) -> str:
     c = config
     return f"{c.arch}-{c.dataset}-{c.recipe}-{c.profile}-s{c.seed}-{key}.pt"
 
 
-def config_from(entry: dict) -> ftrain.TrainConfig:
+def config_from(entry: dict) -> TrainConfig:
     """The :class:`TrainConfig` stored in an entry (JSON lists back to the tuples the dataclass holds)."""
     kw = dict(entry["config"])
     kw["model_kw"] = tuple(tuple(p) for p in kw.get("model_kw", ()))
-    return ftrain.TrainConfig(**kw)
+    return TrainConfig(**kw)
 
 
-def find(config: ftrain.TrainConfig, data_digest: str, root=None) -> tuple[str, dict] | None:
+def find(config: TrainConfig, data_digest: str, root=None) -> tuple[str, dict] | None:
     """``(name, entry)`` of the shipped model trained with exactly ``config`` on data ``data_digest``."""
     key = config.key(data_digest)
     for name, entry in read_manifest(root)["models"].items():
@@ -208,8 +210,6 @@ def _git_commit() -> str:
 
 def write_entry(name: str, entry: dict, root) -> None:
     """Add or replace one entry, under a file lock (two shards may finish at once), atomically."""
-    from filelock import FileLock  # installed with torch
-
     folder = Path(root)
     folder.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder / (MANIFEST + ".lock"))):
@@ -221,15 +221,13 @@ def write_entry(name: str, entry: dict, root) -> None:
         os.replace(tmp, folder / MANIFEST)
 
 
-def export(trained: nn.Module, config: ftrain.TrainConfig, data_digest: str, name: str, root, *,
+def export(trained: nn.Module, config: TrainConfig, data_digest: str, name: str, root, *,
            clean: dict, training: dict, robust: list | None = None, data_source: str = "") -> dict:
     """Write ``trained``'s weights in half precision to ``root/<file>`` and its manifest entry; return the entry.
 
     The file name carries the config key; an existing file of that name with other weights is an error
     (the same recipe and data gave different weights: retraining is not reproducible), never an overwrite.
     """
-    from flatnb.runtime import atomic_save
-
     folder = Path(root)
     state = {k: v.detach().to("cpu").contiguous() for k, v in trained.state_dict().items()}
     key = config.key(data_digest)

@@ -1,0 +1,232 @@
+"""Every training configuration of the book, written out: ``TABLE[(arch, dataset, recipe)][profile]``.
+
+No override chain: each entry is the whole :class:`flatnb.config.train_config.TrainConfig` (fields left out are
+the dataclass defaults, i.e. the paper's recipe, §5: SGD momentum 0.9, lr 0.1, weight decay
+1e-4, cosine, batch 128, crop+flip, 100 epochs, PGD-10 8/255 step 2/255, TRADES β = 6).
+``seed`` is filled in by :func:`lookup`.
+
+Profiles: ``quick`` = minutes on 2 CPU cores (smaller models, seeded subsets, short
+warmup+cosine schedules, weight decay 5e-4); ``full`` = the paper's scale.
+
+Roles: ``arch="main"`` is the model the chapters study (:data:`MAIN`): in the quick profile the
+FastNet (:class:`flatnb.models.architectures.FastNet`, ≳ 85 % CIFAR-10 test accuracy in a few CPU
+minutes), in the full profile the paper's ResNet-18.
+
+The table's recipe names are ``standard``, ``pgd_at``, ``trades`` (the training losses of
+:data:`flatnb.config.train_config.RECIPES`) and variants of the standard loss: ``sam`` (Foret et al. 2021),
+``label_smoothing`` and ``mixup`` (Zhang et al. 2018); the variants change confidence, hence the
+flatness measures (§6.10), which is why the main models use none of them.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from flatnb.config.train_config import TrainConfig
+
+MAIN = {"quick": "fastnet", "full": "resnet18", "smoke": "resnet18"}
+
+# The quick CNN recipes share this warmup+cosine SGD setting (weight decay 5e-4 helps short runs).
+_Q = dict(lr=0.2, weight_decay=5e-4, warmup_epochs=0.3)
+_VIT = dict(lr=1e-3, weight_decay=0.05)  # train() optimises ViTs with AdamW; SGD's lr 0.1 diverges under it
+_AT_QUICK = dict(epochs=5, n_train=5_000, width=16, weight_decay=5e-4, warmup_epochs=1, pgd_steps=3,
+                 pgd_step_size=3 / 255)
+
+# FastNet, after airbench94 (Jordan 2024) translated to a mean (not summed) loss: Nesterov SGD with
+# momentum 0.85, lr 11.5/(1 + 1/(1 - 0.85)) = 1.5, decay per step 0.0153·1024/7850 = 0.002 (so the
+# coupled weight_decay is 0.002/1.5), BatchNorm shifts at 64× the lr with the same decay per step,
+# a triangular schedule (0.2 → 1 at 23 % of the steps → 0.07), lookahead EMA every 5 steps from a third
+# of the run, batch 1024, bf16 autocast + channels_last on the CPU, airbench's augmentation (flip and a
+# random translation by up to 2 px with reflected borders). No label smoothing (airbench uses 0.2), no
+# test-time augmentation. Quick: width 32 (airbench's half), 8 epochs of all 50k images. Measured on
+# this 2-core machine, all 10,000 test images, seed 0 unless said (the training loop of
+# `benchmarks/train.py --full-run`, one setting at a time; "1 thread" runs went two at a time):
+#   5 epochs, zero-padded crop of 4 px (this recipe until 2026-11-30), 1 thread: 82.6 %, 206 s of training
+#   5 epochs, reflected translation of 2 px,                          1 thread: 84.2 %, 202 s
+#   7 epochs, reflected translation of 2 px,                 2 threads / 1 thread: 86.1 % / 85.3 %, 150 / 290 s
+#   8 epochs, reflected translation of 2 px, 1 thread, seeds 0 / 1: 86.3 % / 86.9 %, 257 / 290 s  <- this one
+# (the width-16 ResNet-18 of the old quick profile: 64 % after 214 s on 2 cores).
+_FAST = dict(batch_size=1024, lr=1.5, momentum=0.85, nesterov=True, weight_decay=0.002 / 1.5, bias_lr_scale=64.0,
+             schedule="triangle", ema_every=5, cpu_bf16=True, crop_pad=2, crop_mode="reflect")
+_FAST_QUICK = dict(_FAST, epochs=8, warmup_epochs=0.23 * 8, ema_start_epochs=8 / 3, width=32)
+_FAST_QUICK_AT = dict(_FAST, epochs=5, warmup_epochs=0.23 * 5, width=32, ema_every=0)  # AT: 5 epochs, no lookahead
+_FAST_FULL = dict(_FAST, epochs=10, warmup_epochs=2.3, ema_start_epochs=3.0, width=64)
+
+# The evidence models (the `full` profile; trained once on 2 CPU cores by `python -m flatnb.zoo train`
+# and shipped under weights/). Standard: airbench94's widths (64/256/256), 16 epochs, plain cross-entropy
+# (no label smoothing, no test-time augmentation: both change confidence, hence κ). Measured before on this
+# CPU at 10 epochs: 92.7 % on all 10,000 test images in 31.8 min on one thread beside a second process;
+# airbench94 itself reaches 93.2 % without test-time augmentation at 9.9 epochs with label smoothing 0.2.
+_FAST_EVIDENCE = dict(_FAST, epochs=16, warmup_epochs=0.23 * 16, ema_start_epochs=16 / 3, width=64)
+# Adversarial training: width 32, PGD-2 (ε 8/255, steps of 5/255, random start), 12 epochs, no lookahead.
+# Measured before at 10 epochs: 69.5 % clean (10,000), APGD-CE + APGD-T 36.8 % (n = 500), 29.7 min.
+_FAST_EVIDENCE_AT = dict(_FAST, epochs=12, warmup_epochs=0.23 * 12, width=32, ema_every=0, pgd_steps=2,
+                         pgd_step_size=5 / 255, pgd_random_start=True)
+
+# Cheap adversarial training of the quick main model: FGSM with a random start and step 1.25 ε
+# ("Fast is better than free", Wong et al. 2020), one attack step per batch.
+_FGSM_RS = dict(pgd_steps=1, pgd_step_size=10 / 255, pgd_random_start=True)
+
+# The atlas's zoo (chapter 13, budgets.ZOO): in the quick profile FastNet at width 16, 2 epochs of 20,000 images
+# at batch 256 (lr scaled linearly from batch 1024), so that nine training methods and seeds fit in CI. Measured
+# on a loaded 2-core machine beside CI (one thread each): 63.1 % test accuracy (2,000 images) after 165 s, where
+# width 16 on all 50,000 images at batch 1024 gave 58.3 % after 346 s and width 32 on 20,000 at batch 512 61.1 %
+# after 241 s. In the full profile the same entries are FastNet's full recipes.
+_ZOO_QUICK = dict(_FAST, epochs=2, warmup_epochs=0.46, ema_start_epochs=0.67, width=16, n_train=20_000,
+                  batch_size=256, lr=0.375)
+
+
+def _zoo(recipe: str = "standard", **kw) -> dict[str, TrainConfig]:
+    return {"quick": TrainConfig("fastnet", "cifar10", recipe, **{**_ZOO_QUICK, **kw}),
+            "full": TrainConfig("fastnet", "cifar10", recipe, **{**_FAST_FULL, **kw})}
+
+
+TABLE: dict[tuple[str, str, str], dict[str, TrainConfig]] = {
+    # ---------------------------------------------------------------- ResNet-18
+    ("resnet18", "cifar10", "standard"): {
+        # 2 epochs, all 50k images: 64.2 % test accuracy, ~4-5 min on 2 cores
+        "quick": TrainConfig("resnet18", "cifar10", "standard", epochs=2, n_train=50_000, width=16, **_Q),
+        "full": TrainConfig("resnet18", "cifar10", "standard", epochs=100),
+    },
+    ("resnet18", "cifar10", "pgd_at"): {
+        "quick": TrainConfig("resnet18", "cifar10", "pgd_at", lr=0.1, **_AT_QUICK),
+        "full": TrainConfig("resnet18", "cifar10", "pgd_at", epochs=100),
+    },
+    ("resnet18", "cifar10", "trades"): {
+        "quick": TrainConfig("resnet18", "cifar10", "trades", lr=0.1, **_AT_QUICK),
+        "full": TrainConfig("resnet18", "cifar10", "trades", epochs=100),
+    },
+    # confidence-changing and flatness-seeking variants of the paper's recipe (the full atlas, chapter 13)
+    ("resnet18", "cifar10", "sam"): {
+        "quick": TrainConfig("resnet18", "cifar10", "standard", epochs=2, n_train=50_000, width=16, sam_rho=0.05, **_Q),
+        "full": TrainConfig("resnet18", "cifar10", "standard", epochs=100, sam_rho=0.05),
+    },
+    ("resnet18", "cifar10", "sam_0.2"): {
+        "quick": TrainConfig("resnet18", "cifar10", "standard", epochs=2, n_train=50_000, width=16, sam_rho=0.2, **_Q),
+        "full": TrainConfig("resnet18", "cifar10", "standard", epochs=100, sam_rho=0.2),
+    },
+    ("resnet18", "cifar10", "label_smoothing"): {
+        "quick": TrainConfig("resnet18", "cifar10", "standard", epochs=2, n_train=50_000, width=16,
+                             label_smoothing=0.2, **_Q),
+        "full": TrainConfig("resnet18", "cifar10", "standard", epochs=100, label_smoothing=0.2),
+    },
+    ("resnet18", "cifar10", "mixup"): {
+        "quick": TrainConfig("resnet18", "cifar10", "standard", epochs=2, n_train=50_000, width=16, mixup_alpha=0.2,
+                             **_Q),
+        "full": TrainConfig("resnet18", "cifar10", "standard", epochs=100, mixup_alpha=0.2),
+    },
+    ("resnet18", "cifar100", "standard"): {
+        "quick": TrainConfig("resnet18", "cifar100", "standard", epochs=3, n_train=20_000, width=16, **_Q),
+        "full": TrainConfig("resnet18", "cifar100", "standard", epochs=100),
+    },
+    ("resnet18", "tinyimagenet", "standard"): {
+        "quick": TrainConfig("resnet18", "tinyimagenet", "standard", epochs=2, num_classes=20, width=8, **_Q),
+        "full": TrainConfig("resnet18", "tinyimagenet", "standard", epochs=100),
+    },
+    # ---------------------------------------------------------------- other architectures (chapters 8, 10)
+    ("wrn28_4", "cifar10", "standard"): {  # quick: WRN-16-1 (WRN-16-2 on 10k images: ~4 min, 39 %)
+        "quick": TrainConfig("wrn28_4", "cifar10", "standard", epochs=2, n_train=20_000,
+                             model_kw=(("depth", 16), ("widen", 1)), **_Q),
+        "full": TrainConfig("wrn28_4", "cifar10", "standard", epochs=100),
+    },
+    ("wrn28_4", "cifar100", "standard"): {
+        "quick": TrainConfig("wrn28_4", "cifar100", "standard", epochs=3, n_train=20_000, **_Q),
+        "full": TrainConfig("wrn28_4", "cifar100", "standard", epochs=100),
+    },
+    ("vgg11_bn", "cifar10", "standard"): {
+        "quick": TrainConfig("vgg11_bn", "cifar10", "standard", epochs=2, n_train=20_000, width=16, lr=0.1,
+                             weight_decay=5e-4, warmup_epochs=0.3),
+        "full": TrainConfig("vgg11_bn", "cifar10", "standard", epochs=100),
+    },
+    ("vit_tiny", "cifar10", "standard"): {  # quick: 4 blocks of width 96
+        "quick": TrainConfig("vit_tiny", "cifar10", "standard", epochs=1, n_train=20_000, warmup_epochs=0.3,
+                             model_kw=(("depth", 4), ("dim", 96), ("heads", 3)), **_VIT),
+        "full": TrainConfig("vit_tiny", "cifar10", "standard", epochs=100, warmup_epochs=5, **_VIT),
+    },
+    ("vit_tiny", "tinyimagenet", "standard"): {  # quick: patch 8 on 64 pixels (64 tokens, as on CIFAR)
+        "quick": TrainConfig("vit_tiny", "tinyimagenet", "standard", epochs=2, num_classes=20, warmup_epochs=0.3,
+                             model_kw=(("depth", 4), ("dim", 96), ("heads", 3), ("patch", 8)), **_VIT),
+        "full": TrainConfig("vit_tiny", "tinyimagenet", "standard", epochs=100, warmup_epochs=5, **_VIT),
+    },
+    # ---------------------------------------------------------------- FastNet: the quick main model
+    ("fastnet", "cifar10", "standard"): {
+        "quick": TrainConfig("fastnet", "cifar10", "standard", **_FAST_QUICK),
+        "full": TrainConfig("fastnet", "cifar10", "standard", **_FAST_EVIDENCE),
+    },
+    ("fastnet", "cifar10", "pgd_at"): {  # FGSM-RS in the quick profile, PGD-10 in the full one
+        # 10,000 images: FGSM-RS overfits catastrophically on FastNet anyway (50,000 images: 56 % clean,
+        # 0 % AutoAttack; 20,000 with step ε: 29 % clean, 0 % PGD-10), so the quick profile pays the least
+        # it can for a model every AT row reports as "not testable here"
+        "quick": TrainConfig("fastnet", "cifar10", "pgd_at",
+                             **{**_FAST_QUICK_AT, "n_train": 10_000, **_FGSM_RS}),
+        "full": TrainConfig("fastnet", "cifar10", "pgd_at", **_FAST_EVIDENCE_AT),
+    },
+    ("fastnet", "cifar10", "trades"): {  # 2 KL-PGD steps of 4/255 in the quick profile
+        "quick": TrainConfig("fastnet", "cifar10", "trades",
+                             **{**_FAST_QUICK_AT, "pgd_steps": 2, "pgd_step_size": 4 / 255}),
+        "full": TrainConfig("fastnet", "cifar10", "trades", **_FAST_EVIDENCE_AT),
+    },
+    ("fastnet", "cifar10", "sam"): {
+        "quick": TrainConfig("fastnet", "cifar10", "standard", sam_rho=0.05, **_FAST_QUICK),
+        "full": TrainConfig("fastnet", "cifar10", "standard", sam_rho=0.05, **_FAST_FULL),
+    },
+    ("fastnet", "cifar10", "label_smoothing"): {  # airbench's own setting
+        "quick": TrainConfig("fastnet", "cifar10", "standard", label_smoothing=0.2, **_FAST_QUICK),
+        "full": TrainConfig("fastnet", "cifar10", "standard", label_smoothing=0.2, **_FAST_FULL),
+    },
+    ("fastnet", "cifar10", "mixup"): {
+        "quick": TrainConfig("fastnet", "cifar10", "standard", mixup_alpha=0.2, **_FAST_QUICK),
+        "full": TrainConfig("fastnet", "cifar10", "standard", mixup_alpha=0.2, **_FAST_FULL),
+    },
+    # ---------------------------------------------------------------- the atlas's quick zoo (chapter 13)
+    ("fastnet", "cifar10", "zoo_standard"): _zoo(),
+    ("fastnet", "cifar10", "zoo_sam"): _zoo(sam_rho=0.05),
+    ("fastnet", "cifar10", "zoo_sam_0.2"): _zoo(sam_rho=0.2),
+    ("fastnet", "cifar10", "zoo_label_smoothing"): _zoo(label_smoothing=0.2),
+    ("fastnet", "cifar10", "zoo_mixup"): _zoo(mixup_alpha=0.2),
+    # PGD-2 (steps of 4/255) rather than FGSM-RS: on this recipe FGSM-RS collapsed to 10-19 % clean accuracy
+    # (lr 0.375 or 0.1, step 10/255 or 8/255) while PGD-2 gave 32.9 % clean and 19.5 % PGD-10 robust accuracy
+    # on 1,000 test images (TRADES with the same attack: 44.3 % / 15.9 %)
+    ("fastnet", "cifar10", "zoo_pgd_at"): _zoo("pgd_at", ema_every=0, pgd_steps=2, pgd_step_size=4 / 255),
+    ("fastnet", "cifar10", "zoo_trades"): _zoo("trades", ema_every=0, pgd_steps=2, pgd_step_size=4 / 255),
+}
+
+
+def _check_table() -> None:
+    for (arch, dataset, _), profiles in TABLE.items():
+        if set(profiles) != {"quick", "full"}:
+            raise AssertionError(f"{arch}/{dataset}: needs exactly a quick and a full profile")
+        for prof, cfg in profiles.items():
+            if (cfg.arch, cfg.dataset) != (arch, dataset) or cfg.profile not in ("custom", prof):
+                raise AssertionError(f"TABLE entry {arch}/{dataset}/{prof} holds {cfg}")
+
+
+_check_table()
+
+
+def resolve_arch(arch: str, profile: str) -> str:
+    """``"main"`` → the profile's main architecture (:data:`MAIN`); any other name as it is."""
+    if arch == "main":
+        if profile not in MAIN:
+            raise ValueError(f"profile must be 'quick', 'full' or 'smoke' to resolve arch='main', got {profile!r} "
+                             "(resolve 'auto' with flatnb.runtime.resolve_profile)")
+        return MAIN[profile]
+    return arch
+
+
+def lookup(arch: str, dataset: str, recipe: str = "standard", profile: str = "quick", seed: int = 0) -> TrainConfig:
+    """The table's configuration for ``(arch, dataset, recipe)`` in ``profile``, with ``seed`` set
+    (``"smoke"``: the full entry at toy scale, :func:`flatnb.config.smoke.config`)."""
+    if profile not in ("quick", "full", "smoke"):
+        raise ValueError(f"profile must be 'quick', 'full' or 'smoke' (resolve 'auto' with "
+                         f"flatnb.runtime.resolve_profile), got {profile!r}")
+    name = resolve_arch(arch, profile)
+    entry = TABLE.get((name, dataset, recipe))
+    if entry is None:
+        have = sorted(r for (a, d, r) in TABLE if (a, d) == (name, dataset))
+        raise ValueError(f"no training recipe {recipe!r} for {name} on {dataset} in flatnb.config.recipes.TABLE "
+                         f"(recipes there for this pair: {have or 'none'}); add an entry to the table")
+    if profile == "smoke":
+        from flatnb.config import smoke  # only a smoke run loads it
+
+        return dataclasses.replace(smoke.config(entry["full"]), seed=seed)
+    return dataclasses.replace(entry[profile], profile=profile, seed=seed)

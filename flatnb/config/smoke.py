@@ -1,0 +1,60 @@
+"""The smoke profile: the full profile's code paths at toy scale, to test a paper-scale run on a CPU.
+
+``python -m flatnb.book --profile full --dry-run`` executes every chapter with ``profile="smoke"``: the full
+profile's models, recipes, attacks, datasets and chapter branches, each recipe trained for one epoch of a few
+hundred images (:func:`config`) and each sample size capped (:func:`sizes`). Its numbers mean nothing and it
+writes no run record under ``runs/``. Only a smoke run imports this module, so changing it never makes a
+quick or full run record stale (records fingerprint the modules a chapter loaded).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+#: each full-profile recipe is trained for one epoch of at most this many images
+IMAGES = 256
+#: a model's clean accuracy in the chapter banner is measured on this many test images
+EVAL_IMAGES = 256
+
+#: caps on the full profile's integer sizes, by the key's ending, then its beginning (first match wins);
+#: keys that match none (grids, widths, flags, tuples of scales) keep their full value
+CAPS = {"ending": {"_epochs": 1, "_train": 256, "steps": 5, "_iter": 3, "restarts": 1, "_seeds": 2,
+                   "_queries": 50, "_samples": 4},
+        "beginning": {"n_": 24},
+        "whole": {"n_pairs": 20_000, "batch": 16}}
+
+#: per chapter, values that replace the capped ones. A one-epoch model is right about one image in ten and
+#: confident about nothing: chapter 5's confidence threshold drops to 0 (its confident-path branch must still
+#: run); chapter 13 measures on 128 test images (so that every zoo model classifies some basin images) and
+#: takes the largest allowed temperature for a model whose logits are worse than a uniform guess (a real run
+#: raises there).
+OVERRIDES = {"05_uncanny_valley": {"confident": 0.0},
+             "13_atlas": {"n_test": 128, "n_basin": 128, "temperature_at_bound": "clip"}}
+
+
+def _cap(key: str) -> int | None:
+    if key in CAPS["whole"]:
+        return CAPS["whole"][key]
+    for kind, test in (("ending", key.endswith), ("beginning", key.startswith)):
+        for part, cap in CAPS[kind].items():
+            if test(part):
+                return cap
+    return None
+
+
+def sizes(stem: str, full: dict) -> dict:
+    """Chapter ``stem``'s full-profile sizes ``full`` at toy scale: integers capped by :data:`CAPS`, then
+    :data:`OVERRIDES`."""
+    out = {}
+    for key, value in full.items():
+        cap = _cap(key) if isinstance(value, int) and not isinstance(value, bool) else None
+        out[key] = value if cap is None else min(value, cap)
+    out.update(OVERRIDES.get(stem, {}))
+    return out
+
+
+def config(full):
+    """A full-profile :class:`flatnb.config.train_config.TrainConfig` at toy scale: the same architecture, width, loss,
+    attack and optimizer; one epoch of at most :data:`IMAGES` images; warmup and lookahead inside it."""
+    return dataclasses.replace(full, epochs=1, n_train=min(full.n_train or IMAGES, IMAGES),
+                               batch_size=min(full.batch_size, 64), warmup_epochs=min(full.warmup_epochs, 0.25),
+                               ema_start_epochs=min(full.ema_start_epochs, 0.5), profile="smoke")

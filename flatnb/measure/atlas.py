@@ -1,0 +1,232 @@
+"""The atlas (chapter 13): flatness, confidence and robustness of many models, measured on the same images.
+
+Walter et al. (2026) ask *when* flatness guarantees adversarial robustness, but compare one standard
+model with one adversarially trained one. The closed form costs one forward pass, so the book can
+measure every model of a zoo (training methods, seeds, post-hoc temperature) side by side:
+
+* :func:`probe` fixes the images: training images for the dataset Hessian ``H(w, S)`` (the paper's
+  definition of flatness at the training minimum), test images for accuracy, calibration and κ per
+  input, and held-out test images on which the temperature is fitted;
+* :func:`measure` returns one model's entry: clean accuracy, mean confidence, expected calibration
+  error before and after temperature scaling, κ in its three conventions over training and test
+  images, robust accuracy under the reference AutoAttack (ℓ∞ and ℓ2), the basin width of chapter 9,
+  the flip radius of chapter 3 (an upper bound on the distance to the decision boundary), the
+  calibrated input-space curvature along random directions of chapter 11, and whether the end of a
+  long attack is flatter than the clean input (chapter 5's valley, per model);
+* :func:`calibrated` is the same model with its temperature divided out: κ and confidence change, the
+  decisions do not, so its robust accuracy and flip radius are the original model's *by construction*
+  (they are copied, and the entry says so);
+* :func:`table` and :func:`columns` turn entries into the chapter's table and the columns its
+  correlations use.
+
+Every number carries an interval: fractions a Wilson interval, medians and means a bootstrap one.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from flatnb import attacks, models
+from flatnb.config import budgets
+from flatnb.measure import calibration, radius, trajectory
+from flatnb import curvature as cv
+from flatnb import data as fdata
+from flatnb.stats import EmptySelection, Fraction, bootstrap_ci
+
+Tensor = torch.Tensor
+
+CONVENTIONS = {"kappa_sq": "κ = ‖w‖² Tr H", "kappa_unsq": "‖w‖ Tr H", "kappa_neuron": "κ neuron-wise"}
+#: the AutoAttack budgets of the atlas: norm -> ε
+AA_BUDGETS = {"linf": 8 / 255, "l2": 0.5}
+#: fields a temperature-scaled copy inherits from its model: decisions do not change with temperature
+BY_CONSTRUCTION = ("clean", "aa_linf", "aa_l2", "radius")
+
+
+class Probe(NamedTuple):
+    """The images every model of the atlas is measured on (the same ones for all)."""
+
+    train: fdata.Dataset  # training images, no augmentation: the dataset Hessian H(w, S)
+    test: fdata.Dataset  # test images: accuracy, confidence, ECE, κ per input; their first ones are attacked
+    cal: fdata.Dataset  # held-out test images (disjoint from ``test``): the temperature
+
+
+def probe(train: fdata.Dataset, test: fdata.Dataset, n_train: int, n_test: int, n_cal: int, seed: int = 0) -> Probe:
+    """Seeded subsets: ``n_train`` training images; ``n_test`` and ``n_cal`` disjoint test images."""
+    if n_test + n_cal > len(test):
+        raise ValueError(f"n_test + n_cal = {n_test + n_cal} exceeds the {len(test)} test images")
+    order = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))
+    pick = lambda idx: fdata.Dataset(test.images[idx], test.labels[idx], test.classes,  # noqa: E731
+                                     f"{test.digest}|atlas|{seed}|{len(idx)}", test.source)
+    return Probe(fdata.subset(train, n=n_train, seed=seed), pick(order[:n_test].sort().values),
+                 pick(order[n_test:n_test + n_cal].sort().values))
+
+
+def _tensors(ds: fdata.Dataset, n: int, device) -> tuple[Tensor, Tensor]:
+    n = min(n, len(ds))
+    return ds.images[:n].to(device).float().div(255), ds.labels[:n].to(device)
+
+
+def _flatness(model, ds: fdata.Dataset, batch: int, device, seed: int) -> tuple[dict, dict]:
+    """(per-input terms as float64 CPU tensors, {convention: (mean, lo, hi)})."""
+    out = cv.flatness_over(model, fdata.batches(ds, batch, device=device))
+    t = {f: getattr(out.terms, f).detach().double().cpu() for f in ("kappa_sq", "kappa_unsq", "kappa_neuron",
+                                                                     "gini", "phi_sq")}
+    return t, {c: bootstrap_ci(t[c], statistic=np.mean, seed=seed) for c in CONVENTIONS}
+
+
+def _confidence(z: Tensor, y: Tensor, temperature: float = 1.0) -> dict:
+    """Correctness, top-class probability and ECE of logits ``z`` at ``temperature``."""
+    p = (z / temperature).softmax(1)
+    top, pred = p.max(1)
+    return dict(correct=(pred == y).cpu(), p_top=top.double().cpu(),
+                ece=calibration.expected_calibration_error(z / temperature, y))
+
+
+def measure(model, pr: Probe, sizes, device, seed: int = 0) -> dict:
+    """One model's entry of the atlas (see the module docstring); ``sizes`` needs ``batch``, ``n_aa``,
+    ``aa_norms`` (a subset of :data:`AA_BUDGETS`), ``aa_iter`` and ``aa_queries`` (the reference's 100 and
+    5000, but in a smoke run), ``n_basin``, ``n_radius``, ``radius_steps``, ``radius_iter``, ``n_curv``,
+    ``n_random`` and ``temperature_at_bound`` (``"raise"``, but in a smoke run: see
+    :func:`flatnb.measure.calibration.fit_temperature`).
+
+    The model must follow the ``features``/``head`` contract (:func:`flatnb.models.wrap` makes any
+    classifier with a final ``nn.Linear`` do so) and be in eval mode."""
+    models.check_contract(model)
+    model.eval()
+    k = len(pr.test.classes)
+    z_cal, y_cal = calibration.model_logits(model, pr.cal, device, sizes.batch)
+    temp = calibration.fit_temperature(z_cal, y_cal, at_bound=sizes.temperature_at_bound)
+    z_test, y_test = calibration.model_logits(model, pr.test, device, sizes.batch)  # one pass, two temperatures
+    raw = _confidence(z_test, y_test)
+    ece_cal = _confidence(z_test, y_test, temp)["ece"]
+    per_test, kappa_test = _flatness(model, pr.test, sizes.batch, device, seed)
+    _, kappa_train = _flatness(model, pr.train, sizes.batch, device, seed)
+    e = dict(clean=Fraction.of(raw["correct"]), conf=float(raw["p_top"].mean()), ece=raw["ece"],
+             temperature=temp, ece_cal=ece_cal, kappa_train=kappa_train, kappa_test=kappa_test,
+             per_input=dict(per_test, p_top=raw["p_top"], correct=raw["correct"]), inherited=())
+
+    # robust accuracy under the reference AutoAttack (standard version), on the first n_aa test images, for
+    # the norms in sizes.aa_norms (a norm left out gets None: the quick profile attacks ℓ∞ only)
+    x, y = _tensors(pr.test, sizes.n_aa, device)
+    for norm, eps in AA_BUDGETS.items():
+        e[f"aa_{norm}"] = None
+        if norm in sizes.aa_norms:
+            r = attacks.autoattack(model, x, y, eps=eps, norm=norm, version="standard", batch_size=sizes.batch,
+                                   seed=seed, n_iter=sizes.aa_iter, n_queries=sizes.aa_queries)
+            e[f"aa_{norm}"] = Fraction.of((r.clean_correct & ~r.success).cpu())
+
+    # chapter 9's basin width (E2 attack, rise > 0.1 log k) and chapter 5's valley end, on correct inputs
+    x, y = _tensors(pr.test, sizes.n_basin, device)
+    ok = raw["correct"][: len(y)].to(device)
+    x, y = x[ok], y[ok]
+    if len(y) == 0:
+        raise EmptySelection("the model classifies none of the basin images correctly: nothing to measure; "
+                         "check the model (its clean accuracy is " f"{e['clean'].pct()})")
+    res = attacks.pgd(model, x, y, **dict(budgets.ATTACKS["pgd_l2_e2"], loss="ce", random_start=False,
+                                          record=trajectory.Recorder))
+    width = trajectory.basin_width(res.trajectory.loss, rise=0.1 * math.log(k)).clamp_max(res.steps_run + 1)
+    e["basin"] = bootstrap_ci(width.double(), seed=seed)
+    long = attacks.pgd(model, x, y, **dict(budgets.ATTACKS["pgd_linf_long"], loss="ce", random_start=False))
+    with torch.no_grad():
+        k0 = cv.model_flatness(model, x)[0].kappa_sq
+        terms, z_end = cv.model_flatness(model, long.x_last)
+    flipped = (z_end.argmax(1) != y)
+    e["valley_end_flatter"] = Fraction.of((terms.kappa_sq < k0)[flipped].cpu()) if bool(flipped.any()) else None
+
+    # chapter 3's flip radius (plain ℓ2 ball, bisection; an upper bound on the distance to the boundary)
+    xr, yr = x[: sizes.n_radius], y[: sizes.n_radius]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    flip = radius.flip_radius(model, xr, yr, torch.zeros(len(yr), device=device, dtype=xr.dtype),
+                              torch.full((len(yr),), 0.1, device=device, dtype=xr.dtype), n_iter=sizes.radius_iter,
+                              max_radius=20.0, steps=sizes.radius_steps, restarts=1, generator=gen)
+    hi = flip.hi.double().cpu()
+    e["radius"] = bootstrap_ci(hi, seed=seed)
+    e["per_radius"] = dict(radius=hi, censored=flip.censored.cpu(),
+                           kappa_sq=k0[: sizes.n_radius].double().cpu(),
+                           p_top=raw["p_top"][: sizes.n_basin][ok.cpu()][: sizes.n_radius])
+
+    # chapter 11's calibrated input-space curvature vᵀ∇²ℓ_T v along random unit directions (median over them)
+    xc, yc = x[: sizes.n_curv], y[: sizes.n_curv]
+    g = torch.Generator(device=device).manual_seed(seed + 1)
+    dirs = cv.unit_directions(torch.randn((sizes.n_random, *xc.shape), generator=g, device=device))
+    curv = cv.directional_curvature(model, xc, yc, dirs, loss_fn=calibration.calibrated_ce(temp, "sum"))
+    e["curv_in"] = bootstrap_ci(curv.double().cpu().reshape(sizes.n_random, -1).median(0).values, seed=seed)
+    return e
+
+
+def calibrated(model, entry: dict, pr: Probe, sizes, device, seed: int = 0):
+    """``(model with temperature 1, its entry)``: the head divided by the fitted temperature
+    (:func:`flatnb.models.scale_head`); κ, confidence and ECE measured again; the decision-based fields
+    (:data:`BY_CONSTRUCTION`) copied from ``entry`` and listed in the new entry's ``inherited``;
+    the loss-based ones (basin width, valley end, input curvature) left out."""
+    cal = models.scale_head(model, 1.0 / entry["temperature"])
+    raw = _confidence(*calibration.model_logits(cal, pr.test, device, sizes.batch))
+    per_test, kappa_test = _flatness(cal, pr.test, sizes.batch, device, seed)
+    _, kappa_train = _flatness(cal, pr.train, sizes.batch, device, seed)
+    if not torch.equal(raw["correct"], entry["per_input"]["correct"]):
+        raise AssertionError("a temperature changed a decision: the copy is not the same classifier")
+    new = dict(conf=float(raw["p_top"].mean()), ece=raw["ece"], temperature=1.0, ece_cal=raw["ece"],
+               kappa_train=kappa_train, kappa_test=kappa_test,
+               per_input=dict(per_test, p_top=raw["p_top"], correct=raw["correct"]),
+               basin=None, valley_end_flatter=None, curv_in=None, inherited=BY_CONSTRUCTION)
+    new.update({f: entry[f] for f in BY_CONSTRUCTION})
+    return cal, new
+
+
+# ----------------------------------------------------------------------------- reading the atlas
+
+def _ci(t, fmt="{:.3g}") -> str:
+    return "—" if t is None else f"{fmt.format(t[0])} [{fmt.format(t[1])}, {fmt.format(t[2])}]"
+
+
+def _pct(f: Fraction | None) -> str:
+    return "—" if f is None else f"{100 * f.value:.1f} [{100 * f.lo:.1f}, {100 * f.hi:.1f}]"
+
+
+def table(entries: dict[str, dict]) -> str:
+    """The atlas as two compact markdown tables, one row per model (``entries``: label → entry): robustness
+    (accuracies in %, the number of images in the header), then flatness and confidence. † marks values a
+    temperature-scaled copy inherits by construction; an AutoAttack norm no model was attacked in is left out."""
+    names = list(entries)
+    first = entries[names[0]]
+    norms = [(k, lab) for k, lab in (("aa_linf", "AA ℓ∞ 8/255"), ("aa_l2", "AA ℓ2 0.5"))
+             if any(entries[n][k] is not None for n in names)]
+    n_aa = next((entries[n][k].n for n in names for k, _ in norms if entries[n][k] is not None), 0)
+    head = (f"| model | clean % (n={first['clean'].n}) | "
+            + "".join(f"{lab} % (n={n_aa}) | " for _, lab in norms)
+            + "flip radius ℓ2 | basin width |\n|" + "---|" * (4 + len(norms)))
+    rob = []
+    for name, e in entries.items():
+        mark = " †" if e["inherited"] else ""
+        rob.append(f"| {name} | {_pct(e['clean'])}{mark} | " + "".join(f"{_pct(e[k])}{mark} | " for k, _ in norms)
+                   + f"{_ci(e['radius'], '{:.2f}')}{mark} | {_ci(e['basin'], '{:.0f}')} |")
+    flat = ["| model | κ train | κ test | mean conf. | ECE | T | input curv. (cal.) |\n|" + "---|" * 7]
+    for name, e in entries.items():
+        flat.append(f"| {name} | {_ci(e['kappa_train']['kappa_sq'])} | {_ci(e['kappa_test']['kappa_sq'])} | "
+                    f"{e['conf']:.2f} | {e['ece']:.3f} | {e['temperature']:.2f} | {_ci(e['curv_in'])} |")
+    left_out = [lab for k, lab in (("aa_linf", "AA ℓ∞ 8/255"), ("aa_l2", "AA ℓ2 0.5")) if (k, lab) not in norms]
+    note = f"\n\n({', '.join(left_out)}: not run in this profile.)" if left_out else ""
+    return head + "\n" + "\n".join(rob) + note + "\n\n" + "\n".join(flat)
+
+
+def columns(entries: dict[str, dict]) -> dict[str, np.ndarray]:
+    """Per-model columns for correlations: κ over training and test images (the three conventions),
+    mean confidence, ECE, the AutoAttack robust accuracies (of the norms every model was attacked in) and the
+    median flip radius."""
+    names = list(entries)
+    col = lambda f: np.array([f(entries[n]) for n in names], dtype=float)  # noqa: E731
+    out = {f"{c}_train": col(lambda e, c=c: e["kappa_train"][c][0]) for c in CONVENTIONS}
+    out |= {f"{c}_test": col(lambda e, c=c: e["kappa_test"][c][0]) for c in CONVENTIONS}
+    out |= dict(conf=col(lambda e: e["conf"]), ece=col(lambda e: e["ece"]),
+                clean=col(lambda e: e["clean"].value), radius=col(lambda e: e["radius"][0]))
+    for k in ("aa_linf", "aa_l2"):  # only the norms every model was attacked in
+        if all(entries[n][k] is not None for n in names):
+            out[k] = col(lambda e, k=k: e[k].value)
+    for k, v in out.items():
+        if not np.isfinite(v).all():
+            raise ValueError(f"atlas column {k} has non-finite values for "
+                             f"{[n for n, x in zip(names, v) if not math.isfinite(x)]}")
+    return out

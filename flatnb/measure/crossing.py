@@ -1,0 +1,245 @@
+"""The uncanny valley measured finely: boundary crossings, the shape around them, and a null.
+
+Walter et al. (2026, §5, E6) describe κ along an attack path: it rises towards the decision
+boundary, peaks near the label flip and falls where the model is confidently wrong.  Recorded
+iterates are coarse (one PGD step apart), so "near the flip" needs care: when the flip comes at step
+1, any window around it contains the clean point, and a κ that only *falls* from the clean point
+would count as "peaking near the flip".  This module
+
+* locates each path's boundary crossing by bisection on the logit margin
+  ``z_y - max_{j != y} z_j`` along the straight segment between the last correct and the first
+  wrong iterate (:func:`boundary_crossing`, :func:`path_crossings`), and evaluates the closed-form
+  flatness terms there and on a grid inside that segment;
+* reads the shape per path against that refined path (:func:`valley_shape`): rise, peak inside the
+  flip segment, fall, confident wrongness, loss above ``log k``, each a
+  :class:`flatnb.stats.Fraction`;
+* compares the peak position with two nulls: κ values shuffled along the path (the peak lands on a
+  uniformly random point of the refined path) and a κ that only falls from the clean point (the
+  peak sits at step 0); :func:`null_test`.
+
+Paths are :class:`flatnb.measure.trajectory.Trajectory` objects recorded with ``record_inputs=True``
+(``traj.x`` holds the iterates, (T+1, N, ...)).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from flatnb.curvature.last_layer import closed_form
+from flatnb.models import check_contract
+from flatnb.stats import EmptySelection, Fraction
+
+Tensor = torch.Tensor
+KAPPAS = ("kappa_sq", "kappa_unsq", "kappa_neuron")
+
+
+def _margin(logits: Tensor, y: Tensor) -> Tensor:
+    z_y = logits.gather(1, y[:, None])[:, 0]
+    other = logits.scatter(1, y[:, None], float("-inf")).amax(dim=1)
+    return z_y - other
+
+
+@torch.no_grad()
+def _terms(model, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    phi = model.features(x)
+    if phi.dtype in (torch.float16, torch.bfloat16):  # curvature is never taken in half precision
+        phi = phi.float()
+    w, b = model.head.weight.to(phi.dtype), model.head.bias
+    logits = torch.nn.functional.linear(phi, w, None if b is None else b.to(phi.dtype))
+    t = closed_form(phi, logits, w)
+    out = {k: getattr(t, k) for k in KAPPAS}
+    out["margin"] = _margin(logits, y)
+    out["p_top"] = logits.softmax(dim=1).amax(dim=1)
+    return out
+
+
+@torch.no_grad()
+def boundary_crossing(model, x_prev: Tensor, x_next: Tensor, y: Tensor, iters: int = 30,
+                      grid: int = 8) -> dict[str, Tensor]:
+    """Where the straight segment ``x_prev -> x_next`` crosses the decision boundary of label ``y``.
+
+    ``x_prev`` must be classified as ``y`` (margin > 0) and ``x_next`` not (margin <= 0).
+    Bisection on the margin ``m(a)`` of ``x_prev + a (x_next - x_prev)`` keeps ``m(lo) > 0 >= m(hi)``
+    for ``iters`` halvings, then returns the point at ``a = hi`` (the first wrong point, within
+    ``2**-iters`` of the crossing).  Returns per example (N,): ``alpha``, the flatness terms
+    ``kappa_sq``/``kappa_unsq``/``kappa_neuron``, ``margin`` and ``p_top`` at the crossing, and
+    ``grid_<kappa>`` (N, grid) at ``a = 1/(grid+1), ..., grid/(grid+1)`` inside the segment.
+    """
+    check_contract(model)
+    if x_prev.shape != x_next.shape or x_prev.shape[0] != y.shape[0]:
+        raise ValueError(f"x_prev, x_next must have one shape and y one label per row, got "
+                         f"{tuple(x_prev.shape)}, {tuple(x_next.shape)}, {tuple(y.shape)}")
+    if x_prev.shape[0] == 0:
+        raise ValueError("boundary_crossing got no paths (no example flips?)")
+    if not (bool(torch.isfinite(x_prev).all()) and bool(torch.isfinite(x_next).all())):
+        raise ValueError("boundary_crossing got non-finite inputs; check the recorded iterates")
+    if not isinstance(iters, int) or iters < 1 or not isinstance(grid, int) or grid < 0:
+        raise ValueError(f"need iters >= 1 and grid >= 0 (integers), got {iters!r}, {grid!r}")
+    was_training = model.training
+    model.eval()
+    try:
+        m0 = _terms(model, x_prev, y)["margin"]
+        m1 = _terms(model, x_next, y)["margin"]
+        bad = (m0 <= 0) | (m1 > 0)
+        if bool(bad.any()):
+            raise ValueError(f"{int(bad.sum())} segments do not cross the boundary (rows "
+                             f"{torch.nonzero(bad)[:5, 0].tolist()}...): x_prev must be correct and "
+                             "x_next wrong; pass the iterates flip_step - 1 and flip_step")
+        shape = (-1,) + (1,) * (x_prev.dim() - 1)
+        d = x_next - x_prev
+        lo = torch.zeros(len(y), device=x_prev.device, dtype=torch.float64)
+        hi = torch.ones_like(lo)
+        for _ in range(iters):
+            mid = (lo + hi) / 2
+            wrong = _terms(model, x_prev + mid.to(d.dtype).view(shape) * d, y)["margin"] <= 0
+            hi = torch.where(wrong, mid, hi)
+            lo = torch.where(wrong, lo, mid)
+        out = _terms(model, x_prev + hi.to(d.dtype).view(shape) * d, y)
+        out["alpha"] = hi
+        grids = {k: [] for k in KAPPAS}
+        for j in range(1, grid + 1):
+            t = _terms(model, x_prev + (j / (grid + 1)) * d, y)
+            for k in KAPPAS:
+                grids[k].append(t[k])
+        for k in KAPPAS:
+            out["grid_" + k] = (torch.stack(grids[k], dim=1) if grid else
+                                torch.empty(len(y), 0, device=x_prev.device))
+        return out
+    finally:
+        model.train(was_training)
+
+
+def path_crossings(model, traj, y: Tensor, iters: int = 30, grid: int = 8,
+                   batch_size: int = 256) -> dict[str, Tensor]:
+    """:func:`boundary_crossing` for every path of ``traj`` that starts correct and flips
+    (``flip_step >= 1``), between iterates ``flip_step - 1`` and ``flip_step``.
+
+    ``traj`` needs the iterates (``pgd(..., record=Recorder, record_inputs=True)``).  Returns the
+    crossing's fields for those paths, plus ``cols`` (their columns in ``traj``), ``flip_step``
+    and ``t_cross = flip_step - 1 + alpha`` (the crossing in units of attack steps).
+    """
+    if getattr(traj, "x", None) is None:
+        raise ValueError("the trajectory has no iterates: attack with record=Recorder, record_inputs=True")
+    if y.shape[0] != traj.flip_step.shape[0]:
+        raise ValueError(f"y has {y.shape[0]} labels for {traj.flip_step.shape[0]} paths")
+    cols = torch.nonzero(traj.flip_step >= 1)[:, 0]
+    if cols.numel() == 0:
+        raise ValueError("no path flips during the attack: nothing to locate")
+    y = y.to(traj.x.device)
+    parts = []
+    for i in range(0, cols.numel(), batch_size):
+        c = cols[i:i + batch_size].to(traj.x.device)
+        f = traj.flip_step[c].to(traj.x.device)
+        parts.append(boundary_crossing(model, traj.x[f - 1, c], traj.x[f, c], y[c], iters, grid))
+    out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    out["cols"] = cols
+    out["flip_step"] = traj.flip_step[cols]
+    out["t_cross"] = out["flip_step"].double() - 1 + out["alpha"].double().to(cols.device)
+    return out
+
+
+@dataclass
+class ValleyShape:
+    """Per-path shape of κ along refined paths (see :func:`valley_shape`)."""
+
+    n: int
+    rise: Fraction
+    peak_in_segment: Fraction
+    peak_in_segment_late: Fraction
+    fall: Fraction
+    conf_rises: Fraction
+    loss_high: Fraction
+    null_shuffle: float
+    null_shuffle_late: float | None
+    null_start: float
+    z_shuffle_late: float | None
+    peak_offset: Tensor
+    flip_step: Tensor
+
+
+def valley_shape(traj, cross: dict, kappa: str = "kappa_sq", num_classes: int = 10,
+                 keep: Tensor | None = None) -> ValleyShape:
+    """The valley's shape per path, on the path refined by its boundary crossing.
+
+    The refined path of a flipping example is its recorded iterates ``x_0..x_T`` plus the grid
+    points and the crossing inside the flip segment ``[flip_step - 1, flip_step]``.  Fractions over
+    the paths (``keep``: a boolean mask over ``cross``'s paths, e.g. confident clean inputs):
+
+    * ``rise``: κ at the crossing exceeds κ at the clean input;
+    * ``peak_in_segment``: the largest κ of the refined path lies in the flip segment
+      (``peak_in_segment_late``: the same over paths with ``flip_step >= 2``, where the segment does
+      not contain the clean point, so a κ that only falls from the start cannot score);
+    * ``fall``: κ at the last iterate is below κ at the crossing;
+    * ``conf_rises``: the top-class probability at the last iterate exceeds the one at the crossing;
+    * ``loss_high``: the loss at the last iterate exceeds ``log k`` (the paper's Definition 4 with
+      ε = log k).
+
+    Nulls for the peak (expected fraction): ``null_shuffle`` if κ were shuffled along each refined
+    path (the peak uniformly on its points), ``null_start`` if κ only fell from the clean point
+    (share of paths with ``flip_step == 1``).  ``z_shuffle_late`` is the normal-approximation
+    z-score of the late count against the shuffle null (Poisson binomial mean and variance);
+    the late fields are ``None`` (``Fraction(0, 0)``) when no path flips at step 2 or later.
+    ``peak_offset``: the peak's position minus ``t_cross`` in attack steps, per kept path.
+    """
+    if kappa not in KAPPAS:
+        raise ValueError(f"kappa must be one of {KAPPAS}, got {kappa!r}")
+    cols = cross["cols"]
+    n_all = cols.numel()
+    keep = torch.ones(n_all, dtype=torch.bool) if keep is None else keep.cpu().bool()
+    if keep.shape != (n_all,):
+        raise ValueError(f"keep must be a mask over the {n_all} crossing paths, got {tuple(keep.shape)}")
+    if not bool(keep.any()):
+        raise EmptySelection("valley_shape: no path left after `keep` (no flipping path passes the selection, "
+                             "e.g. no confident clean input: a weak model or too few test images)")
+    sel = torch.nonzero(keep)[:, 0]
+    c = cols.cpu()[sel]
+    f = cross["flip_step"].cpu()[sel].long()
+    path = getattr(traj, kappa)[:, c.to(getattr(traj, kappa).device)].double().cpu()  # (T+1, n)
+    k_cross = cross[kappa].double().cpu()[sel]
+    k_grid = cross["grid_" + kappa].double().cpu()[sel]  # (n, G)
+    for name, v in (("path", path), ("crossing", k_cross), ("grid", k_grid)):
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError(f"non-finite κ on the {name}; the model or the attack produced NaN/inf")
+    T1, n, G = path.shape[0], sel.numel(), k_grid.shape[1]
+    alpha = cross["alpha"].double().cpu()[sel]
+    # positions (in attack steps) and values of the refined path's points
+    steps = torch.arange(T1, dtype=torch.float64)[:, None].expand(T1, n)
+    fr = torch.arange(1, G + 1, dtype=torch.float64) / (G + 1)
+    pos = torch.cat([steps.T, (f[:, None] - 1) + fr[None, :], (f - 1 + alpha)[:, None]], dim=1)
+    val = torch.cat([path.T, k_grid, k_cross[:, None]], dim=1)
+    top = val.argmax(dim=1)
+    t_peak = pos[torch.arange(n), top]
+    in_seg = (t_peak >= f - 1) & (t_peak <= f)
+    late = f >= 2
+    # shuffle null: share of the refined path's points inside the flip segment
+    p_null = (2 + G + 1) / (T1 + G + 1) * torch.ones(n, dtype=torch.float64)
+    k_late = int(in_seg[late].sum())
+    mu, var = float(p_null[late].sum()), float((p_null * (1 - p_null))[late].sum())
+    t_cross = f - 1 + alpha
+    p_top, loss = traj.p_top[:, c.to(traj.p_top.device)].cpu(), traj.loss[:, c.to(traj.loss.device)].cpu()
+    return ValleyShape(
+        n=n,
+        rise=Fraction.of(k_cross > path[0]),
+        peak_in_segment=Fraction.of(in_seg),
+        peak_in_segment_late=Fraction.of(in_seg[late]) if bool(late.any()) else Fraction(0, 0),
+        fall=Fraction.of(path[-1] < k_cross),
+        conf_rises=Fraction.of(p_top[-1] > cross["p_top"].cpu()[sel]),
+        loss_high=Fraction.of(loss[-1] > math.log(num_classes)),
+        null_shuffle=float(p_null.mean()),
+        null_shuffle_late=float(p_null[late].mean()) if bool(late.any()) else None,
+        null_start=float((f == 1).double().mean()),
+        z_shuffle_late=(k_late - mu) / math.sqrt(var) if var > 0 else None,
+        peak_offset=t_peak - t_cross,
+        flip_step=f,
+    )
+
+
+def flip_step_counts(flip_step: Tensor, steps: int) -> list[int]:
+    """How many paths flip at each step ``1..steps`` (paths that never flip or start wrong excluded)."""
+    f = flip_step.cpu().long()
+    f = f[f >= 1]
+    if bool((f > steps).any()):
+        raise ValueError(f"flip steps above steps={steps}: pass the attack's number of steps")
+    return torch.bincount(f, minlength=steps + 1)[1:].tolist()
