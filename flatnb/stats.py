@@ -197,3 +197,22 @@ def as_interval(v) -> tuple[float, float, float]:
     if len(out) != 3:
         raise ValueError(f"an interval is (estimate, lo, hi), got {v!r}")
     return out
+
+
+def fmt(v, spec: str = ".2f", pct: bool = False, signed: bool = False, suffix: str = "", n: bool = False) -> str:
+    """One interval formatter for the whole book: ``0.82 [0.71, 0.89]`` from a :class:`Fraction`, an
+    ``(estimate, lo, hi)`` tuple or a number. ``pct`` prints percentages (``45.3 % [42.2, 48.4]``), ``signed``
+    a leading ``+`` on non-negative numbers, ``suffix`` a unit after each number (e.g. ``"×"``), ``n`` the
+    sample size of a :class:`Fraction` (``(n=1000)``)."""
+    est, lo, hi = as_interval(v)
+    if not all(np.isfinite([est, lo, hi])):
+        raise ValueError(f"cannot format a non-finite interval {est, lo, hi}: fix the measurement that gave it")
+    sign = "+" if signed else ""
+    scale, unit = (100.0, " %") if pct else (1.0, suffix)
+    if pct and spec == ".2f":
+        spec = ".1f"
+    num = lambda t: format(scale * t, sign + spec)  # noqa: E731 - a local shorthand, not a chapter's
+    out = f"{num(est)}{unit}" if lo == hi == est else f"{num(est)}{unit} [{num(lo)}, {num(hi)}]"
+    if n and isinstance(v, Fraction):
+        out += f" (n={v.n:,})"
+    return out

@@ -315,3 +315,44 @@ def test_dirty_ignores_outputs_but_not_code(tmp_path, monkeypatch):
     git("checkout", "book/c.ipynb")
     (tmp_path / "flatnb" / "m.py").write_text("x = 2\n")
     assert records.dirty() is True, "a changed module"
+
+
+# ----------------------------------------------------------------------------- shared rules and formatters
+
+def test_fmt_formats_every_interval_kind_the_same_way():
+    from flatnb.stats import Fraction, fmt
+
+    assert fmt(Fraction(82, 100), n=True) == "0.82 [0.73, 0.88] (n=100)"  # Wilson (1927): [0.7333, 0.8829]
+    assert fmt((0.5, 0.4, 0.6), pct=True) == "50.0 % [40.0, 60.0]"
+    assert fmt((1.3, 1.0, 1.6), suffix="×") == "1.30× [1.00, 1.60]"
+    assert fmt((0.1, -0.2, 0.3), signed=True) == "+0.10 [-0.20, +0.30]"
+    assert fmt(2.0) == "2.00"
+    with pytest.raises(ValueError, match="non-finite"):
+        fmt((float("nan"), 0.0, 1.0))
+
+
+def test_interval_rules_decide_on_the_whole_interval():
+    from flatnb.evidence import claims as c
+    from flatnb.stats import Fraction
+
+    assert c.grade_interval(Fraction(95, 100), 0.8, 0.5)[0] == "reproduced"
+    assert c.grade_interval(Fraction(85, 100), 0.8, 0.5)[0] == "partly"  # lower end 0.767 < 0.8
+    assert c.grade_interval(Fraction(30, 100), 0.8, 0.5)[0] == "not reproduced"
+    assert c.grade_interval((0.01, 0.0, 0.02), 0.05, 0.2, higher_is_yes=False)[0] == "reproduced"
+    assert c.grade_interval((0.01, 0.0, 0.10), 0.05, 0.2, higher_is_yes=False)[0] == "partly"
+    assert c.grade_interval((0.5, 0.3, 0.6), 0.05, 0.2, higher_is_yes=False)[0] == "not reproduced"
+    assert c.grade_ratio((20, 10, 40), 20)[0] == "reproduced"
+    assert c.grade_ratio((20, 5, 40), 20)[0] == "partly"
+    assert c.grade_ratio((1, 0.5, 2), 20)[0] == "not reproduced"
+    assert c.equivalent((0.0, -0.03, 0.04), 0.05)[0] is True
+    assert c.equivalent((0.0, -0.10, 0.04), 0.05)[0] is False  # too wide: no evidence of "no difference"
+    assert c.adequate_at(0.70, (0.37, 0.34, 0.40))[0] is True
+    assert c.adequate_at(0.70, (0.10, 0.05, 0.16))[0] is False and c.adequate_at(0.5, (0.4, 0.35, 0.45))[0] is False
+
+
+def test_markdown_table_escapes_and_checks_its_shape():
+    from flatnb.evidence import claims as c
+
+    assert c.markdown_table(["a", "b"], [[1, "x|y"]]) == "| a | b |\n|---|---|\n| 1 | x\\|y |"
+    with pytest.raises(ValueError, match="2 cells"):
+        c.markdown_table(["a", "b"], [[1]])

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from flatnb.stats import Fraction
+from flatnb.stats import Fraction, as_interval, fmt
 
 VERDICTS = ("reproduced", "partly", "not reproduced", "not testable here")
 KINDS = ("evidence", "theory", "by construction")
@@ -73,6 +73,72 @@ def weak_model(verdict_if_strong: str, reason: str, strong_enough: bool, why_wea
     if strong_enough:
         return verdict_if_strong, reason
     return "not testable here", f"{why_weak}; the rule would have said '{verdict_if_strong}' ({reason})"
+
+
+def grade_interval(v, reproduced_above: float, not_below: float, higher_is_yes: bool = True) -> tuple[str, str]:
+    """``(verdict, rule)`` for any interval (a :class:`Fraction`, an ``(estimate, lo, hi)`` bootstrap
+    interval): reproduced when the whole interval lies at or beyond ``reproduced_above``, not reproduced
+    when the whole interval lies short of ``not_below``, partly otherwise. ``higher_is_yes=False`` turns the
+    direction round (the claim says the quantity is small)."""
+    est, lo, hi = as_interval(v)
+    if higher_is_yes:
+        verdict = "reproduced" if lo >= reproduced_above else "not reproduced" if hi < not_below else "partly"
+        rule = (f"interval {fmt(v)}: reproduced if it lies at or above {reproduced_above:g}, not reproduced if "
+                f"below {not_below:g}, else partly")
+    else:
+        verdict = "reproduced" if hi <= reproduced_above else "not reproduced" if lo > not_below else "partly"
+        rule = (f"interval {fmt(v)}: reproduced if it lies at or below {reproduced_above:g}, not reproduced if "
+                f"above {not_below:g}, else partly")
+    return verdict, rule
+
+
+def grade_ratio(v, paper: float, band: float = 2.5) -> tuple[str, str]:
+    """``(verdict, rule)`` for a measured ratio against the paper's: reproduced when the whole interval lies
+    within a factor ``band`` of ``paper``, not reproduced when it lies wholly outside, partly otherwise."""
+    est, lo, hi = as_interval(v)
+    if not (paper > 0 and band > 1 and lo > 0):
+        raise ValueError(f"a ratio needs positive numbers and band > 1, got interval {v}, paper {paper}, band {band}")
+    inside = paper / band <= lo and hi <= paper * band
+    outside = hi < paper / band or lo > paper * band
+    verdict = "reproduced" if inside else "not reproduced" if outside else "partly"
+    return verdict, (f"ratio {fmt(v, suffix='×')} against the paper's {paper:g}×: reproduced if the interval lies "
+                     f"within a factor {band:g} of it, not reproduced if wholly outside, else partly")
+
+
+def equivalent(diff, margin: float) -> tuple[bool, str]:
+    """Whether an interval of a difference (e.g. AutoAttack accuracy of a flatter model minus a standard one)
+    excludes every difference that matters (|d| >= ``margin``): the test behind "not more robust". A wide
+    interval is not evidence of no difference, so it says False."""
+    est, lo, hi = as_interval(diff)
+    ok = -margin < lo and hi < margin
+    return ok, (f"difference {fmt(diff, signed=True)}: {'within' if ok else 'not within'} the equivalence margin "
+                f"±{margin:g}")
+
+
+#: the bar an adversarially trained model must clear before its rows are evidence (chapters 9, 11, 13)
+AT_BAR = {"clean": 0.60, "autoattack_lo": 0.15}
+
+
+def adequate_at(clean: float, autoattack) -> tuple[bool, str]:
+    """``(strong_enough, why_weak)`` for an adversarially trained model: clean accuracy >= 60 % and the lower
+    end of its AutoAttack interval >= 15 % (:data:`AT_BAR`). Pass the result to :func:`weak_model`."""
+    est, lo, hi = as_interval(autoattack)
+    ok = clean >= AT_BAR["clean"] and lo >= AT_BAR["autoattack_lo"]
+    return ok, (f"the AT model is not robust enough for this claim ({100 * clean:.1f} % clean, AutoAttack "
+                f"{fmt(autoattack, pct=True)}; the bar is {100 * AT_BAR['clean']:.0f} % clean and an AutoAttack "
+                f"interval above {100 * AT_BAR['autoattack_lo']:.0f} %)")
+
+
+def markdown_table(header, rows) -> str:
+    """A Markdown table from a header and rows of cells (each cell str()-ed, pipes escaped): the one way a
+    chapter builds a table (``display(Markdown(markdown_table(...)))``)."""
+    header = list(header)
+    rows = [list(r) for r in rows]
+    if not header or any(len(r) != len(header) for r in rows):
+        raise ValueError(f"every row needs {len(header)} cells (the header's), got {[len(r) for r in rows]}")
+    lines = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
 
 
 def counts(rows: list[dict], kind: str | None = None) -> Counter:
