@@ -34,19 +34,22 @@ def test_toc_lists_chapters_and_each_has_a_parameters_cell():
 
 
 def test_the_quick_main_model_meets_its_target(chapter_models):
-    """Issue 15's target for the quick main model: >= 85 % CIFAR-10 test accuracy on all 10,000 test images,
-    without label smoothing or test-time augmentation; checked on the model this run trained for the chapters."""
+    """The quick main model's target: >= 89 % test accuracy on all 10,000 original CIFAR-10 test images, without
+    label smoothing or test-time augmentation (85 % until 2026-12-06, on the JPEG copy of CIFAR-10, where this
+    recipe reached 86.3 %; on the original images it reaches 89.9 %); checked on the model the chapters use
+    (the shipped weights, or the model this run trained)."""
     import torch
 
+    from flatnb import zoo
     from flatnb.training import train
 
     torch.set_num_threads(1)
-    model = train.trained_model("main", "cifar10", profile="quick", device="cpu", progress=False)
+    model = zoo.model("main", "cifar10", profile="quick", device="cpu", progress=False)
     cfg = train.config_for("main", "cifar10", profile="quick")
     assert (cfg.arch, cfg.label_smoothing, cfg.mixup_alpha) == ("fastnet", 0.0, 0.0)
     result = train.evaluate(model, train.test_data(cfg), "cpu")
     print(f"quick main model: {result['accuracy']:.4f} on {result['n']} test images")
-    assert result["n"] == 10_000 and result["accuracy"] >= 0.85
+    assert result["n"] == 10_000 and result["accuracy"] >= 0.89
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.stem for c in CHAPTERS])

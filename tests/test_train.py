@@ -427,7 +427,9 @@ def test_quick_main_model_real_cifar10(caller_cache):
     assert acc > QUICK_MAIN_MIN_ACCURACY
 
 
-QUICK_MAIN_MIN_ACCURACY = 0.85  # issue 15: >= 85 % without label smoothing or test-time augmentation
+# >= 89 % on the original CIFAR-10 without label smoothing or test-time augmentation (85 % on the JPEG copy
+# until 2026-12-06; the recipe gives 89.9 % on the original images, shipped as quick-fastnet-cifar10-standard-s0)
+QUICK_MAIN_MIN_ACCURACY = 0.89
 
 
 def test_compile_switch_goes_through_torch_compile_and_is_recorded(cifar_root, monkeypatch):
