@@ -320,8 +320,9 @@ def test_recipe_table_covers_the_chapters_and_keeps_old_checkpoint_keys():
     assert T.config_for("vit_tiny", "tinyimagenet", profile="full").key("x") == "a9770125151d8f5b"
     assert T.config_for("resnet18", "cifar10", "pgd_at").key("x") == "3a6a58d97d003d62"
     # roles
-    assert recipes.resolve_arch("main", "quick") == "fastnet" and recipes.resolve_arch("main", "full") == "resnet18"
-    assert T.config_for("main", "cifar10", profile="full") == T.config_for("resnet18", "cifar10", profile="full")
+    assert recipes.resolve_arch("main", "quick") == "fastnet" and recipes.resolve_arch("main", "full") == "fastnet"
+    assert T.config_for("main", "cifar10", profile="full") == T.config_for("fastnet", "cifar10", profile="full")
+    assert T.config_for("main", "cifar10", profile="full").width == 64  # the shipped evidence model
     q = T.config_for("main", "cifar10")
     assert (q.arch, q.label_smoothing, q.mixup_alpha, q.sam_rho) == ("fastnet", 0.0, 0.0, 0.0)
     at = T.config_for("main", "cifar10", "pgd_at")
@@ -339,7 +340,7 @@ def test_trained_model_resolves_main_and_auto(monkeypatch):
     assert T.trained_model("main", "cifar10", profile="auto", device="cpu") == "model"
     assert seen[-1][0] == T.config_for("fastnet", "cifar10", profile="quick") and seen[-1][1].type == "cpu"
     T.trained_model("main", "cifar10", "pgd_at", profile="full", seed=1, device="cpu")
-    assert seen[-1][0] == T.config_for("resnet18", "cifar10", "pgd_at", profile="full", seed=1)
+    assert seen[-1][0] == T.config_for("fastnet", "cifar10", "pgd_at", profile="full", seed=1)
 
 
 def test_precision_selection(monkeypatch):
