@@ -8,6 +8,8 @@ from __future__ import annotations
 import errno
 import os
 import platform
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy
@@ -86,8 +88,6 @@ def atomic_save(obj, path: Path) -> None:
 
 def _atomic_write(path, write) -> None:
     """The one temp-file + ``os.replace`` pattern: ``write(f)`` fills a binary temp file beside ``path``."""
-    import tempfile  # only the writers need it
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
@@ -100,8 +100,6 @@ def _atomic_write(path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         if _disk_full(e):
-            import shutil  # only on this error path
-
             free = shutil.disk_usage(path.parent).free / 2**30
             raise OSError(errno.ENOSPC, f"no space left on the device while writing {path} ({free:.1f} GiB free "
                           f"there now): free space on that disk, or point FLATNB_CACHE at a folder on a disk "
