@@ -76,15 +76,14 @@ class Fraction:
         return self.interval[1]
 
     def __str__(self) -> str:
+        """``0.82 [0.72, 0.89] (n=77)``: :func:`fmt`, the book's one interval formatter."""
         if self.n == 0:
             return "— (n=0)"
-        lo, hi = self.interval
-        return f"{self.value:.2f} [{lo:.2f}, {hi:.2f}] (n={self.n})"
+        return fmt(self, n=True)
 
     def pct(self) -> str:
-        """As a percentage: ``45.3 % [42.2, 48.4] (n=1000)``."""
-        lo, hi = self.interval
-        return f"{100 * self.value:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}] (n={self.n})"
+        """As a percentage: ``45.3 % [42.2, 48.4] (n=1,000)`` (:func:`fmt` with ``pct=True``)."""
+        return fmt(self, pct=True, n=True)
 
 
 def bootstrap_ci(values, statistic=np.median, n_boot: int = 2000, seed: int = 0,
