@@ -8,6 +8,8 @@ from __future__ import annotations
 import errno
 import os
 import platform
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy
@@ -64,28 +66,40 @@ def cache_dir() -> Path:
     return path
 
 
-def atomic_save(obj, path: Path) -> None:
-    """``torch.save`` to a temp file in the same folder, then ``os.replace``.
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write ``data`` to a temp file in the same folder, then ``os.replace`` it onto ``path``.
 
-    A reader never sees a half-written cache or checkpoint: an interrupted
-    write leaves the previous file (or none) in place.
+    A reader never sees a half-written file: an interrupted write leaves the previous file (or none) in place.
+    A full disk raises ``OSError(ENOSPC)`` that says where and how much room is left.
     """
-    import tempfile
+    _atomic_write(path, lambda f: f.write(data))
 
+
+def atomic_write_text(path, text: str) -> None:
+    """:func:`atomic_write_bytes` of ``text`` in UTF-8."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_save(obj, path: Path) -> None:
+    """``torch.save`` atomically (:func:`atomic_write_bytes`): a reader never sees a half-written cache or
+    checkpoint."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def _atomic_write(path, write) -> None:
+    """The one temp-file + ``os.replace`` pattern: ``write(f)`` fills a binary temp file beside ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; caches are meant to be shared
+            write(f)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; caches and records are meant to be shared
         os.replace(tmp, path)
     except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
         if _disk_full(e):
-            import shutil
-
             free = shutil.disk_usage(path.parent).free / 2**30
             raise OSError(errno.ENOSPC, f"no space left on the device while writing {path} ({free:.1f} GiB free "
                           f"there now): free space on that disk, or point FLATNB_CACHE at a folder on a disk "

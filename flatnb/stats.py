@@ -1,7 +1,9 @@
 """Uncertainty for the book's numbers: Wilson intervals for fractions, bootstrap intervals for the rest.
 
 Every fraction the book reports carries a 95 % interval (:class:`Fraction`), and verdicts are
-decided on the interval, not the point (:func:`flatnb.evidence.claims.grade`).
+decided on the interval, not the point (:func:`flatnb.evidence.claims.grade`). The statistics are
+``scipy.stats``'s (Wilson interval, ranks, Spearman, percentile bootstrap); this module keeps the book's
+signatures and its refusals (an empty selection or a NaN is an error, never a NaN).
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.stats
 import torch
 
 Z95 = 1.959963984540054
@@ -32,11 +35,10 @@ def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     if not 0 <= k <= n:
         raise ValueError(f"k must be in [0, n], got k={k}, n={n}")
     p = k / n
-    den = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    lo = 0.0 if k == 0 else max(0.0, centre - half)  # exact ends: rounding must not exclude p_hat
-    hi = 1.0 if k == n else min(1.0, centre + half)
+    level = 0.95 if z == Z95 else float(2 * scipy.stats.norm.cdf(z) - 1)
+    ci = scipy.stats.binomtest(k, n).proportion_ci(confidence_level=level, method="wilson")
+    lo = 0.0 if k == 0 else max(0.0, float(ci.low))  # exact ends: rounding must not exclude p_hat
+    hi = 1.0 if k == n else min(1.0, float(ci.high))
     return min(lo, p), max(hi, p)
 
 
@@ -74,15 +76,14 @@ class Fraction:
         return self.interval[1]
 
     def __str__(self) -> str:
+        """``0.82 [0.72, 0.89] (n=77)``: :func:`fmt`, the book's one interval formatter."""
         if self.n == 0:
             return "— (n=0)"
-        lo, hi = self.interval
-        return f"{self.value:.2f} [{lo:.2f}, {hi:.2f}] (n={self.n})"
+        return fmt(self, n=True)
 
     def pct(self) -> str:
-        """As a percentage: ``45.3 % [42.2, 48.4] (n=1000)``."""
-        lo, hi = self.interval
-        return f"{100 * self.value:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}] (n={self.n})"
+        """As a percentage: ``45.3 % [42.2, 48.4] (n=1,000)`` (:func:`fmt` with ``pct=True``)."""
+        return fmt(self, pct=True, n=True)
 
 
 def bootstrap_ci(values, statistic=np.median, n_boot: int = 2000, seed: int = 0,
@@ -97,11 +98,12 @@ def bootstrap_ci(values, statistic=np.median, n_boot: int = 2000, seed: int = 0,
         raise EmptySelection("bootstrap_ci needs at least one value (the selection is empty)")
     if not np.isfinite(v).all():
         raise ValueError(f"bootstrap_ci got {int((~np.isfinite(v)).sum())} non-finite values; drop or fix them first")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, v.size, size=(n_boot, v.size))
-    boots = np.apply_along_axis(statistic, 1, v[idx])
-    a = (1 - level) / 2
-    return float(statistic(v)), float(np.quantile(boots, a)), float(np.quantile(boots, 1 - a))
+    if v.size == 1 or np.all(v == v[0]):  # every resample is the same: scipy would warn of a degenerate interval
+        est = float(statistic(v))
+        return est, est, est
+    res = scipy.stats.bootstrap((v,), statistic, n_resamples=n_boot, confidence_level=level, method="percentile",
+                                vectorized=False, rng=np.random.default_rng(seed))
+    return float(statistic(v)), float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 # ----------------------------------------------------------------------------- rank correlations
@@ -120,15 +122,8 @@ def _columns(*cols) -> list[np.ndarray]:
 
 
 def _ranks(v: np.ndarray) -> np.ndarray:
-    """Average ranks (ties share the mean of their positions), 0-based."""
-    order = np.argsort(v, kind="mergesort")
-    ranks = np.empty(v.size)
-    ranks[order] = np.arange(v.size, dtype=float)
-    for u in np.unique(v):  # ties
-        tie = v == u
-        if tie.sum() > 1:
-            ranks[tie] = ranks[tie].mean()
-    return ranks
+    """Average ranks (ties share the mean of their positions), 0-based (``scipy.stats.rankdata`` - 1)."""
+    return scipy.stats.rankdata(v, method="average") - 1.0
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
@@ -142,10 +137,9 @@ def spearman(x, y) -> float:
 
     A constant column has no ranking: ``ValueError`` (a correlation of NaN is not a number to report)."""
     x, y = _columns(x, y)
-    r = _pearson(_ranks(x), _ranks(y))
-    if not math.isfinite(r):
+    if np.all(x == x[0]) or np.all(y == y[0]):
         raise ValueError("a column is constant: its rank correlation is undefined")
-    return r
+    return float(scipy.stats.spearmanr(x, y).statistic)
 
 
 def partial_spearman(x, y, z) -> float:

@@ -356,3 +356,23 @@ def test_markdown_table_escapes_and_checks_its_shape():
     assert c.markdown_table(["a", "b"], [[1, "x|y"]]) == "| a | b |\n|---|---|\n| 1 | x\\|y |"
     with pytest.raises(ValueError, match="2 cells"):
         c.markdown_table(["a", "b"], [[1]])
+
+
+def test_stats_wrappers_give_textbook_values():
+    """The scipy-backed wrappers against published numbers: Wilson 8/10 -> [0.4902, 0.9433] (Newcombe 1998,
+    Table I style), Spearman of a textbook sample with ties, average ranks, a percentile bootstrap."""
+    import numpy as np
+
+    lo, hi = stats.wilson(8, 10)
+    assert (round(lo, 4), round(hi, 4)) == (0.4902, 0.9433)
+    lo, hi = stats.wilson(0, 10)
+    assert lo == 0.0 and round(hi, 4) == 0.2775
+    # IQ / hours of TV (the Wikipedia "Spearman's rank correlation coefficient" example): rho = -29/165
+    iq = [106, 100, 86, 101, 99, 103, 97, 113, 112, 110]
+    tv = [7, 27, 2, 50, 28, 29, 20, 12, 6, 17]
+    assert stats.spearman(iq, tv) == pytest.approx(-29 / 165, abs=1e-12)
+    assert stats.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert stats._ranks(np.array([10.0, 20.0, 20.0, 30.0])).tolist() == [0.0, 1.5, 1.5, 3.0]
+    est, lo, hi = stats.bootstrap_ci(np.arange(101.0))
+    assert est == 50.0 and 40 < lo < 50 < hi < 60
+    assert stats.bootstrap_ci([3.0, 3.0, 3.0]) == (3.0, 3.0, 3.0)

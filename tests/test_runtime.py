@@ -27,3 +27,25 @@ def test_cpu_generator_with_cuda_inputs_in_attacks_and_bounds():
     res = attacks.pgd(model, x, y, 0.1, steps=2, norm="l2", random_start=True, generator=g, warn=False)
     assert res.x_adv.device.type == "cuda"
     assert bounds.local_lipschitz(model.features, x, n_iter=2, generator=g).device.type == "cuda"
+
+
+def test_atomic_writes_replace_whole_files_and_leave_no_temp(tmp_path):
+    import os
+
+    import pytest
+
+    from flatnb import runtime
+
+    path = tmp_path / "sub" / "record.json"
+    runtime.atomic_write_text(path, "first ✓\n")
+    runtime.atomic_write_bytes(path, b"second\n")
+    assert path.read_bytes() == b"second\n" and os.listdir(path.parent) == ["record.json"]
+    assert (path.stat().st_mode & 0o777) == 0o644
+
+    def broken(f):
+        f.write(b"half")
+        raise OSError(28, "No space left on device")  # ENOSPC
+
+    with pytest.raises(OSError, match="no space left on the device while writing"):
+        runtime._atomic_write(path, broken)
+    assert path.read_bytes() == b"second\n" and os.listdir(path.parent) == ["record.json"]

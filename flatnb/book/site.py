@@ -9,14 +9,14 @@ executing on a CPU therefore never replaces a paper-scale page. The HTML is writ
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from flatnb.runtime import atomic_write_text
 
 SITE_FILES = ("_config.yml", "_toc.yml", "intro.md", "references.bib")
 SITE_DIRS = ("_static",)
@@ -80,21 +80,8 @@ def strip_file(path: Path) -> bool:
     new = json.dumps(strip_papermill(nb), indent=1, ensure_ascii=False) + "\n"
     if new == text:
         return False
-    _atomic_write_text(Path(path), new)
+    atomic_write_text(Path(path), new)
     return True
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------- pages

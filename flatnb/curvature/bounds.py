@@ -17,7 +17,8 @@ ball ``B_delta(x)``, ``r = ||phi(x)||``.
   **unconfirmed constants** (taken from a secondary summary of §4.3, not the paper's PDF);
   for comparison only.
 * :func:`a_posteriori` - the bound's chain of inequalities with the *realised* ``v`` and ``u``.
-* :func:`haar_orthogonal` - Haar-random orthogonal matrices (Petzka et al.'s average case).
+* :func:`haar_orthogonal` - Haar-random orthogonal matrices (Petzka et al.'s average case);
+  :func:`symmetric_loss_change` - the loss change of one input under ``w -> w +- Delta w A``.
 * :func:`log_kappa` - ``log kappa`` by log-sum-exp, finite where ``kappa`` underflows to 0.
 
 The bound is explanatory, not a certificate for realistic ``L`` (chapter 3).
@@ -450,6 +451,17 @@ def haar_orthogonal(n: int, m: int, generator: torch.Generator | None = None, dt
     g = torch.randn(n, m, m, generator=generator, dtype=dtype)
     q, r = torch.linalg.qr(g)
     return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+
+
+def symmetric_loss_change(phi: Tensor, label: int, weight: Tensor, bias: Tensor, A: Tensor, delta: float) -> Tensor:
+    """``(l(w + Delta w A) + l(w - Delta w A)) / 2 - l(w)``: the cross-entropy change of one input (features ``phi``
+    (m,), class ``label``) under the lemma's weight perturbation, symmetrised so the first-order term cancels
+    (``~ Delta^2 / 2 * phi^T A^T w^T M w A phi``). ``A`` is one (m, m) map or a stack (B, m, m): one value each."""
+    step = delta * weight @ A  # (k, m) or (B, k, m)
+    w = torch.stack([weight.expand_as(step), weight + step, weight - step])
+    z = w @ phi + bias
+    ce = torch.logsumexp(z, -1) - z[..., int(label)]  # cross-entropy of the one input under each weight
+    return (ce[1] + ce[2]) / 2 - ce[0]
 
 
 def log_kappa(phi: Tensor, logits: Tensor, weight: Tensor, kind: str = "sq") -> Tensor:

@@ -141,6 +141,95 @@ def markdown_table(header, rows) -> str:
     return "\n".join(lines)
 
 
+# ---- rules of chapters 2-8
+# Each rule takes a chapter's numbers and returns ``(verdict, rule)``: the rule is written here once, stated in
+# words for the row's ``reason``, and tested in tests/test_rules_ch2_8.py.
+
+def grade_checks(checks: dict[str, bool]) -> tuple[str, str]:
+    """``(verdict, rule)`` for a theory row decided by exact checks (``{statement: held}``): reproduced when
+    every check holds, not reproduced when any fails (no "partly": mathematics holds or it does not)."""
+    if not checks:
+        raise ValueError("grade_checks needs at least one named check")
+    failed = [name for name, ok in checks.items() if not bool(ok)]
+    verdict = "not reproduced" if failed else "reproduced"
+    rule = "reproduced if every check holds: " + "; ".join(checks)
+    return verdict, rule + (f" (failed: {'; '.join(failed)})" if failed else "")
+
+
+def grade_weakest(fracs, reproduced_at: float = 0.8, partly_at: float = 0.5) -> tuple[str, str]:
+    """``(verdict, rule)`` for a claim that needs every fraction in ``fracs`` at once: each is graded with
+    :func:`grade` and the weakest verdict wins (not reproduced < partly < reproduced)."""
+    graded = [grade(f, reproduced_at, partly_at) for f in fracs]
+    if not graded:
+        raise ValueError("grade_weakest needs at least one fraction")
+    order = ("not reproduced", "partly", "reproduced")
+    verdict = min((v for v, _ in graded), key=order.index)
+    return verdict, (f"the weakest of {', '.join(fmt(f) for f in fracs)} decides: reproduced if every interval lies "
+                     f"at or above {reproduced_at:g}, not reproduced if one lies below {partly_at:g}, else partly")
+
+
+def grade_above_null(frac: Fraction, null: float, reproduced_at: float = 0.8,
+                     partly_at: float = 0.5) -> tuple[str, str]:
+    """``(verdict, rule)``: :func:`grade` of ``frac``, but not reproduced when its interval does not lie wholly
+    above ``null`` (the share a shuffled control gives: the effect must beat chance before its size counts)."""
+    if frac.lo <= null:
+        return "not reproduced", f"interval {fmt(frac)} does not lie above the shuffle null {null:.2f}"
+    verdict, rule = grade(frac, reproduced_at, partly_at)
+    return verdict, f"{rule}; it lies above the shuffle null {null:.2f}"
+
+
+def grade_if_broken(share: Fraction, baseline: Fraction, broken_below: float = 0.05, reproduced_at: float = 0.9,
+                    partly_at: float = 0.2) -> tuple[str, str]:
+    """``(verdict, rule)`` for "robust at scale s, but only because the attack fails": :func:`grade` of ``share``
+    (inputs not broken at s among the clean-correct) when the unscaled model is broken (its robust accuracy
+    ``baseline`` has an interval wholly below ``broken_below``); not reproduced otherwise."""
+    if baseline.hi >= broken_below:
+        return "not reproduced", f"f_1 is not broken: robust accuracy {fmt(baseline)} reaches {broken_below:g}"
+    return grade(share, reproduced_at, partly_at)
+
+
+def grade_all_intervals(intervals: dict, reproduced_above: float, not_below: float,
+                        higher_is_yes: bool = True) -> tuple[str, str]:
+    """``(verdict, rule)`` for several intervals (``{name: interval}``) under one :func:`grade_interval` rule:
+    reproduced when every one is, not reproduced when every one is not, partly otherwise."""
+    if not intervals:
+        raise ValueError("grade_all_intervals needs at least one interval")
+    graded = {n: grade_interval(v, reproduced_above, not_below, higher_is_yes)[0] for n, v in intervals.items()}
+    verdicts = set(graded.values())
+    verdict = verdicts.pop() if len(verdicts) == 1 else "partly"
+    side = "at or above" if higher_is_yes else "at or below"
+    other = "below" if higher_is_yes else "above"
+    return verdict, (f"each interval ({'; '.join(f'{n} {fmt(v)}: {graded[n]}' for n, v in intervals.items())}) is "
+                     f"reproduced if it lies {side} {reproduced_above:.3g}, not reproduced if it lies {other} "
+                     f"{not_below:.3g}; reproduced if all are, not reproduced if none is, else partly")
+
+
+def peak_key(intervals: dict):
+    """The key (e.g. a scale ``s``) whose interval has the largest estimate."""
+    if not intervals:
+        raise ValueError("peak_key needs at least one interval")
+    est = {key: as_interval(v)[0] for key, v in intervals.items()}
+    return max(est, key=est.__getitem__)
+
+
+def falls(intervals: dict, keys=None) -> bool:
+    """Whether a quantity falls along ``keys`` (default: the sorted keys of ``intervals``): the estimates never
+    rise from one key to the next, and the last interval lies wholly below the first."""
+    keys = sorted(intervals) if keys is None else list(keys)
+    if len(keys) < 2:
+        raise ValueError(f"a fall needs at least two keys, got {keys}")
+    est = [as_interval(intervals[k]) for k in keys]
+    return all(b[0] <= a[0] for a, b in zip(est, est[1:])) and est[-1][2] < est[0][1]
+
+
+def grade_falls(intervals: dict, partly: bool, partly_rule: str) -> tuple[str, str]:
+    """``(verdict, rule)`` for "larger key, lower value": reproduced when the quantity :func:`falls` over all keys,
+    partly when the chapter's weaker condition ``partly`` holds (stated in ``partly_rule``), else not reproduced."""
+    verdict = "reproduced" if falls(intervals) else "partly" if partly else "not reproduced"
+    return verdict, ("reproduced if the estimates never rise with the key and the last interval lies below the "
+                     f"first; partly if {partly_rule}; else not reproduced")
+
+
 def counts(rows: list[dict], kind: str | None = None) -> Counter:
     """Verdict counts over the rows that count (``kind != "by construction"``), or over the rows of
     one ``kind`` (``"evidence"`` or ``"theory"``; by-construction rows are never counted)."""

@@ -28,14 +28,13 @@ import platform
 import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 from flatnb import __version__
 from flatnb.evidence.claims import check_rows
-from flatnb.runtime import describe_device
+from flatnb.runtime import atomic_write_text, describe_device
 
 REPO = Path(__file__).resolve().parents[2]  # flatnb/evidence/run_records.py -> the repository
 
@@ -222,17 +221,7 @@ def save(rows: list[dict], run_meta: dict, root=None) -> Path:
         raise ValueError(f"chapter {run_meta.get('chapter')!r} saves no rows")
     path = record_path(run_meta["chapter"], run_meta["profile"], run_meta["slug"], root)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({"meta": run_meta, "rows": rows}, f, indent=1, ensure_ascii=False)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, json.dumps({"meta": run_meta, "rows": rows}, indent=1, ensure_ascii=False) + "\n")
     return path
 
 

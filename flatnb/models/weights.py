@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-import tempfile
 import time
 import urllib.parse
 import warnings
@@ -27,25 +26,13 @@ import torch
 import torch.nn as nn
 
 from flatnb.data.download import DownloadError, fetch, file_digest
-from flatnb.runtime import atomic_save, cache_dir
+from flatnb.runtime import atomic_save, atomic_write_text, cache_dir
 
 _URL_SCHEMES = ("http", "https", "file")
 
 
 class WeightsError(ValueError):
     """A weights file failed its SHA-256 check, could not be read, or does not fit the model."""
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def export_weights(model: nn.Module, path: str | os.PathLike) -> str:
@@ -58,7 +45,7 @@ def export_weights(model: nn.Module, path: str | os.PathLike) -> str:
     state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
     atomic_save(state, path)
     sha = file_digest(path, "sha256")
-    _write_text_atomic(path.with_name(path.name + ".sha256"), f"{sha}  {path.name}\n")
+    atomic_write_text(path.with_name(path.name + ".sha256"), f"{sha}  {path.name}\n")
     return sha
 
 

@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from filelock import FileLock
 
 from flatnb import data as fdata
 from flatnb import models as fmodels
@@ -162,21 +163,14 @@ class NonFiniteLossError(FloatingPointError):
 
 @contextlib.contextmanager
 def _training_lock(ckpt: Path, enabled: bool = True):
-    """An exclusive advisory lock next to the checkpoint (POSIX; a no-op where fcntl is missing)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        fcntl = None
-    if not enabled or fcntl is None:
+    """An exclusive lock next to the checkpoint (``<ckpt>.lock``, :class:`filelock.FileLock`): one process
+    trains a config, another waits for it and then loads the checkpoint it wrote."""
+    if not enabled:
         yield
         return
     ckpt.parent.mkdir(parents=True, exist_ok=True)
-    with open(ckpt.with_name(ckpt.name + ".lock"), "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with FileLock(str(ckpt.with_name(ckpt.name + ".lock"))):
+        yield
 
 
 def train(config: TrainConfig, device=None, root=None, train_ds: fdata.Dataset | None = None,

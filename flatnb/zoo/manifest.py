@@ -30,7 +30,7 @@ from filelock import FileLock
 from flatnb import models as fmodels
 from flatnb.config.train_config import TrainConfig
 from flatnb.data.download import file_digest
-from flatnb.runtime import atomic_save, resolve_device, resolve_profile
+from flatnb.runtime import atomic_save, atomic_write_text, resolve_device, resolve_profile
 from flatnb.training import train as ftrain
 
 MANIFEST = "manifest.json"
@@ -216,9 +216,7 @@ def write_entry(name: str, entry: dict, root) -> None:
         m = read_manifest(folder)
         m["models"][name] = entry
         m["models"] = dict(sorted(m["models"].items()))
-        tmp = folder / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(m, indent=1, sort_keys=False) + "\n")
-        os.replace(tmp, folder / MANIFEST)
+        atomic_write_text(folder / MANIFEST, json.dumps(m, indent=1, sort_keys=False) + "\n")
 
 
 def export(trained: nn.Module, config: TrainConfig, data_digest: str, name: str, root, *,
