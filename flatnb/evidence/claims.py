@@ -155,25 +155,36 @@ def _cell(s) -> str:
     return str(s).replace("|", "\\|").replace("\n", " ")
 
 
-def claims_markdown(rows: list[dict], source: bool = False) -> str:
-    """The rows as two Markdown tables: a compact one (id, claim, paper, this book, verdict[, source])
-    and a second one with each row's reason ("why"), so the first fits the text column."""
+def claims_markdown(rows: list[dict], source: bool = False, provenance: bool = False) -> str:
+    """The rows as two Markdown tables: a compact one (id, claim, [from,] paper, this book, verdict[, source])
+    and a second one with each row's reason ("why") [and where the claim comes from], so the first fits the
+    text column. ``provenance`` shows each row's ``provenance`` (``paper``, ``secondary``, ``derived``: see
+    :mod:`flatnb.evidence.provenance`) and its ``provenance_note``."""
     if not rows:
         raise ValueError("no claim rows to show")
-    cols = ["id", "claim", "paper", "ours", "verdict"] + (["source"] if source else [])
-    names = ["#", "claim", "paper", "this book", "verdict"] + (["run"] if source else [])
+    cols = ["id", "claim"] + (["provenance"] if provenance else []) + ["paper", "ours", "verdict"] + \
+        (["source"] if source else [])
+    names = ["#", "claim"] + (["from"] if provenance else []) + ["paper", "this book", "verdict"] + \
+        (["run"] if source else [])
 
     def verdict(r):
         v = f"**{r['verdict']}**"
         return v + " (by construction, not counted)" if r.get("kind") == "by construction" else v
 
     def value(r, c):
+        if c == "provenance":
+            return r.get("provenance") or "**none**"
         return verdict(r) if c == "verdict" else r.get(c, "")
 
     head = "| " + " | ".join(names) + " |\n|" + "---|" * len(names) + "\n"
     table = head + "\n".join("| " + " | ".join(_cell(value(r, c)) for c in cols) + " |" for r in rows)
-    why = "| # | why (the rule and the evidence) |\n|---|---|\n" + "\n".join(
-        f"| {_cell(r['id'])} | {_cell(r.get('reason', ''))} |" for r in rows)
+    if provenance:
+        why = "| # | where the claim comes from | why (the rule and the evidence) |\n|---|---|---|\n" + "\n".join(
+            f"| {_cell(r['id'])} | {_cell(r.get('provenance_note') or '—')} | {_cell(r.get('reason', ''))} |"
+            for r in rows)
+    else:
+        why = "| # | why (the rule and the evidence) |\n|---|---|\n" + "\n".join(
+            f"| {_cell(r['id'])} | {_cell(r.get('reason', ''))} |" for r in rows)
     return table + "\n\n" + why
 
 
