@@ -404,3 +404,45 @@ def test_the_verdict_table_takes_provenance_by_id_and_flags_a_row_without(tmp_pa
     assert any("X-new: no provenance" in p for p in verdict.policy_problems(table))
     assert "| X-new | a new claim | **none** |" in verdict.groups_markdown(table)
     assert "- **No provenance** (counted nowhere): X-new." in verdict.counts_markdown(table)
+
+
+def test_interval_helpers_ratio_difference_envelope_and_censored_format():
+    assert stats.ratio_ci((2.0, 1.0, 4.0), (1.0, 0.5, 2.0)) == (2.0, 0.5, 8.0)
+    with pytest.raises(ValueError, match="positive denominator"):
+        stats.ratio_ci(1.0, (1.0, 0.0, 2.0))
+    d = stats.diff_ci(stats.Fraction(30, 100), (0.1, 0.05, 0.2))
+    assert d[0] == pytest.approx(0.2) and d[1] == pytest.approx(stats.Fraction(30, 100).lo - 0.2)
+    assert stats.envelope([(1.0, 0.5, 2.0), (3.0, 2.0, 5.0)]) == (2.0, 0.5, 5.0)
+    with pytest.raises(stats.EmptySelection):
+        stats.envelope([])
+    assert stats.fmt_capped((51, 51, 51), 50) == "> 50"
+    assert stats.fmt_capped((6.0, 4.5, 51), 50) == "6 [4.5, > 50]"
+
+
+def test_the_rules_of_chapters_9_to_13():
+    assert claims.grade_basin((25.0, 12.0, 40.0), True, True)[0] == "reproduced"
+    assert claims.grade_basin((25.0, 12.0, 40.0), True, False)[0] == "partly"
+    assert claims.grade_basin((0.6, 0.4, 0.9), True, True)[0] == "not reproduced"
+    assert "half the paper's 20×" in claims.grade_basin((2.0, 1.5, 3.0), True, True)[1]
+
+    ok, why = claims.adequate_zoo({"a": 0.93, "b": 0.80})
+    assert ok
+    ok, why = claims.adequate_zoo({"a": 0.93, "b": 0.61})
+    assert not ok and "1 of the zoo's 2 models" in why and "61.0%" in why
+    with pytest.raises(ValueError):
+        claims.adequate_zoo({})
+
+    same, wide, more = (0.01, -0.03, 0.04), (0.0, -0.3, 0.3), (0.3, 0.2, 0.4)
+    assert claims.grade_sufficiency({"x": False}, {"x": same})[0] == "not testable here"
+    v, why = claims.grade_sufficiency({"x": True, "y": True}, {"x": same, "y": more})
+    assert v == "reproduced" and why.startswith("flatter and shown no more robust (AutoAttack): x")
+    assert claims.grade_sufficiency({"y": True}, {"y": more})[0] == "not reproduced"
+    v, why = claims.grade_sufficiency({"x": True}, {"x": wide})  # no difference detected is not "no difference"
+    assert v == "not testable here" and why.startswith("inconclusive")
+
+    assert claims.grade_rank(None)[0] == "not testable here"
+    assert claims.grade_rank((0.1, -0.2, 0.4), (0.5, 0.1, 0.8))[0] == "reproduced"
+    assert claims.grade_rank((-0.6, -0.9, -0.2), None)[0] == "not reproduced"
+    assert claims.grade_rank((-0.34, -0.91, 0.5))[0] == "partly"
+    v, why = claims.grade_rank((-0.34, -0.91, 0.5), (0.98, 0.9, 1.0))
+    assert v == "not testable here" and "ill-conditioned" in why
