@@ -5,7 +5,8 @@ Each experiment chapter saves its verdict rows with the run that measured them
 (:func:`flatnb.evidence.run_records.choose`: the newest current full-profile record, else the newest quick one;
 a stale record is shown only when nothing current exists, and then labelled), checks that every
 claim of ``walter2026flatness`` listed in :data:`REQUIRED` has its row, adds the claims no
-chapter can test (:data:`UNTESTABLE`) and gives every row its source run. The rest of this module
+chapter can test (:data:`UNTESTABLE`) and gives every row its source run and, by id, where its claim comes from
+(:mod:`flatnb.evidence.provenance`: the paper, a secondary source, or the book's own derivation). The rest of this module
 renders what chapter 12 shows: the sources, the rows by group with counts over the rows that count
 (:func:`flatnb.evidence.claims.counts`: by-construction rows are shown, never counted), the verdicts before and
 after the policy of :mod:`flatnb.evidence.claims`, and the stored legacy notebooks (``runs/h100/``: full runs
