@@ -210,3 +210,38 @@ def fmt(v, spec: str = ".2f", pct: bool = False, signed: bool = False, suffix: s
     if n and isinstance(v, Fraction):
         out += f" (n={v.n:,})"
     return out
+
+
+def ratio_ci(num, den) -> tuple[float, float, float]:
+    """``(estimate, lo, hi)`` of ``num / den`` for two positive intervals (see :func:`as_interval`): the
+    ratio of the estimates, with the widest ends (``num``'s low over ``den``'s high, and the reverse). A
+    conservative interval for a ratio of two independently estimated quantities."""
+    a, b = as_interval(num), as_interval(den)
+    if min(b) <= 0 or min(a) < 0:
+        raise ValueError(f"a ratio interval needs a non-negative numerator and a positive denominator, got {a}, {b}")
+    return a[0] / b[0], a[1] / b[2], a[2] / b[1]
+
+
+def diff_ci(a, b) -> tuple[float, float, float]:
+    """``(estimate, lo, hi)`` of ``a - b`` for two intervals: the difference of the estimates, with the
+    widest ends (``a``'s low minus ``b``'s high, and the reverse). Conservative: it never claims a
+    difference, or an equivalence, that the two intervals do not support."""
+    x, y = as_interval(a), as_interval(b)
+    return x[0] - y[0], x[1] - y[2], x[2] - y[1]
+
+
+def fmt_capped(v, cap: float, spec: str = ".3g") -> str:
+    """:func:`fmt` for a censored measurement: each number above ``cap`` prints as ``> cap`` (e.g. a basin
+    width of a path that never took off within ``cap`` steps)."""
+    one = lambda t: f"> {cap:g}" if t > cap else format(t, spec)  # noqa: E731 - a local shorthand
+    est, lo, hi = as_interval(v)
+    return one(est) if lo == hi == est else f"{one(est)} [{one(lo)}, {one(hi)}]"
+
+
+def envelope(intervals) -> tuple[float, float, float]:
+    """``(mean estimate, lowest lo, highest hi)`` over several intervals of one quantity (e.g. the seeds of a
+    recipe): the range any of them allows, for comparing another model against the whole group."""
+    got = [as_interval(v) for v in intervals]
+    if not got:
+        raise EmptySelection("envelope needs at least one interval")
+    return float(np.mean([g[0] for g in got])), min(g[1] for g in got), max(g[2] for g in got)

@@ -224,7 +224,11 @@ def test_verdict_table_counts_names_missing_chapters_and_shows_legacy_runs(tmp_p
     assert counted["reproduced"] == 1 and counted["not testable here"] == 2
     md = verdict.counts_markdown(table)
     assert "By construction** (shown, not counted): E4" in md
-    assert f"- **Theory** ({len(verdict.THEORY)} rows): 0 reproduced, {len(verdict.THEORY)} partly" in md
+    from flatnb.evidence import provenance
+    paper_theory = [i for i in verdict.THEORY if provenance.of(i)[0] != "derived"]
+    assert (f"- **Claims of the paper, theory** ({len(paper_theory)} rows, {len(paper_theory)} of them known only "
+            f"from a secondary source): 0 reproduced, {len(paper_theory)} partly") in md
+    assert "- **The book's derived statements and hypotheses**" in md and "T-radius" in md
     assert f"{n_req} rows quick on" in md and "2 rows without a run" in md
     groups = dict(verdict.grouped(table.rows))
     assert [r["id"] for r in groups["Claims no chapter of this book can test"]] == ["E6-LLM", "Setup-models"]
@@ -376,3 +380,89 @@ def test_stats_wrappers_give_textbook_values():
     est, lo, hi = stats.bootstrap_ci(np.arange(101.0))
     assert est == 50.0 and 40 < lo < 50 < hi < 60
     assert stats.bootstrap_ci([3.0, 3.0, 3.0]) == (3.0, 3.0, 3.0)
+
+
+def test_every_verdict_row_has_one_provenance_and_a_row_without_one_is_named():
+    from flatnb.evidence import provenance, verdict_table as verdict
+
+    assert not provenance.check()
+    ids = {i for v in verdict.REQUIRED.values() for i in v} | {r["id"] for r in verdict.UNTESTABLE}
+    ids |= {"E6-arch-densenet121", "R-walls-std", "R-walls-at"}  # rows the chapters save beside the required
+    assert not ids - set(provenance.PROVENANCE), ids - set(provenance.PROVENANCE)
+    # the referee's reading (science review 2.1-2.2): the book's corollary and hypotheses are derived, the
+    # reported bound and the ViT / Tiny ImageNet rows are secondary, the valley's shape is the paper's
+    assert {i for i in ("T-radius", "A-suff", "A-rank", "A-temperature", "E3-masking")
+            if provenance.of(i)[0] == "derived"} == {"T-radius", "A-suff", "A-rank", "A-temperature", "E3-masking"}
+    assert all(provenance.of(i)[0] == "secondary" for i in ("T-bound-reported", "E6-arch-vit",
+                                                          "E6-tinyimagenet-resnet18", "E6-tinyimagenet-vit"))
+    assert all(provenance.of(i)[0] == "paper" for i in ("E6-rise", "E6-peak", "E6-fall"))
+    with pytest.raises(provenance.MissingProvenance, match=r"'X-new' has no provenance: add it to"):
+        provenance.of("X-new")
+    assert provenance.check({"X": ("primary", "note"), "Y": ("paper", " ")}) == [
+        f"X: provenance must be one of {provenance.KINDS} with a note, got ('primary', 'note')",
+        f"Y: provenance must be one of {provenance.KINDS} with a note, got ('paper', ' ')"]
+
+
+def test_the_verdict_table_takes_provenance_by_id_and_flags_a_row_without(tmp_path, monkeypatch):
+    from flatnb.evidence import verdict_table as verdict
+
+    monkeypatch.setenv("FLATNB_RUNS", str(tmp_path))
+    _fake_records(tmp_path)  # records whose rows carry no provenance field, like those written before it
+    table = verdict.collect()
+    row = next(r for r in table.rows if r["id"] == "T-radius")
+    assert row["provenance"] == "derived" and "corollary" in row["provenance_note"]
+    assert not verdict.policy_problems(table)
+    md = verdict.groups_markdown(table)
+    assert "| # | claim | from | paper | this book | verdict | run |" in md
+    assert "| T-radius | claim T-radius | derived |" in md and "where the claim comes from" in md
+    # a row the mapping does not know: collected, shown as **none**, named by the policy and the counts
+    rows = _fake_rows("11_off_manifold") + [claims.claim("X-new", "a new claim", "p", "o", "partly", "rule")]
+    m = dict(records.meta("11_off_manifold", "quick", "cpu", 0, 1.0), slug="cpu", date="2026-12-01T00:00:00Z",
+             commit="c" * 40)
+    records.save(rows, m, tmp_path)
+    table = verdict.collect()
+    assert any("X-new: no provenance" in p for p in verdict.policy_problems(table))
+    assert "| X-new | a new claim | **none** |" in verdict.groups_markdown(table)
+    assert "- **No provenance** (counted nowhere): X-new." in verdict.counts_markdown(table)
+
+
+def test_interval_helpers_ratio_difference_envelope_and_censored_format():
+    assert stats.ratio_ci((2.0, 1.0, 4.0), (1.0, 0.5, 2.0)) == (2.0, 0.5, 8.0)
+    with pytest.raises(ValueError, match="positive denominator"):
+        stats.ratio_ci(1.0, (1.0, 0.0, 2.0))
+    d = stats.diff_ci(stats.Fraction(30, 100), (0.1, 0.05, 0.2))
+    assert d[0] == pytest.approx(0.2) and d[1] == pytest.approx(stats.Fraction(30, 100).lo - 0.2)
+    assert stats.envelope([(1.0, 0.5, 2.0), (3.0, 2.0, 5.0)]) == (2.0, 0.5, 5.0)
+    with pytest.raises(stats.EmptySelection):
+        stats.envelope([])
+    assert stats.fmt_capped((51, 51, 51), 50) == "> 50"
+    assert stats.fmt_capped((6.0, 4.5, 51), 50) == "6 [4.5, > 50]"
+
+
+def test_the_rules_of_chapters_9_to_13():
+    assert claims.grade_basin((25.0, 12.0, 40.0), True, True)[0] == "reproduced"
+    assert claims.grade_basin((25.0, 12.0, 40.0), True, False)[0] == "partly"
+    assert claims.grade_basin((0.6, 0.4, 0.9), True, True)[0] == "not reproduced"
+    assert "half the paper's 20×" in claims.grade_basin((2.0, 1.5, 3.0), True, True)[1]
+
+    ok, why = claims.adequate_zoo({"a": 0.93, "b": 0.80})
+    assert ok
+    ok, why = claims.adequate_zoo({"a": 0.93, "b": 0.61})
+    assert not ok and "1 of the zoo's 2 models" in why and "61.0%" in why
+    with pytest.raises(ValueError):
+        claims.adequate_zoo({})
+
+    same, wide, more = (0.01, -0.03, 0.04), (0.0, -0.3, 0.3), (0.3, 0.2, 0.4)
+    assert claims.grade_sufficiency({"x": False}, {"x": same})[0] == "not testable here"
+    v, why = claims.grade_sufficiency({"x": True, "y": True}, {"x": same, "y": more})
+    assert v == "reproduced" and why.startswith("flatter and shown no more robust (AutoAttack): x")
+    assert claims.grade_sufficiency({"y": True}, {"y": more})[0] == "not reproduced"
+    v, why = claims.grade_sufficiency({"x": True}, {"x": wide})  # no difference detected is not "no difference"
+    assert v == "not testable here" and why.startswith("inconclusive")
+
+    assert claims.grade_rank(None)[0] == "not testable here"
+    assert claims.grade_rank((0.1, -0.2, 0.4), (0.5, 0.1, 0.8))[0] == "reproduced"
+    assert claims.grade_rank((-0.6, -0.9, -0.2), None)[0] == "not reproduced"
+    assert claims.grade_rank((-0.34, -0.91, 0.5))[0] == "partly"
+    v, why = claims.grade_rank((-0.34, -0.91, 0.5), (0.98, 0.9, 1.0))
+    assert v == "not testable here" and "ill-conditioned" in why

@@ -582,3 +582,22 @@ def test_real_data(caller_cache, name, split, n, k, size):
     again = data.load(name, split, root=root)
     assert again.digest == ds.digest
     print(f"{name} {split}: cached load {time.perf_counter() - t:.3f} s")
+
+
+def test_split_gives_disjoint_seeded_sorted_pieces_with_stable_digests():
+    ds = data.Dataset(torch.arange(20, dtype=torch.uint8).view(20, 1, 1, 1), torch.arange(20) % 3, ["a", "b", "c"],
+                      "d0", "src")
+    a, b, c = data.split(ds, (5, 4, 3), seed=7)
+    ia, ib, ic = (set(x.images.view(-1).tolist()) for x in (a, b, c))
+    assert (len(ia), len(ib), len(ic)) == (5, 4, 3) and not (ia & ib or ia & ic or ib & ic)
+    assert a.images.view(-1).tolist() == sorted(ia) and a.labels.tolist() == [i % 3 for i in sorted(ia)]
+    # the same pieces as one seeded permutation cut in order (the atlas's probe, chapter 11)
+    order = torch.randperm(20, generator=torch.Generator().manual_seed(7))
+    assert a.images.view(-1).tolist() == order[:5].sort().values.tolist()
+    assert b.images.view(-1).tolist() == order[5:9].sort().values.tolist()
+    assert a.digest == "d0|split|7|5" and data.split(ds, (5,), seed=7, tag="atlas")[0].digest == "d0|atlas|7|5"
+    assert a.source == "src" and a.classes == ds.classes
+    assert data.split(ds, (5, 4), seed=8)[0].images.view(-1).tolist() != a.images.view(-1).tolist()
+    for bad in ((15, 6), (0, 3), ()):
+        with pytest.raises(ValueError, match="sizes must be positive"):
+            data.split(ds, bad)

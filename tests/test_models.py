@@ -256,3 +256,12 @@ def test_fastnet_whitening_decorrelates_patches_in_float64():
     cov = (out.T @ out / len(out)).numpy()
     assert np.allclose(cov, np.diag(lam / (lam + eps)), atol=1e-8)
     assert torch.equal(model.whiten.weight[12:], -model.whiten.weight[:12])
+
+
+def test_describe_names_the_architecture_a_configuration_trains():
+    from flatnb.training import train as ftrain
+
+    assert models.describe(ftrain.config_for("wrn28_4", "cifar10", "standard", "full")) == "WRN-28-4"
+    vit = models.describe(ftrain.config_for("vit_tiny", "cifar10", "standard", "full"))
+    assert vit.startswith("ViT (dim ") and "depth" in vit
+    assert models.describe(ftrain.config_for("vgg11_bn", "cifar10", "standard", "full")).startswith("vgg11_bn (width ")

@@ -66,6 +66,25 @@ def test_valley_stats_fractions():
     assert c["n_flipped"] == 1 and c["flip_gt_start"] == 1.0 and c["conf_rises"] == 1.0
     assert an.valley_stats(t, min_confidence=0.95) == {"n_flipped": 0}
 
+    # the same numbers as counts: each fraction carries its n, and an empty selection is Fraction(0, 0)
+    f = an.valley_fractions(t, "kappa_sq", window=1, num_classes=10, min_confidence=0.8)
+    assert (f["flip_gt_last"].k, f["flip_gt_last"].n) == (1, 1) and f["conf_rises"].n == 1
+    t.p_top[0, 1] = 0.9
+    f = an.valley_fractions(t, "kappa_sq", window=1, num_classes=10)
+    assert {q: (v.k, v.n) for q, v in f.items()} == {"peak_near_flip": (2, 2), "flip_gt_start": (1, 2),
+                                                     "flip_gt_last": (2, 2), "conf_rises": (1, 2),
+                                                     "loss_high": (1, 2)}
+    assert all(v.n == 0 for v in an.valley_fractions(t, min_confidence=0.95).values())
+
+
+def test_range_ratio_is_the_median_of_max_over_min_along_the_path():
+    v = torch.tensor([[1.0, 2.0, 1.0], [4.0, 2.0, 3.0], [2.0, 1.0, 9.0]])  # ratios 4, 2, 9 -> median 4
+    assert an.range_ratio(v) == 4.0
+    with pytest.raises(ValueError, match="positive values"):
+        an.range_ratio(torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="with examples"):
+        an.range_ratio(torch.ones(3, 0))
+
 
 def test_trajectory_helpers_run_on_a_real_attack():
     torch.manual_seed(0)

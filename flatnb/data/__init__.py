@@ -9,9 +9,9 @@ its module (``flatnb.data.datasets.CIFAR10_SHA256``), not here.
 from flatnb.config.train_config import DATASETS, NUM_CLASSES
 from flatnb.data.datasets import (CIFAR10_CLASSES, CIFAR10_SHA256, MEAN_STD, SPLITS, Dataset, Loader, array_sha256,
                                   augment_batch, batches, check_cifar10, download_default, load,
-                                  source_description, subset)
+                                  source_description, split, subset)
 from flatnb.data.download import DownloadError, data_root, find_source
 
 __all__ = ["CIFAR10_CLASSES", "CIFAR10_SHA256", "DATASETS", "MEAN_STD", "NUM_CLASSES", "SPLITS", "Dataset",
            "DownloadError", "Loader", "array_sha256", "augment_batch", "batches", "check_cifar10", "data_root",
-           "download_default", "find_source", "load", "source_description", "subset"]
+           "download_default", "find_source", "load", "source_description", "split", "subset"]

@@ -345,6 +345,25 @@ def subset(ds: Dataset, n_per_class: int | None = None, n: int | None = None, se
                    ds.source)
 
 
+def split(ds: Dataset, sizes, seed: int = 0, tag: str = "split") -> list[Dataset]:
+    """Disjoint seeded subsets of ``ds``, one per entry of ``sizes`` (e.g. test, held-out and attack images).
+
+    One seeded permutation of ``ds`` is cut into consecutive pieces of the given sizes; each piece keeps the
+    dataset's order (its indices sorted). ``tag`` enters each piece's digest
+    (``f"{ds.digest}|{tag}|{seed}|{size}"``), so callers that cache by digest keep their keys.
+    """
+    sizes = [int(n) for n in sizes]
+    if not sizes or min(sizes) < 1 or sum(sizes) > len(ds):
+        raise ValueError(f"sizes must be positive and sum to at most the {len(ds)} samples, got {sizes}")
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
+    out, start = [], 0
+    for n in sizes:
+        idx = order[start:start + n].sort().values
+        out.append(Dataset(ds.images[idx], ds.labels[idx], ds.classes, f"{ds.digest}|{tag}|{seed}|{n}", ds.source))
+        start += n
+    return out
+
+
 def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4, mode: str = "zeros") -> torch.Tensor:
     """Random crop with padding ``pad`` and horizontal flip, on ``x``'s device.
 

@@ -244,25 +244,36 @@ def _cell(s) -> str:
     return str(s).replace("|", "\\|").replace("\n", " ")
 
 
-def claims_markdown(rows: list[dict], source: bool = False) -> str:
-    """The rows as two Markdown tables: a compact one (id, claim, paper, this book, verdict[, source])
-    and a second one with each row's reason ("why"), so the first fits the text column."""
+def claims_markdown(rows: list[dict], source: bool = False, provenance: bool = False) -> str:
+    """The rows as two Markdown tables: a compact one (id, claim, [from,] paper, this book, verdict[, source])
+    and a second one with each row's reason ("why") [and where the claim comes from], so the first fits the
+    text column. ``provenance`` shows each row's ``provenance`` (``paper``, ``secondary``, ``derived``: see
+    :mod:`flatnb.evidence.provenance`) and its ``provenance_note``."""
     if not rows:
         raise ValueError("no claim rows to show")
-    cols = ["id", "claim", "paper", "ours", "verdict"] + (["source"] if source else [])
-    names = ["#", "claim", "paper", "this book", "verdict"] + (["run"] if source else [])
+    cols = ["id", "claim"] + (["provenance"] if provenance else []) + ["paper", "ours", "verdict"] + \
+        (["source"] if source else [])
+    names = ["#", "claim"] + (["from"] if provenance else []) + ["paper", "this book", "verdict"] + \
+        (["run"] if source else [])
 
     def verdict(r):
         v = f"**{r['verdict']}**"
         return v + " (by construction, not counted)" if r.get("kind") == "by construction" else v
 
     def value(r, c):
+        if c == "provenance":
+            return r.get("provenance") or "**none**"
         return verdict(r) if c == "verdict" else r.get(c, "")
 
     head = "| " + " | ".join(names) + " |\n|" + "---|" * len(names) + "\n"
     table = head + "\n".join("| " + " | ".join(_cell(value(r, c)) for c in cols) + " |" for r in rows)
-    why = "| # | why (the rule and the evidence) |\n|---|---|\n" + "\n".join(
-        f"| {_cell(r['id'])} | {_cell(r.get('reason', ''))} |" for r in rows)
+    if provenance:
+        why = "| # | where the claim comes from | why (the rule and the evidence) |\n|---|---|---|\n" + "\n".join(
+            f"| {_cell(r['id'])} | {_cell(r.get('provenance_note') or '—')} | {_cell(r.get('reason', ''))} |"
+            for r in rows)
+    else:
+        why = "| # | why (the rule and the evidence) |\n|---|---|\n" + "\n".join(
+            f"| {_cell(r['id'])} | {_cell(r.get('reason', ''))} |" for r in rows)
     return table + "\n\n" + why
 
 
@@ -286,3 +297,77 @@ def check_rows(rows: list[dict]) -> list[dict]:
             raise ValueError(f"claim row {r.get('id')!r} has an unknown verdict or kind")
         out.append({**r, "kind": r.get("kind", "evidence")})
     return out
+
+
+# ---- rules of chapters 9-13
+
+
+def grade_basin(ratio, all_wider: bool, delayed: bool, paper: float = 20.0) -> tuple[str, str]:
+    """``(verdict, rule)`` for E2's wider basin (chapter 9): reproduced when the AT / standard basin-width
+    ratio's interval lies at or above half the paper's factor and the basin is wider under every absolute
+    take-off threshold (``all_wider``) and delayed relative to each path's own rise (``delayed``); partly when
+    only the lower end exceeds 1; not reproduced otherwise."""
+    est, lo, hi = as_interval(ratio)
+    verdict = ("reproduced" if lo >= paper / 2 and all_wider and delayed else
+               "partly" if lo > 1 else "not reproduced")
+    return verdict, (f"ratio interval {fmt(ratio, spec='.1f', suffix='×')}: reproduced if its lower end is at least "
+                     f"{paper / 2:g}× (half the paper's {paper:g}×) and wider under every threshold "
+                     f"({'yes' if all_wider else 'no'}) and delayed relative to its own rise "
+                     f"({'yes' if delayed else 'no'}); partly if the lower end exceeds 1")
+
+
+#: the clean accuracy every trained model of a zoo needs before claims about its minima are evidence
+ZOO_BAR = {"clean": 0.75}
+
+
+def adequate_zoo(clean: dict) -> tuple[bool, str]:
+    """``(strong_enough, why_weak)`` for claims across a zoo of trained models (chapter 13): every model's
+    clean accuracy (``{name: accuracy}``) at or above :data:`ZOO_BAR` (a network far from it, e.g. 2 epochs
+    at 60 %, is not at a minimum). Pass the result to :func:`weak_model`."""
+    if not clean:
+        raise ValueError("adequate_zoo needs the clean accuracy of at least one model")
+    weak = {n: a for n, a in clean.items() if a < ZOO_BAR["clean"]}
+    return not weak, (f"{len(weak)} of the zoo's {len(clean)} models are below the bar of "
+                      f"{100 * ZOO_BAR['clean']:.0f} % clean accuracy (lowest: {min(clean.values()):.1%}): "
+                      "networks so far from convergence are not at a minimum")
+
+
+def grade_sufficiency(flatter: dict, diffs: dict, margin: float = 0.05) -> tuple[str, str]:
+    """``(verdict, reason)`` for "a flatter minimum is not sufficient for robustness" (chapter 13).
+
+    ``flatter``: ``{model: whether its κ interval lies below every standard seed's}``; ``diffs``: ``{model:
+    interval of its AutoAttack accuracy minus the standard models'}`` (:func:`flatnb.stats.diff_ci`). Reproduced
+    when some flatter model is *shown* no more robust (:func:`equivalent` within ``±margin``); not reproduced
+    when every flatter model is more robust (the difference's lower end above 0); not testable here when no
+    model is flatter, or when the intervals are too wide to tell (failing to detect a difference is not
+    evidence of none)."""
+    flat = sorted(n for n, f in flatter.items() if f)
+    if not flat:
+        return "not testable here", "no training method gave a minimum flatter than every standard seed"
+    same = [n for n in flat if equivalent(diffs[n], margin)[0]]
+    more = [n for n in flat if as_interval(diffs[n])[1] > 0]
+    detail = "; ".join(f"{n}: {equivalent(diffs[n], margin)[1]}" for n in flat)
+    if same:
+        return "reproduced", f"flatter and shown no more robust (AutoAttack): {', '.join(same)} ({detail})"
+    if len(more) == len(flat):
+        return "not reproduced", f"every flatter model is more robust (AutoAttack): {detail}"
+    return "not testable here", (f"inconclusive: the flatter models are neither shown more robust nor within "
+                                 f"±{margin:g} of the standard models' AutoAttack accuracy ({detail})")
+
+
+def grade_rank(partial, collinearity=None, max_collinearity: float = 0.9) -> tuple[str, str]:
+    """``(verdict, rule)`` for "κ does not rank models by robustness once confidence is partialled out"
+    (chapter 13), from the partial rank correlation's interval (``None``: undefined). Reproduced when its
+    lower end is above -0.3, not reproduced when its upper end is below 0, partly otherwise; not testable
+    here when ``collinearity`` (the rank correlation of κ with confidence) exceeds ``max_collinearity`` in
+    size, since partialling out a variable κ nearly equals leaves nothing to rank."""
+    if partial is None:
+        return "not testable here", "the flip radii have no ranking across the zoo"
+    if collinearity is not None and abs(as_interval(collinearity)[0]) > max_collinearity:
+        return "not testable here", (f"κ and confidence rank the models almost alike (ρ {fmt(collinearity, signed=True)}"
+                                     f", above {max_collinearity:g} in size): partialling out confidence is "
+                                     f"ill-conditioned (partial ρ {fmt(partial, signed=True)})")
+    est, lo, hi = as_interval(partial)
+    verdict = "reproduced" if lo > -0.3 else "not reproduced" if hi < 0 else "partly"
+    return verdict, (f"partial ρ {fmt(partial, signed=True)} (95 % bootstrap interval over models): reproduced if "
+                     f"its lower end > -0.3, not reproduced if its upper end < 0, else partly")

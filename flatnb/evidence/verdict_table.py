@@ -5,7 +5,8 @@ Each experiment chapter saves its verdict rows with the run that measured them
 (:func:`flatnb.evidence.run_records.choose`: the newest current full-profile record, else the newest quick one;
 a stale record is shown only when nothing current exists, and then labelled), checks that every
 claim of ``walter2026flatness`` listed in :data:`REQUIRED` has its row, adds the claims no
-chapter can test (:data:`UNTESTABLE`) and gives every row its source run. The rest of this module
+chapter can test (:data:`UNTESTABLE`) and gives every row its source run and, by id, where its claim comes from
+(:mod:`flatnb.evidence.provenance`: the paper, a secondary source, or the book's own derivation). The rest of this module
 renders what chapter 12 shows: the sources, the rows by group with counts over the rows that count
 (:func:`flatnb.evidence.claims.counts`: by-construction rows are shown, never counted), the verdicts before and
 after the policy of :mod:`flatnb.evidence.claims`, and the stored legacy notebooks (``runs/h100/``: full runs
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flatnb.evidence import claims as fclaims
+from flatnb.evidence import provenance as fprov
 from flatnb.evidence import run_records as records
 
 # The rows each chapter must save (ids agreed for the book): the theory of walter2026flatness (the lemma,
@@ -155,6 +157,7 @@ def collect(recs: list[dict] | None = None, required: dict | None = None, untest
         rows += [{**r, "chapter": stem, "source": label, "stale": rec.get("stale")} for r in rec["rows"]]
     rows += [{**r, "chapter": "—", "source": "no run (not testable here)", "stale": False}
              for r in fclaims.check_rows(untestable)]
+    rows = [{**r, **_provenance(r["id"])} for r in rows]
     seen = Counter(r["id"] for r in rows)
     twice = sorted(i for i, n in seen.items() if n > 1)
     if twice:
@@ -168,6 +171,16 @@ def collect(recs: list[dict] | None = None, required: dict | None = None, untest
     return Table(rows, chosen, others, missing, ignored)
 
 
+def _provenance(row_id: str) -> dict:
+    """The row's provenance fields from :mod:`flatnb.evidence.provenance` (by id, never from the record);
+    ``None`` for an id without an entry, which :func:`policy_problems` reports."""
+    try:
+        kind, note = fprov.of(row_id)
+    except fprov.MissingProvenance:
+        return {"provenance": None, "provenance_note": None}
+    return {"provenance": kind, "provenance_note": note}
+
+
 def _rel(path) -> str:
     """A record's path from the runs folder's parent (``runs/cpu/...``): no machine paths in pages."""
     p = Path(path)
@@ -178,7 +191,8 @@ def policy_problems(table: Table) -> list[str]:
     """Rows that break the verdict policy of :mod:`flatnb.evidence.claims` (empty when all is well).
 
     Checked: every row states its rule or evidence (a non-empty reason); the theory rows of
-    chapters 2-3 are marked ``kind="theory"``; each row's source record says its profile, device,
+    chapters 2-3 are marked ``kind="theory"``; every row says where its claim comes from (an entry of
+    :data:`flatnb.evidence.provenance.PROVENANCE`); each row's source record says its profile, device,
     date and commit.
     """
     out = []
@@ -187,6 +201,10 @@ def policy_problems(table: Table) -> list[str]:
             out.append(f"{r['id']}: no reason (the rule and the evidence behind the verdict)")
         if r["id"] in THEORY and r.get("kind") != "theory":
             out.append(f"{r['id']}: a statement of mathematics must have kind='theory', has {r.get('kind')!r}")
+        if r.get("provenance") not in fprov.KINDS:
+            out.append(f"{r['id']}: no provenance (paper, secondary or derived): add it to "
+                       "flatnb.evidence.provenance.PROVENANCE")
+    out += fprov.check()
     for stem, rec in table.chosen.items():
         m = rec["meta"]
         lacking = [k for k in ("profile", "device", "date", "commit") if not m.get(k)]
@@ -280,19 +298,40 @@ def groups_markdown(table: Table) -> str:
     """Each group: a bold title with its counts, the compact table (with each row's run), its "why"."""
     out = []
     for title, rows in grouped(table.rows):
-        out.append(f"**{title}** ({_tally(rows)})\n\n" + fclaims.claims_markdown(rows, source=True))
+        out.append(f"**{title}** ({_tally(rows)})\n\n" + fclaims.claims_markdown(rows, source=True, provenance=True))
     return "\n\n".join(out)
 
 
+def _count_line(rows: list[dict], kind: str) -> str:
+    c = fclaims.counts(rows, kind)
+    return ", ".join(f"{c[v]} {v}" for v in fclaims.VERDICTS)
+
+
 def counts_markdown(table: Table) -> str:
-    """The overall counts: experiments and theory apart, by-construction rows named but not counted."""
+    """The overall counts: the paper's claims (its own text or a secondary summary, the latter counted
+    again on their own) apart from the book's derived statements and hypotheses; experiments and theory
+    apart; by-construction rows named but not counted; a row without provenance counted nowhere, named."""
+    counted = [r for r in table.rows if r.get("kind", "evidence") != "by construction"]
+    paper = [r for r in counted if r.get("provenance") in ("paper", "secondary")]
+    secondary = [r for r in paper if r.get("provenance") == "secondary"]
+    derived = [r for r in counted if r.get("provenance") == "derived"]
     lines = []
-    for kind, name in (("evidence", "Experiments"), ("theory", "Theory")):
-        n = sum(1 for r in table.rows if r.get("kind", "evidence") == kind)
-        c = fclaims.counts(table.rows, kind)
-        lines.append(f"- **{name}** ({n} rows): " + ", ".join(f"{c[v]} {v}" for v in fclaims.VERDICTS) + ".")
+    for kind, name in (("evidence", "experiments"), ("theory", "theory")):
+        rows = [r for r in paper if r.get("kind", "evidence") == kind]
+        sec = [r for r in rows if r.get("provenance") == "secondary"]
+        lines.append(f"- **Claims of the paper, {name}** ({len(rows)} rows, {len(sec)} of them known only from a "
+                     f"secondary source): " + _count_line(rows, kind) + ".")
+    if secondary:
+        lines.append(f"  - of these, the {len(secondary)} rows from a secondary source only: "
+                     + _count_line(secondary, None) + ".")
+    lines.append(f"- **The book's derived statements and hypotheses** ({len(derived)} rows, not evidence for or "
+                 f"against the paper: {', '.join(r['id'] for r in derived) or 'none'}): "
+                 + _count_line(derived, None) + ".")
     shown = [r["id"] for r in table.rows if r.get("kind") == "by construction"]
     lines.append("- **By construction** (shown, not counted): " + (", ".join(shown) if shown else "none") + ".")
+    unsourced = [r["id"] for r in counted if r.get("provenance") not in fprov.KINDS]
+    if unsourced:
+        lines.append(f"- **No provenance** (counted nowhere): {', '.join(unsourced)}.")
     if table.missing:
         lines.append(f"- **Missing** (partial table): {', '.join(table.missing)}.")
     return "\n".join(lines) + "\n\n" + source_line(table)

@@ -57,11 +57,8 @@ def probe(train: fdata.Dataset, test: fdata.Dataset, n_train: int, n_test: int, 
     """Seeded subsets: ``n_train`` training images; ``n_test`` and ``n_cal`` disjoint test images."""
     if n_test + n_cal > len(test):
         raise ValueError(f"n_test + n_cal = {n_test + n_cal} exceeds the {len(test)} test images")
-    order = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))
-    pick = lambda idx: fdata.Dataset(test.images[idx], test.labels[idx], test.classes,  # noqa: E731
-                                     f"{test.digest}|atlas|{seed}|{len(idx)}", test.source)
-    return Probe(fdata.subset(train, n=n_train, seed=seed), pick(order[:n_test].sort().values),
-                 pick(order[n_test:n_test + n_cal].sort().values))
+    held, cal = fdata.split(test, (n_test, n_cal), seed=seed, tag="atlas")
+    return Probe(fdata.subset(train, n=n_train, seed=seed), held, cal)
 
 
 def _tensors(ds: fdata.Dataset, n: int, device) -> tuple[Tensor, Tensor]:

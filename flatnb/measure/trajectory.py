@@ -30,6 +30,7 @@ from flatnb.attacks.losses import true_margin
 from flatnb.curvature import require_eval
 from flatnb.curvature.last_layer import FlatnessTerms, class_distances, closed_form
 from flatnb.models import check_contract
+from flatnb.stats import Fraction
 
 Tensor = torch.Tensor
 
@@ -210,6 +211,17 @@ def valley_stats(traj, kappa: str = "kappa_sq", window: int = 1, num_classes: in
     ``min_confidence`` keeps only examples whose clean top-class probability is at least that
     (the rise towards the boundary needs a confident start).
     """
+    masks = valley_masks(traj, kappa, window, num_classes, min_confidence)
+    n = int(masks.pop("n_flipped"))
+    if n == 0:
+        return {"n_flipped": 0}
+    return {"n_flipped": n, **{q: float(m.double().mean()) for q, m in masks.items()}}
+
+
+def valley_masks(traj, kappa: str = "kappa_sq", window: int = 1, num_classes: int = 10,
+                 min_confidence: float = 0.0) -> dict:
+    """The per-example booleans behind :func:`valley_stats` (same keys, same selection), over the examples
+    that flip; ``n_flipped`` is their number (and the only key when none flips)."""
     k_all = field_values(traj, kappa).to(torch.float64)
     f = traj.flip_step
     keep = (f >= 1) & (traj.p_top[0] >= min_confidence)
@@ -221,15 +233,35 @@ def valley_stats(traj, kappa: str = "kappa_sq", window: int = 1, num_classes: in
     at_flip = kv[fv, cols]
     peak = kv.argmax(dim=0)
     p_top, loss = traj.p_top[:, keep], traj.loss[:, keep]
-    out = {
+    return {
         "n_flipped": n,
-        "peak_near_flip": float(((peak - fv).abs() <= window).double().mean()),
-        "flip_gt_start": float((at_flip > kv[0]).double().mean()),
-        "flip_gt_last": float((at_flip > kv[-1]).double().mean()),
-        "conf_rises": float((p_top[-1] > p_top[fv, cols]).double().mean()),
-        "loss_high": float((loss[-1] > math.log(num_classes)).double().mean()),
+        "peak_near_flip": (peak - fv).abs() <= window,
+        "flip_gt_start": at_flip > kv[0],
+        "flip_gt_last": at_flip > kv[-1],
+        "conf_rises": p_top[-1] > p_top[fv, cols],
+        "loss_high": loss[-1] > math.log(num_classes),
     }
-    return out
+
+
+def valley_fractions(traj, kappa: str = "kappa_sq", window: int = 1, num_classes: int = 10,
+                     min_confidence: float = 0.0) -> dict[str, Fraction]:
+    """:func:`valley_stats` as counts: ``{key: Fraction}`` over the examples that flip (each ``Fraction(0, 0)``,
+    printed ``— (n=0)``, when none flips), so that every fraction carries its interval."""
+    masks = valley_masks(traj, kappa, window, num_classes, min_confidence)
+    n = int(masks.pop("n_flipped"))
+    keys = ("peak_near_flip", "flip_gt_start", "flip_gt_last", "conf_rises", "loss_high")
+    return {q: Fraction.of(masks[q]) if n else Fraction(0, 0) for q in keys}
+
+
+def range_ratio(values: torch.Tensor) -> float:
+    """The median over examples (columns) of ``max / min`` along the path (rows): how far a positive
+    per-step quantity (``‖φ‖²``, ``1 − ‖p‖²``) moves along an attack. Clamp zeros away first."""
+    v = values.double()
+    if v.ndim != 2 or v.shape[1] == 0:
+        raise ValueError(f"range_ratio needs a (steps, examples) tensor with examples, got shape {tuple(v.shape)}")
+    if bool((v <= 0).any()):
+        raise ValueError("range_ratio needs positive values (clamp zeros, e.g. .clamp_min(1e-300))")
+    return float((v.max(0).values / v.min(0).values).median())
 
 
 def basin_width(loss: Tensor, rise: float | None = None, fraction: float | None = None) -> Tensor:

@@ -348,3 +348,14 @@ class FastNet(ContractModel):
     def _features(self, x):
         x = self.groups(F.gelu(self.whiten(x)))
         return F.adaptive_max_pool2d(x, 1).flatten(1) * self.logit_scale
+
+
+def describe(cfg) -> str:
+    """The architecture a training configuration builds, in words: ``WRN-16-1``, ``ViT (dim 192, depth 12)``,
+    ``resnet18 (width 64)`` (the quick profile shrinks some; compare with the full profile's description)."""
+    kw = dict(cfg.model_kw)
+    if cfg.arch == "wrn28_4":
+        return f"WRN-{kw.get('depth', 28)}-{kw.get('widen', 4)}"
+    if cfg.arch.startswith("vit"):
+        return f"ViT (dim {kw.get('dim', 192)}, depth {kw.get('depth', 12)})"
+    return f"{cfg.arch} (width {cfg.width or 64})"
