@@ -245,3 +245,13 @@ def envelope(intervals) -> tuple[float, float, float]:
     if not got:
         raise EmptySelection("envelope needs at least one interval")
     return float(np.mean([g[0] for g in got])), min(g[1] for g in got), max(g[2] for g in got)
+
+
+def max_relative_error(a, ref) -> float:
+    """``max |a - ref| / |ref|`` over all entries (both moved to the CPU, compared in ``ref``'s dtype): how far a
+    computation is from a reference, e.g. a float64 closed form from 50-digit arithmetic (chapter 1)."""
+    a = a.detach().cpu() if isinstance(a, torch.Tensor) else torch.as_tensor(a)
+    ref = ref.detach().cpu() if isinstance(ref, torch.Tensor) else torch.as_tensor(ref)
+    if not bool(torch.isfinite(a).all()) or not bool(torch.isfinite(ref).all()) or bool((ref == 0).any()):
+        raise ValueError("max_relative_error needs finite values and a reference without zeros")
+    return ((a.to(ref.dtype) - ref) / ref).abs().max().item()

@@ -466,3 +466,12 @@ def test_the_rules_of_chapters_9_to_13():
     assert claims.grade_rank((-0.34, -0.91, 0.5))[0] == "partly"
     v, why = claims.grade_rank((-0.34, -0.91, 0.5), (0.98, 0.9, 1.0))
     assert v == "not testable here" and "ill-conditioned" in why
+
+
+def test_max_relative_error_against_hand_values():
+    import torch
+
+    assert stats.max_relative_error(torch.tensor([1.0, 2.2]), torch.tensor([1.0, 2.0])) == pytest.approx(0.1)
+    assert stats.max_relative_error([3.0], [3.0]) == 0.0
+    with pytest.raises(ValueError, match="without zeros"):
+        stats.max_relative_error([1.0], [0.0])
