@@ -20,7 +20,9 @@ import sys
 import time
 
 import torch
+from scipy.stats import binomtest
 
+from flatnb import attacks
 from flatnb import data as fdata
 from flatnb.training import train as ftrain
 from flatnb.runtime import describe_device
@@ -28,9 +30,7 @@ from flatnb.zoo import catalogue
 from flatnb.zoo import manifest as mf
 
 
-def _wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    from scipy.stats import binomtest
-
+def _wilson(k: int, n: int) -> tuple[float, float]:
     ci = binomtest(k, n).proportion_ci(0.95, method="wilson")
     return ci.low, ci.high
 
@@ -65,8 +65,6 @@ def _clean_with_check(model, config_or_dataset, device) -> dict:
 
 
 def _autoattack(model, dataset: str, n: int, device, batch: int = 250) -> dict:
-    from flatnb import attacks
-
     test = fdata.subset(fdata.load(dataset, "test"), n=n, seed=0)
     x, y = test.images.float().div(255).to(device), test.labels.to(device)
     t0 = time.time()
