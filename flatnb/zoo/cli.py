@@ -17,6 +17,7 @@ import argparse
 import math
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -95,9 +96,10 @@ def _train_one(name: str, args, device, root) -> None:
             print(f"[{name}] shipped already (external)")
             return
         entry = {k: v for k, v in item.items() if k != "aa_n"}
-        entry["clean"], entry["robust"] = {}, []
-        mf.write_entry(name, entry, root)  # pins the SHA-256 before loading checks it
-        model = mf.load_external(name, device, root)
+        entry["robust"] = []
+        with tempfile.TemporaryDirectory() as staging:  # the manifest lists a model only once it is measured
+            mf.write_entry(name, entry, staging)
+            model = mf.load_external(name, device, staging)  # checks the pinned SHA-256
         entry["clean"] = _clean_with_check(model, "cifar10", device)
         print(f"[{name}] clean {100 * entry['clean']['value']:.2f} % on {entry['clean']['n']:,}", flush=True)
         if item.get("aa_n") and args.aa:
