@@ -3,6 +3,8 @@
     python -m flatnb.zoo list                         what the catalogue holds and what is shipped
     python -m flatnb.zoo train [--group G] [--only NAME ...] [--shard i/n]
                                                       train (resuming), measure and ship, one model at a time
+    python -m flatnb.zoo measure --only NAME ... [--n 1000]
+                                                      AutoAttack on shipped models into the manifest (resumable)
     python -m flatnb.zoo verify [--n 1000]            SHA-256 and clean accuracy of every shipped model
 
 ``train`` skips a model whose exact configuration is already shipped (``--force`` measures it again),
@@ -14,6 +16,7 @@ each (``--threads 1``, the default), ``OMP_WAIT_POLICY=PASSIVE``.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -26,7 +29,7 @@ from scipy.stats import binomtest
 from flatnb import attacks
 from flatnb import data as fdata
 from flatnb.training import train as ftrain
-from flatnb.runtime import describe_device
+from flatnb.runtime import atomic_write_text, cache_dir, describe_device
 from flatnb.zoo import catalogue
 from flatnb.zoo import manifest as mf
 
@@ -65,16 +68,41 @@ def _clean_with_check(model, config_or_dataset, device) -> dict:
     return out
 
 
+#: AutoAttack runs in chunks of this many test images; each chunk's outcome is cached, so an interrupted
+#: measurement resumes at the first unfinished chunk (seed 0 in every chunk)
+AA_CHUNK = 100
+
+
 def _autoattack(model, dataset: str, n: int, device, batch: int = 250) -> dict:
+    """The reference AutoAttack (standard, ℓ∞ 8/255) on the seeded subset of ``n`` test images, resumable: each
+    chunk of :data:`AA_CHUNK` images is written to the cache (keyed by the weights' SHA-256) as it finishes."""
     test = fdata.subset(fdata.load(dataset, "test"), n=n, seed=0)
-    x, y = test.images.float().div(255).to(device), test.labels.to(device)
-    t0 = time.time()
-    res = attacks.autoattack(model, x, y, eps=8 / 255, norm="linf", version="standard", batch_size=batch)
-    ok = int((res.clean_correct & ~res.success).sum())
+    x, y = test.images.float().div(255), test.labels
+    folder = cache_dir() / "zoo-autoattack" / f"{mf.state_sha256(model.state_dict())[:16]}-{dataset}-n{n}-linf8"
+    robust, minutes, fresh, fresh_n = [], 0.0, 0.0, 0
+    for start in range(0, n, AA_CHUNK):
+        stop = min(start + AA_CHUNK, n)
+        path = folder / f"{start:05d}-{stop:05d}.json"
+        if path.is_file():
+            rec = json.loads(path.read_text())
+        else:
+            t0 = time.time()
+            res = attacks.autoattack(model, x[start:stop].to(device), y[start:stop].to(device), eps=8 / 255,
+                                     norm="linf", version="standard", batch_size=batch)
+            rec = {"robust": [int(v) for v in (res.clean_correct & ~res.success).cpu()],
+                   "clean": [int(v) for v in res.clean_correct.cpu()], "minutes": (time.time() - t0) / 60}
+            atomic_write_text(path, json.dumps(rec) + "\n")
+            fresh, fresh_n = fresh + rec["minutes"], fresh_n + stop - start
+        robust += rec["robust"]
+        minutes += rec["minutes"]
+        left = fresh / fresh_n * (n - stop) if fresh_n else float("nan")
+        print(f"  AutoAttack {stop}/{n}: {100 * sum(robust) / len(robust):.1f} % robust so far"
+              + (f", about {left:.0f} min left" if math.isfinite(left) else " (cached)"), flush=True)
+    ok = sum(robust)
     lo, hi = _wilson(ok, n)
     return {"attack": "AutoAttack (reference, pyautoattack 0.2.0, standard version)", "norm": "linf",
-            "eps": 8 / 255, "value": ok / n, "n": n, "ci95": [lo, hi], "images": f"seeded subset of {n} (seed 0)",
-            "minutes": (time.time() - t0) / 60}
+            "eps": 8 / 255, "value": ok / n, "n": n, "ci95": [lo, hi],
+            "images": f"seeded subset of {n} (seed 0), in chunks of {AA_CHUNK}", "minutes": minutes}
 
 
 def _shard(names: list[str], shard: str | None) -> list[str]:
@@ -145,6 +173,19 @@ def _train_one(name: str, args, device, root) -> None:
           f"{minutes:.1f} min of training", flush=True)
 
 
+def measure(name: str, n: int, root=None, device="cpu") -> dict:
+    """AutoAttack (standard, ℓ∞ 8/255) on ``n`` test images of the shipped model ``name`` (resumable in chunks),
+    recorded in its manifest entry in place of an earlier measurement of the same attack, norm and radius."""
+    model = mf.load(name, device, root)
+    rob = _autoattack(model, "cifar10", n, device)
+    rob["commit"] = mf._git_commit()
+    entry = mf.read_manifest(root)["models"][name]
+    entry["robust"] = [r for r in entry.get("robust", []) if (r["attack"], r["norm"], r["eps"]) !=
+                       (rob["attack"], rob["norm"], rob["eps"])] + [rob]
+    mf.write_entry(name, entry, mf.weights_dir(root))
+    return rob
+
+
 def verify(n: int = 1000, tolerance: float = 0.01, root=None, device="cpu", names=None) -> list[dict]:
     """Load every shipped model (SHA-256 checked) and measure its clean accuracy on ``n`` test images (a seeded
     subset): it must lie within ``tolerance`` of the manifest's accuracy on the same images (``clean.check``,
@@ -182,10 +223,13 @@ def main(argv=None) -> int:
     p_train.add_argument("--shard", help="i/n: every n-th model from the i-th (0-based)")
     p_train.add_argument("--force", action="store_true", help="measure and ship again what is shipped")
     p_train.add_argument("--no-aa", dest="aa", action="store_false", help="skip the AutoAttack measurement")
+    p_measure = sub.add_parser("measure", help="AutoAttack on shipped models (resumable), into the manifest")
+    p_measure.add_argument("--only", nargs="+", required=True, help="shipped model names")
+    p_measure.add_argument("--n", type=int, default=1000, help="test images (default 1,000)")
     p_verify = sub.add_parser("verify", help="SHA-256 and clean accuracy of every shipped model")
     p_verify.add_argument("--n", type=int, default=1000)
     p_verify.add_argument("--tolerance", type=float, default=0.01)
-    for q in (p_list, p_train, p_verify):
+    for q in (p_list, p_train, p_measure, p_verify):
         q.add_argument("--weights", help="the weights folder (default: weights/ of this checkout)")
         q.add_argument("--threads", type=int, default=int(os.environ.get("FLATNB_THREADS", "1")))
         q.add_argument("--device", default="cpu")
@@ -205,6 +249,12 @@ def main(argv=None) -> int:
         for r in verify(args.n, args.tolerance, root, args.device):
             print(f"{r['name']:45s} manifest {100 * r['manifest']:.2f} %, measured {100 * r['measured']:.2f} % "
                   f"on {r['n']}")
+        return 0
+    if args.cmd == "measure":
+        for name in args.only:
+            rob = measure(name, args.n, root, args.device)
+            print(f"[{name}] AutoAttack {100 * rob['value']:.1f} % [{100 * rob['ci95'][0]:.1f}, "
+                  f"{100 * rob['ci95'][1]:.1f}] (n = {rob['n']:,}, {rob['minutes']:.0f} min)", flush=True)
         return 0
     names = args.only if args.only else catalogue.names(args.group)
     for n in names:
