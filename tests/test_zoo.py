@@ -190,3 +190,38 @@ def test_the_cheapest_shipped_recipe_retrains_bit_identically(caller_cache):
         torch.set_num_threads(threads)
     assert mf.state_sha256(model.state_dict()) == entry["fp32_sha256"], (
         f"{name}: retrained weights differ from the shipped ones (recipe {entry['recipe']})")
+
+
+def test_autoattack_resumes_from_its_cached_chunks(tmp_path, monkeypatch):
+    """An interrupted AutoAttack measurement resumes: finished chunks are read back, not attacked again, and an
+    interruption leaves no half-written chunk."""
+    monkeypatch.setenv("FLATNB_CACHE", str(tmp_path))
+    g = torch.Generator().manual_seed(0)
+    toy = data.Dataset(torch.randint(0, 256, (250, 3, 32, 32), dtype=torch.uint8, generator=g),
+                       torch.randint(0, 10, (250,), generator=g), ["c"] * 10, "t" * 32)
+    monkeypatch.setattr(cli.fdata, "load", lambda name, split: toy)
+    real, calls = cli.attacks.autoattack, []
+
+    def counted(model, x, y, **kw):
+        calls.append(len(x))
+        if len(calls) == 2 and fail[0]:
+            raise KeyboardInterrupt  # the second chunk is interrupted
+        return real(model, x, y, n_iter=2, n_queries=5, **kw)
+
+    monkeypatch.setattr(cli.attacks, "autoattack", counted)
+    model = _model(_config())
+    fail = [True]
+    with pytest.raises(KeyboardInterrupt):
+        cli._autoattack(model, "cifar10", 250, "cpu")
+    assert calls == [100, 100]
+    chunks = sorted(p.name for p in tmp_path.rglob("*.json"))
+    assert chunks == ["00000-00100.json"] and not list(tmp_path.rglob("*.tmp"))
+    fail[0] = False
+    calls.clear()
+    got = cli._autoattack(model, "cifar10", 250, "cpu")
+    assert calls == [100, 50]  # the first chunk came from the cache
+    calls.clear()
+    again = cli._autoattack(model, "cifar10", 250, "cpu")
+    assert calls == [] and again["value"] == got["value"] and again["n"] == 250
+    lo, hi = again["ci95"]
+    assert 0 <= lo <= again["value"] <= hi <= 1
