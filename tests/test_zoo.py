@@ -11,7 +11,7 @@ import torch
 from flatnb import data
 from flatnb.config.train_config import TrainConfig
 from flatnb.training import train
-from flatnb.zoo import catalogue, cli
+from flatnb.zoo import catalogue, cli, robust
 from flatnb.zoo import manifest as mf
 
 SHIPPED = mf.weights_dir()
@@ -199,8 +199,8 @@ def test_autoattack_resumes_from_its_cached_chunks(tmp_path, monkeypatch):
     g = torch.Generator().manual_seed(0)
     toy = data.Dataset(torch.randint(0, 256, (250, 3, 32, 32), dtype=torch.uint8, generator=g),
                        torch.randint(0, 10, (250,), generator=g), ["c"] * 10, "t" * 32)
-    monkeypatch.setattr(cli.fdata, "load", lambda name, split: toy)
-    real, calls = cli.attacks.autoattack, []
+    monkeypatch.setattr(robust.fdata, "load", lambda name, split: toy)
+    real, calls = robust.attacks.autoattack, []
 
     def counted(model, x, y, **kw):
         calls.append(len(x))
@@ -208,20 +208,44 @@ def test_autoattack_resumes_from_its_cached_chunks(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # the second chunk is interrupted
         return real(model, x, y, n_iter=2, n_queries=5, **kw)
 
-    monkeypatch.setattr(cli.attacks, "autoattack", counted)
+    monkeypatch.setattr(robust.attacks, "autoattack", counted)
     model = _model(_config())
     fail = [True]
     with pytest.raises(KeyboardInterrupt):
-        cli._autoattack(model, "cifar10", 250, "cpu")
+        robust.autoattack(model, "cifar10", 250, "cpu")
     assert calls == [100, 100]
     chunks = sorted(p.name for p in tmp_path.rglob("*.json"))
     assert chunks == ["00000-00100.json"] and not list(tmp_path.rglob("*.tmp"))
     fail[0] = False
     calls.clear()
-    got = cli._autoattack(model, "cifar10", 250, "cpu")
+    got = robust.autoattack(model, "cifar10", 250, "cpu")
     assert calls == [100, 50]  # the first chunk came from the cache
     calls.clear()
-    again = cli._autoattack(model, "cifar10", 250, "cpu")
+    again = robust.autoattack(model, "cifar10", 250, "cpu")
     assert calls == [] and again["value"] == got["value"] and again["n"] == 250
     lo, hi = again["ci95"]
     assert 0 <= lo <= again["value"] <= hi <= 1
+
+
+def test_robust_accuracy_reads_the_manifest_or_measures(tmp_path, monkeypatch):
+    """A chapter's AutoAttack number: the shipped model's manifest measurement when it covers enough images,
+    else a measurement here; never a number from a different attack, norm or radius."""
+    monkeypatch.setenv("FLATNB_CACHE", str(tmp_path))
+    model = _model(_config())
+    rec = {"attack": robust.ATTACK, "norm": "linf", "eps": 8 / 255, "value": 0.461, "n": 1000,
+           "ci95": [0.43, 0.49], "images": "seeded subset of 1000 (seed 0)", "commit": "abcdef123"}
+    other = dict(rec, norm="l2", eps=0.5, n=5000)
+    model.shipped = {"name": "toy", "robust": [other, rec], "commit": "abcdef123"}
+    calls = []
+    monkeypatch.setattr(robust, "autoattack", lambda m, d, n, dev: calls.append(n) or
+                        {"value": 0.25, "n": n, "images": f"seeded subset of {n} (seed 0)"})
+    frac, where = robust.robust_accuracy(model, n=1000)
+    assert (frac.k, frac.n) == (461, 1000) and calls == [] and "manifest" in where and "abcdef1" in where
+    frac, where = robust.robust_accuracy(model, n=2000)  # the manifest covers only 1,000 images: measured here
+    assert (frac.k, frac.n) == (500, 2000) and calls == [2000] and where.startswith("measured here")
+    del model.shipped
+    frac, _ = robust.robust_accuracy(model, n=40)
+    assert (frac.k, frac.n) == (10, 40) and calls == [2000, 40]
+    for bad in (0, -5, 2.5, True):
+        with pytest.raises(ValueError, match="n must be a positive number"):
+            robust.robust_accuracy(model, n=bad)

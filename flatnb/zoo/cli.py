@@ -16,7 +16,6 @@ each (``--threads 1``, the default), ``OMP_WAIT_POLICY=PASSIVE``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -24,19 +23,12 @@ import tempfile
 import time
 
 import torch
-from scipy.stats import binomtest
 
-from flatnb import attacks
 from flatnb import data as fdata
 from flatnb.training import train as ftrain
-from flatnb.runtime import atomic_write_text, cache_dir, describe_device
-from flatnb.zoo import catalogue
+from flatnb.runtime import describe_device
+from flatnb.zoo import catalogue, robust
 from flatnb.zoo import manifest as mf
-
-
-def _wilson(k: int, n: int) -> tuple[float, float]:
-    ci = binomtest(k, n).proportion_ci(0.95, method="wilson")
-    return ci.low, ci.high
 
 
 def _clean(model, config_or_dataset, device, n: int | None = None) -> dict:
@@ -47,7 +39,7 @@ def _clean(model, config_or_dataset, device, n: int | None = None) -> dict:
         test = fdata.subset(test, n=n, seed=0)
     ev = ftrain.evaluate(model, test, device)
     k = round(ev["accuracy"] * ev["n"])
-    lo, hi = _wilson(k, ev["n"])
+    lo, hi = robust._wilson(k, ev["n"])
     return {"value": ev["accuracy"], "n": ev["n"], "ci95": [lo, hi], "mean_confidence": ev["mean_confidence"],
             "images": f"a seeded subset of {ev['n']} (seed 0)" if n is not None and n < len_full else
             "all test images"}
@@ -66,43 +58,6 @@ def _clean_with_check(model, config_or_dataset, device) -> dict:
     out["check"] = {k: v for k, v in _clean(model, config_or_dataset, device, n=CHECK_N).items()
                     if k in ("value", "n", "images")}
     return out
-
-
-#: AutoAttack runs in chunks of this many test images; each chunk's outcome is cached, so an interrupted
-#: measurement resumes at the first unfinished chunk (seed 0 in every chunk)
-AA_CHUNK = 100
-
-
-def _autoattack(model, dataset: str, n: int, device, batch: int = 250) -> dict:
-    """The reference AutoAttack (standard, ℓ∞ 8/255) on the seeded subset of ``n`` test images, resumable: each
-    chunk of :data:`AA_CHUNK` images is written to the cache (keyed by the weights' SHA-256) as it finishes."""
-    test = fdata.subset(fdata.load(dataset, "test"), n=n, seed=0)
-    x, y = test.images.float().div(255), test.labels
-    folder = cache_dir() / "zoo-autoattack" / f"{mf.state_sha256(model.state_dict())[:16]}-{dataset}-n{n}-linf8"
-    robust, minutes, fresh, fresh_n = [], 0.0, 0.0, 0
-    for start in range(0, n, AA_CHUNK):
-        stop = min(start + AA_CHUNK, n)
-        path = folder / f"{start:05d}-{stop:05d}.json"
-        if path.is_file():
-            rec = json.loads(path.read_text())
-        else:
-            t0 = time.time()
-            res = attacks.autoattack(model, x[start:stop].to(device), y[start:stop].to(device), eps=8 / 255,
-                                     norm="linf", version="standard", batch_size=batch)
-            rec = {"robust": [int(v) for v in (res.clean_correct & ~res.success).cpu()],
-                   "clean": [int(v) for v in res.clean_correct.cpu()], "minutes": (time.time() - t0) / 60}
-            atomic_write_text(path, json.dumps(rec) + "\n")
-            fresh, fresh_n = fresh + rec["minutes"], fresh_n + stop - start
-        robust += rec["robust"]
-        minutes += rec["minutes"]
-        left = fresh / fresh_n * (n - stop) if fresh_n else float("nan")
-        print(f"  AutoAttack {stop}/{n}: {100 * sum(robust) / len(robust):.1f} % robust so far"
-              + (f", about {left:.0f} min left" if math.isfinite(left) else " (cached)"), flush=True)
-    ok = sum(robust)
-    lo, hi = _wilson(ok, n)
-    return {"attack": "AutoAttack (reference, pyautoattack 0.2.0, standard version)", "norm": "linf",
-            "eps": 8 / 255, "value": ok / n, "n": n, "ci95": [lo, hi],
-            "images": f"seeded subset of {n} (seed 0), in chunks of {AA_CHUNK}", "minutes": minutes}
 
 
 def _shard(names: list[str], shard: str | None) -> list[str]:
@@ -131,7 +86,7 @@ def _train_one(name: str, args, device, root) -> None:
         entry["clean"] = _clean_with_check(model, "cifar10", device)
         print(f"[{name}] clean {100 * entry['clean']['value']:.2f} % on {entry['clean']['n']:,}", flush=True)
         if item.get("aa_n") and args.aa:
-            entry["robust"] = [_autoattack(model, "cifar10", item["aa_n"], device)]
+            entry["robust"] = [robust.autoattack(model, "cifar10", item["aa_n"], device)]
             print(f"[{name}] AutoAttack {100 * entry['robust'][0]['value']:.1f} % on {item['aa_n']}", flush=True)
         entry["commit"] = mf._git_commit()
         mf.write_entry(name, entry, root)
@@ -163,12 +118,12 @@ def _train_one(name: str, args, device, root) -> None:
     shipped = shipped.to(device).eval()
     clean = _clean_with_check(shipped, config, device)
     clean["value_fp32"] = _clean(model, config, device)["value"]
-    robust = [_autoattack(shipped, config.dataset, item.aa_n, device)] if item.aa_n and args.aa else []
+    measured = [robust.autoattack(shipped, config.dataset, item.aa_n, device)] if item.aa_n and args.aa else []
     training = {"device": describe_device(device), "threads": torch.get_num_threads(), "minutes": minutes,
                 "history": history}
-    entry = mf.export(model, config, train_ds.digest, name, root, clean=clean, training=training, robust=robust,
+    entry = mf.export(model, config, train_ds.digest, name, root, clean=clean, training=training, robust=measured,
                       data_source=train_ds.source)
-    rob = f", AutoAttack {100 * robust[0]['value']:.1f} % (n = {robust[0]['n']})" if robust else ""
+    rob = f", AutoAttack {100 * measured[0]['value']:.1f} % (n = {measured[0]['n']})" if measured else ""
     print(f"[{name}] shipped {entry['file']}: clean {100 * clean['value']:.2f} % on {clean['n']:,}{rob}, "
           f"{minutes:.1f} min of training", flush=True)
 
@@ -177,7 +132,7 @@ def measure(name: str, n: int, root=None, device="cpu") -> dict:
     """AutoAttack (standard, ℓ∞ 8/255) on ``n`` test images of the shipped model ``name`` (resumable in chunks),
     recorded in its manifest entry in place of an earlier measurement of the same attack, norm and radius."""
     model = mf.load(name, device, root)
-    rob = _autoattack(model, "cifar10", n, device)
+    rob = robust.autoattack(model, "cifar10", n, device)
     rob["commit"] = mf._git_commit()
     entry = mf.read_manifest(root)["models"][name]
     entry["robust"] = [r for r in entry.get("robust", []) if (r["attack"], r["norm"], r["eps"]) !=
