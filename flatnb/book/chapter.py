@@ -132,14 +132,47 @@ class Chapter:
         seed = self.seed if seed is None else seed
         model = zoo.model(arch, dataset, recipe=recipe, profile=self.profile, seed=seed, device=self.device)
         test = ftrain.test_data(ftrain.config_for(arch, dataset, recipe, self.profile, seed))
+        return self._introduce(model, test, describe or f"{getattr(model, 'train_info', {}).get('config', {}).get('arch', arch)} "
+                               f"({recipe}, {dataset})", dataset)
+
+    def shipped(self, name: str, describe: str | None = None):
+        """A shipped model of ``weights/manifest.json`` by name (e.g. ``"resnet18-pyautoattack"``, the paper's
+        architecture as the reference AutoAttack ships it), SHA-256 checked, in eval mode on the chapter's device."""
+        from flatnb import zoo  # see model()
+
+        model = zoo.load(name, self.device)
+        return self._introduce(model, fdata.load("cifar10", "test"), describe or name, "cifar10")
+
+    def main_models(self) -> dict:
+        """The models a claim about "a trained model" is checked on in this profile (label → model):
+        :data:`flatnb.config.budgets.MAIN_MODELS` (quick: the main model; full: three seeds of the main model
+        and the paper's ResNet-18)."""
+        out = {}
+        for label, spec in budgets.MAIN_MODELS[self.profile].items():
+            out[label] = (self.shipped(spec, describe=label) if isinstance(spec, str)
+                          else self.model(spec[0], spec[1], spec[2], seed=spec[3], describe=label))
+        return out
+
+    def _introduce(self, model, test, name: str, dataset: str):
+        """Clean accuracy into the banner: the manifest's (all test images, measured when the model was
+        shipped; ``python -m flatnb.zoo verify`` re-measures it) when ``test`` is the whole test set, else
+        measured here."""
+        from flatnb.training import train as ftrain
+
         if self.profile == "smoke":  # a full-width model on all test images takes minutes on a CPU
             from flatnb.config import smoke  # only a smoke run loads it (see flatnb.config)
 
             test = fdata.subset(test, n=min(len(test.labels), smoke.EVAL_IMAGES), seed=0)
-        acc = ftrain.evaluate(model, test, self.device)["accuracy"]
-        name = describe or f"{getattr(model, 'train_info', {}).get('config', {}).get('arch', arch)} ({recipe}, {dataset})"
-        origin = (f"shipped weights {model.shipped['file']}" if getattr(model, "shipped", None) and "file" in model.shipped
-                  else "trained here")
+        entry = getattr(model, "shipped", None) or {}
+        clean = entry.get("clean", {})
+        if clean.get("n") == len(test.labels) and clean.get("images") == "all test images":
+            where = (f"{entry['external']['package']}'s {entry['external']['file']}, SHA-256 pinned" if "external" in entry
+                     else f"shipped weights {entry.get('file')}")
+            acc, origin = clean["value"], f"{where}; accuracy from the manifest"
+        else:
+            acc = ftrain.evaluate(model, test, self.device)["accuracy"]
+            origin = f"shipped weights {entry['file']}" if "file" in entry else (
+                f"shipped model {entry['name']}" if entry else "trained here")
         self.models.append(f"{name}: clean accuracy {100 * acc:.1f} % on {len(test.labels):,} test images ({origin})")
         describe_source = getattr(fdata, "source_description", None)
         if describe_source is not None and self.data is None:

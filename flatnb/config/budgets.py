@@ -96,6 +96,21 @@ def sizes(stem: str, profile: str) -> dict:
     return dict(table.get(profile, {}))
 
 
+# ============================================================================= the models a claim is checked on
+# label -> (arch, dataset, recipe, seed) of flatnb.config.recipes.TABLE, or the name of a shipped external model
+# (weights/manifest.json). A claim about "a trained standard model" (E1, E3, E6) is checked on each and pooled:
+# quick: the main model; full: three seeds of the main FastNet-64 and the paper's architecture, the ResNet-18
+# that ships inside pyautoattack (the reference AutoAttack's example model).
+MAIN_MODELS = {
+    "quick": {"FastNet-32, seed 0": ("main", "cifar10", "standard", 0)},
+    "full": {"FastNet-64, seed 0": ("main", "cifar10", "standard", 0),
+             "FastNet-64, seed 1": ("main", "cifar10", "standard", 1),
+             "FastNet-64, seed 2": ("main", "cifar10", "standard", 2),
+             "ResNet-18 (pyautoattack)": "resnet18-pyautoattack"},
+}
+MAIN_MODELS["smoke"] = MAIN_MODELS["full"]
+
+
 # ============================================================================= the atlas's zoo (chapter 13)
 # label -> (arch, dataset, recipe, seed) of flatnb.config.recipes.TABLE. quick: FastNet at width 16 for 2 epochs
 # (recipes "zoo_*"); full: the paper's ResNet-18 with each training method.
