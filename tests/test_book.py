@@ -157,14 +157,67 @@ def test_output_folder_leaves_book_alone_and_failures_do_not_stop_the_run(repo, 
     assert [c for c, _ in calls] == ["01_a.ipynb", "02_b.ipynb"]
 
 
-def test_full_profile_without_cuda_stops_at_once_and_names_dry_run(repo, monkeypatch, capsys):
+def test_full_profile_runs_on_a_cpu_into_runs_cpu(repo, monkeypatch, capsys):
+    """The full profile is paper grade on the shipped models on any device: on a CPU it writes runs/cpu/."""
+    calls = []
+    envs.clear()
+    monkeypatch.setattr(book, "execute", _fake_execute(calls))
+    monkeypatch.setattr(book, "cuda_available", lambda: False)
+    before = {p.name: p.read_text() for p in (repo / "book").iterdir()}
+    assert book.main(["--profile", "full", "--no-build"]) == 0
+    assert [p for _, p in calls] == [{"profile": "full", "device": "cpu"}] * 2
+    assert all((repo / "runs" / "cpu" / f"{s}.full.ipynb").is_file() for s in ("01_a", "02_b"))
+    assert {p.name: p.read_text() for p in (repo / "book").iterdir()} == before
+    assert envs[-1] == {"FLATNB_RUN_DIR": str(repo / "runs" / "cpu")}
+
+
+def test_a_full_run_resumes_skipping_current_records(repo, monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(book, "execute", _fake_execute(calls))
     monkeypatch.setattr(book, "cuda_available", lambda: False)
-    assert book.main(["--profile", "full", "--device", "cuda"]) == 2
-    err = capsys.readouterr().err
-    assert "CUDA" in err and "--dry-run" in err
-    assert calls == [] and not (repo / "runs").exists()
+    monkeypatch.setattr(book, "record_is_current", lambda runs, slug, stem: stem == "01_a")
+    assert book.main(["--profile", "full", "--no-build"]) == 0
+    assert [c for c, _ in calls] == ["02_b.ipynb"]
+    assert "skip 01_a" in capsys.readouterr().out
+    calls.clear()
+    assert book.main(["--profile", "full", "--no-build", "--force"]) == 0
+    assert [c for c, _ in calls] == ["01_a.ipynb", "02_b.ipynb"]
+
+
+def test_a_record_is_current_only_when_complete_and_its_code_unchanged(tmp_path, monkeypatch):
+    import os
+
+    from flatnb.evidence import run_records
+
+    changed = [[]]
+    monkeypatch.setattr(run_records, "load", lambda path: {"meta": {}, "rows": []})
+    monkeypatch.setattr(run_records, "changed_files", lambda rec, *a, **k: changed[0])
+    nb, js = book.record_paths(tmp_path, "cpu", "05_x", "full")
+    assert not book.record_is_current(tmp_path, "cpu", "05_x")  # nothing there
+    js.parent.mkdir(parents=True)
+    js.write_text("{}")
+    assert not book.record_is_current(tmp_path, "cpu", "05_x")  # the JSON of a run that never finished
+    nb.write_text("{}")
+    os.utime(js, (1_000, 1_000))
+    os.utime(nb, (2_000, 2_000))
+    assert book.record_is_current(tmp_path, "cpu", "05_x")
+    os.utime(js, (3_000, 3_000))  # an interrupted rerun: a newer JSON beside the older notebook
+    assert not book.record_is_current(tmp_path, "cpu", "05_x")
+    os.utime(js, (1_000, 1_000))
+    changed[0] = ["flatnb/measure/crossing.py"]
+    assert not book.record_is_current(tmp_path, "cpu", "05_x")
+
+
+def test_lanes_balance_the_estimates_and_keep_book_order():
+    stems = ["01", "02", "03", "04", "05"]
+    est = {"01": 60, "02": 10, "03": 25, "04": 25, "05": 5}
+    got = book.lanes(stems, 2, est)
+    assert sorted(sum(got, [])) == stems and all(lane == sorted(lane) for lane in got)
+    loads = sorted(sum(est[s] for s in lane) for lane in got)
+    assert loads == [60, 65]  # 60 + 5 against 25 + 25 + 10: the best split of these estimates
+    assert sorted(map(len, book.lanes(stems, 9, est))) == [1] * 5  # no empty lanes
+    with pytest.raises(ValueError, match="--jobs must be >= 1"):
+        book.lanes(stems, 0, est)
 
 
 def test_full_profile_writes_run_records_not_book(repo, monkeypatch, capsys):

@@ -86,8 +86,8 @@ class Chapter:
         except ValueError as e:  # a corrupt record: say so in the banner, do not hide the page
             return f"a run record could not be read ({e})"
         if not recs:
-            return ("pending: no full-profile run record of this chapter yet (it needs a GPU: "
-                    "<code>python -m flatnb.book --profile full --device cuda</code>)")
+            return ("pending: no full-profile run record of this chapter yet (the shipped evidence models at "
+                    "referee sample sizes, on any device: <code>python -m flatnb.book --profile full --jobs 2</code>)")
         r = max(recs, key=lambda r: r["meta"]["date"])
         return f"{html.escape(records.label(r))}: <code>{html.escape(os.path.relpath(r['path']))}</code>"
 

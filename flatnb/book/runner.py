@@ -4,13 +4,18 @@
     python -m flatnb.book --only 05 12 --no-build
     python -m flatnb.book --output /tmp/run     executed chapters go to /tmp/run, book/ is left alone
     python -m flatnb.book --no-execute          build the HTML from the stored outputs only (about a minute)
-    python -m flatnb.book --profile full --device cuda
-                                                paper scale on a GPU: each executed chapter is written to
-                                                runs/<device>/<stem>.full.ipynb (never into book/; the
-                                                chapter gets FLATNB_RUN_DIR=runs/<device> for its JSON);
-                                                without CUDA it stops at once and points to --dry-run
+    python -m flatnb.book --profile full --jobs 2
+                                                paper grade on the shipped evidence models, on any device
+                                                (about 3 h on 2 CPU cores, minutes on a GPU): each executed
+                                                chapter is written to runs/<device>/<stem>.full.ipynb (never
+                                                into book/; the chapter gets FLATNB_RUN_DIR=runs/<device> for
+                                                its JSON). Resumable: a chapter whose full record is current
+                                                (complete, and no code it ran has changed) is skipped
+                                                (--force runs it again); an interrupted chapter leaves nothing
+                                                and runs again. --jobs N runs N chapter processes side by side
+                                                (one torch thread each), balanced by budgets.CPU_MINUTES
     python -m flatnb.book --profile full --dry-run [--output DIR]
-                                                the CPU test of the line above: executes the chapters in the
+                                                a quick test of the line above: executes the chapters in the
                                                 smoke profile (every full-profile model, recipe and branch at
                                                 toy scale: one epoch of 256 images, a handful of test images;
                                                 failed asserts and empty selections are tolerated and listed,
@@ -19,7 +24,8 @@
                                                 record paths runs/<device>/<stem>.full.* are writable; writes
                                                 nothing into book/ or runs/, builds no HTML
 
-Chapters run in the order of ``_toc.yml``, one progress line each (start time, seconds, pass/FAIL), then a
+Chapters run in the order of ``_toc.yml`` (a chapter that reads the other chapters' records, chapter 12, after
+all of them), one progress line each (start time, seconds, pass/FAIL), then a
 summary with the total; a failed chapter does not stop the others (``--fail-fast`` does). A chapter is
 written only when it ran without error (to a temp file next to its destination, then moved into place), so
 a failing run never destroys a committed chapter; the failed copy is kept under ``_build/failed/``.
@@ -252,10 +258,70 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-NO_CUDA = ("--profile full runs the paper-scale book and needs a CUDA GPU, but torch.cuda.is_available() is "
-           "False on this machine (or --device names a CPU). To test the full-profile path here, run\n"
-           "    python -m flatnb.book --profile full --dry-run\n"
-           "(the chapters in the quick profile into a temp folder, plus a check that runs/<device>/ is writable).")
+#: chapters that read the other chapters' run records (they run last, and whenever another chapter ran)
+READS_RECORDS = ("12_verdict",)
+
+
+def record_is_current(runs: Path, slug: str, stem: str) -> bool:
+    """True when ``runs/<slug>/<stem>.full.{ipynb,json}`` are a complete run (the notebook was written after its
+    JSON: an interrupted run leaves a newer JSON beside an older notebook, or none) and no code the run
+    depended on has changed since (:func:`flatnb.evidence.run_records.changed_files`)."""
+    from flatnb.evidence import run_records  # loads torch: only a full run needs it
+
+    nb, js = record_paths(runs, slug, stem, "full")
+    if not (nb.is_file() and js.is_file()) or nb.stat().st_mtime < js.stat().st_mtime:
+        return False
+    try:
+        rec = run_records.load(js)
+    except ValueError:
+        return False
+    changed = run_records.changed_files(rec)
+    return changed == [] or (changed is None and run_records.is_stale(rec) is False)
+
+
+def lanes(stems: list[str], n: int, minutes: dict[str, float]) -> list[list[str]]:
+    """Split ``stems`` into ``n`` lanes of about equal estimated minutes (longest first onto the lightest
+    lane); each lane keeps book order."""
+    if n < 1:
+        raise ValueError(f"--jobs must be >= 1, got {n}")
+    load, out = [0.0] * n, [[] for _ in range(n)]
+    for stem in sorted(stems, key=lambda s: -minutes.get(s, 5.0)):
+        i = min(range(n), key=lambda j: load[j])
+        out[i].append(stem)
+        load[i] += minutes.get(stem, 5.0)
+    order = {s: k for k, s in enumerate(stems)}
+    return [sorted(lane, key=order.get) for lane in out if lane]
+
+
+def run_lanes(groups: list[list[str]], argv: list[str]) -> int:
+    """Run ``python -m flatnb.book <argv> --only <lane>`` once per lane, side by side; each output line is
+    prefixed with its lane. Returns the worst exit status."""
+    import subprocess
+    import threading
+
+    procs = []
+    for k, lane in enumerate(groups, 1):
+        cmd = [sys.executable, "-m", "flatnb.book", *argv, "--jobs", "1", "--no-build", "--only", *lane]
+        print(f"lane {k}: {' '.join(lane)}", flush=True)
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      bufsize=1, cwd=ROOT))
+
+    def pump(k, proc):
+        for line in proc.stdout:
+            print(f"[lane {k}] {line}", end="", flush=True)
+
+    threads = [threading.Thread(target=pump, args=(k, p), daemon=True) for k, p in enumerate(procs, 1)]
+    for t in threads:
+        t.start()
+    try:
+        codes = [p.wait() for p in procs]
+    except BaseException:
+        for p in procs:
+            p.terminate()
+        raise
+    for t in threads:
+        t.join()
+    return max(codes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,7 +329,11 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=["auto", "quick", "full"], default=None,
                         help="profile injected into every chapter (default: the chapter's own 'auto', which is "
-                             "'full' on a GPU); 'full' needs CUDA and writes to runs/<device>/<stem>.full.ipynb")
+                             "'full' on a GPU); 'full' writes to runs/<device>/<stem>.full.ipynb on any device")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="chapter processes side by side (default 1; 2 on a 2-core CPU)")
+    parser.add_argument("--force", action="store_true",
+                        help="with --profile full: run chapters whose full record is current too")
     parser.add_argument("--device", default=None,
                         help="device injected into every chapter, e.g. cpu or cuda (default: the chapter's own)")
     parser.add_argument("--only", nargs="*", default=None,
@@ -319,22 +389,49 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.no_execute:
         params = {k: v for k, v in (("profile", args.profile), ("device", args.device)) if v is not None}
-        env, on_gpu = None, not (args.device or "cuda").startswith("cpu") and cuda_available()
+        env, on_gpu, full = None, not (args.device or "cuda").startswith("cpu") and cuda_available(), False
         if args.profile == "full" or (args.profile in (None, "auto") and on_gpu):  # auto is full on a GPU
-            if not on_gpu:
-                print(NO_CUDA, file=sys.stderr)
-                return 2
-            params.setdefault("device", "cuda")
+            full = True
+            params.setdefault("device", "cuda" if on_gpu else "cpu")
+            params["profile"] = "full"
             folder = args.output or args.runs / device_slug(params["device"])
             destination = lambda c: folder / f"{c.stem}.full.ipynb"  # noqa: E731
             env = {"FLATNB_RUN_DIR": str(folder.resolve())}
+            if not args.force and args.output is None:
+                slug = device_slug(params["device"])
+                current = [c for c in paths if c.stem not in READS_RECORDS
+                           and record_is_current(args.runs, slug, c.stem)]
+                for c in current:
+                    print(f"skip {c.stem}: its full record in {folder} is current (--force runs it again)")
+                paths = [c for c in paths if c not in current]
         elif args.output is not None:
             destination = lambda c: args.output / c.name  # noqa: E731
         else:
             destination = lambda c: c  # noqa: E731
-        results = run(paths, destination, params, args.cell_timeout, args.fail_fast, env=env)
-        print(summary(results), flush=True)
-        status = 0 if all(ok for *_, ok in results) else 1
+        readers = [c for c in paths if c.stem in READS_RECORDS]
+        others = [c for c in paths if c.stem not in READS_RECORDS]
+        if full and not others and not args.force:
+            readers = [c for c in readers if not record_is_current(args.runs, device_slug(params["device"]), c.stem)
+                       or not (folder / f"{c.stem}.full.ipynb").is_file()]
+        if args.jobs > 1 and len(others) > 1:
+            from flatnb.config import budgets  # the estimates that balance the lanes
+
+            est = budgets.CPU_MINUTES["full" if full else "quick"]
+            passthrough = [*(["--profile", params["profile"]] if "profile" in params else []),
+                           *(["--device", params["device"]] if "device" in params else []),
+                           *(["--output", str(args.output)] if args.output else []),
+                           "--runs", str(args.runs), "--cell-timeout", str(args.cell_timeout),
+                           *(["--force"] if args.force else []), *(["--fail-fast"] if args.fail_fast else [])]
+            t0 = time.time()
+            status = run_lanes(lanes([c.stem for c in others], args.jobs, est), passthrough)
+            print(f"{len(others)} chapter(s) in {args.jobs} lanes: {time.time() - t0:.0f} s of wall time", flush=True)
+            results = run(readers, destination, params, args.cell_timeout, args.fail_fast, env=env)
+            status = max(status, 0 if all(ok for *_, ok in results) else 1)
+        else:
+            results = run(others + readers, destination, params, args.cell_timeout, args.fail_fast, env=env)
+            status = 0 if all(ok for *_, ok in results) else 1
+        if results:
+            print(summary(results), flush=True)
     if not args.no_build:
         try:
             build_html(ROOT, args.path_output, args.runs)

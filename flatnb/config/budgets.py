@@ -85,6 +85,21 @@ SIZES = {
 }
 
 
+# Estimated wall minutes per chapter on one CPU thread (quick: measured in the committed quick records; full: the
+# budget each chapter's full sizes are chosen to fit, so that the whole book takes at most 3 hours on 2 cores).
+# The runner balances its --jobs lanes with these; each record states the chapter's measured wall time.
+CPU_MINUTES = {
+    "quick": {"01_relative_flatness": 0.5, "02_inputs_are_weights": 0.5, "03_local_bound": 1.2,
+              "04_local_not_global": 0.8, "05_uncanny_valley": 1.3, "06_scale_sweep": 1.5,
+              "07_gradient_masking": 2.2, "08_flatness_detector": 0.7, "09_adversarial_training": 3.2,
+              "10_architectures": 2.5, "11_off_manifold": 2.2, "12_verdict": 0.2, "13_atlas": 7.3},
+    "full": {"01_relative_flatness": 3, "02_inputs_are_weights": 10, "03_local_bound": 10,
+             "04_local_not_global": 10, "05_uncanny_valley": 25, "06_scale_sweep": 20, "07_gradient_masking": 25,
+             "08_flatness_detector": 25, "09_adversarial_training": 30, "10_architectures": 30,
+             "11_off_manifold": 25, "12_verdict": 1, "13_atlas": 60},
+}
+
+
 def sizes(stem: str, profile: str) -> dict:
     """A chapter's sizes in ``profile`` (``{}`` for a chapter without any); ``"smoke"``: the full ones at
     toy scale (:func:`flatnb.config.smoke.sizes`)."""

@@ -449,8 +449,9 @@ def banner_html(table: Table) -> str:
         f"({prof.get('full', 0)} full profile, {prof.get('quick', 0)} quick), run {html.escape(span)}; "
         f"{stale} stale." + (" Missing: " + html.escape(", ".join(table.missing)) + "." if table.missing else ""),
         "Paper-scale runs: " + (f"{prof['full']} chapter(s) with a full-profile record." if prof.get("full")
-                                 else "pending: no full-profile record yet (they need a GPU: "
-                                      "<code>python -m flatnb.book --profile full --device cuda</code>)."),
+                                 else "pending: no full-profile record yet (on any device: "
+                                      "<code>python -m flatnb.book --profile full --jobs 2</code>, about 3 hours on "
+                                      "2 CPU cores)."),
     ]
     return ('<div class="flatnb-banner" style="border-left:4px solid #4a7ab5;padding:0.4em 0.8em;'
             'margin:0.5em 0;background:rgba(74,122,181,0.08)">' + "<br>".join(lines) + "</div>")
