@@ -9,9 +9,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
-from flatnb.curvature._common import _ce_mean, _ce_sum, _math_attention, require_eval
+from flatnb.curvature._common import _ce_mean, _math_attention, require_eval
 from flatnb.runtime import draw
 
 Tensor = torch.Tensor

@@ -5,8 +5,6 @@ the closed forms against these in float64.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 

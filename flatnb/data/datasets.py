@@ -35,7 +35,7 @@ from typing import NamedTuple
 
 import torch
 
-from flatnb.config.train_config import DATASETS, NUM_CLASSES
+from flatnb.config.train_config import DATASETS
 from flatnb.data import archives
 from flatnb.data.download import HOW_TO_SUPPLY, Source, data_root, find_source, root_for, source_key
 from flatnb.runtime import atomic_save, cache_dir
