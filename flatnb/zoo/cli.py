@@ -103,8 +103,8 @@ def _train_one(name: str, args, device, root) -> None:
         done = epoch + 1
         if start[0] is None:  # epochs a checkpoint had before this run
             start[0] = epoch
-        left = (time.time() - t0) / max(done - start[0], 1) * (config.epochs - done)
-        print(f"[{name}] epoch {done}/{config.epochs} in {metrics['train_s'] / 60:.1f} min, about "
+        left = (time.time() - t0) / max(done - start[0], 1) * (config.last_epoch - done)
+        print(f"[{name}] epoch {done}/{config.last_epoch} in {metrics['train_s'] / 60:.1f} min, about "
               f"{left / 60:.0f} min left", flush=True)
 
     start = [None]
