@@ -201,3 +201,37 @@ def test_as_interval_reads_fractions_tuples_and_numbers():
     assert stats.as_interval(0.5) == (0.5, 0.5, 0.5)
     with pytest.raises(ValueError):
         stats.as_interval((1, 2))
+
+
+def _brute_p(a, b):
+    """Two-sided permutation p of the Pearson correlation of a and b over every ordering of b (independent of scipy)."""
+    import itertools
+
+    def r(u, v):
+        u, v = u - u.mean(), v - v.mean()
+        return float((u * v).sum() / math.sqrt(float((u * u).sum() * (v * v).sum())))
+
+    obs = abs(r(a, b))
+    perms = [abs(r(a, np.array(p))) for p in itertools.permutations(b)]
+    return sum(v >= obs - 1e-12 for v in perms) / len(perms)
+
+
+def test_rank_permutation_p_is_exact_for_small_n_and_matches_the_t_approximation_for_large_n():
+    x = np.array([1.0, 2.5, 2.0, 4.0, 7.0, 5.5])
+    y = np.array([0.3, 0.1, 0.9, 0.8, 1.4, 0.7])
+    z = np.array([3.0, 1.0, 2.0, 6.0, 4.0, 5.0])
+    rx, ry = scipy.stats.rankdata(x), scipy.stats.rankdata(y)
+    assert stats.rank_permutation_p(x, y) == pytest.approx(_brute_p(rx, ry), abs=1e-12)
+    # the partial test permutes rank residuals on z (Kennedy 1995)
+    rz = scipy.stats.rankdata(z)
+    res = lambda v: v - np.polyval(np.polyfit(rz, v, 1), rz)  # noqa: E731
+    assert stats.rank_permutation_p(x, y, z) == pytest.approx(_brute_p(res(rx), res(ry)), abs=1e-12)
+    g = np.random.default_rng(0)
+    a = g.normal(size=60)
+    b = 0.35 * a + g.normal(size=60)
+    want = scipy.stats.spearmanr(a, b).pvalue  # the t approximation, good at n = 60
+    assert stats.rank_permutation_p(a, b, n_resamples=20000) == pytest.approx(want, abs=0.01)
+    t = stats.rank_test(a, b, seed=1)
+    assert t["n"] == 60 and t["rho"][1] < t["rho"][0] < t["rho"][2] and "p = " in stats.fmt_test(t)
+    with pytest.raises(ValueError, match="constant"):
+        stats.rank_permutation_p(np.ones(5), np.arange(5.0))
