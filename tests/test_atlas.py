@@ -235,3 +235,20 @@ def test_rank_permutation_p_is_exact_for_small_n_and_matches_the_t_approximation
     assert t["n"] == 60 and t["rho"][1] < t["rho"][0] < t["rho"][2] and "p = " in stats.fmt_test(t)
     with pytest.raises(ValueError, match="constant"):
         stats.rank_permutation_p(np.ones(5), np.arange(5.0))
+
+
+def test_measure_takes_autoattack_from_outside_and_adds_robust_flatness(setup):
+    model, pr, _ = setup
+    sizes = type("S", (), {**{k: getattr(SIZES, k) for k in dir(SIZES) if not k.startswith("_")},
+                           "n_rflat": 16, "rflat_samples": 2, "rflat_pgd_steps": 2, "rflat_worst_steps": 2})()
+    given = {"linf": stats.Fraction(3, 500), "l2": stats.Fraction(40, 500)}
+    e = atlas.measure(model, pr, sizes, "cpu", seed=0, robust=given)
+    assert e["aa_linf"] is given["linf"] and e["aa_l2"] is given["l2"]  # not attacked again here
+    lo, est, hi = e["rflat_avg"][1], e["rflat_avg"][0], e["rflat_avg"][2]
+    assert lo <= est <= hi and e["robust_loss"] > 0 and math.isfinite(e["rflat_worst"][0])
+    assert 0 <= e["basin_censored"].value <= 1
+    cols = atlas.columns({"a": e, "b": e, "c": e})
+    assert "rflat_avg" in cols and "rflat_worst" in cols and "aa_l2" in cols
+    raw, part, n = atlas.within(e) if len(e["per_radius"]["radius"]) >= 3 else (None, None, 0)
+    assert raw is None or (-1 <= raw["rho"][0] <= 1 and 0 < raw["p"] <= 1)
+    assert "robust flatness avg." in atlas.table({"a": e})

@@ -76,12 +76,22 @@ SIZES = {
         # quick: AutoAttack ℓ∞ only (on the adversarially trained models its FAB-T and Square parts take minutes
         # per norm on one CPU thread); full: ℓ∞ 8/255 and ℓ2 0.5. aa_iter/aa_queries: the reference's budget.
         # temperature_at_bound: a model worse than a uniform guess is an error (the smoke profile clips)
+        # aa_zoo: AutoAttack from the zoo (manifest or cached chunks, on n_aa seeded test images; full), else
+        # attacked inside atlas.measure (quick). n_rflat etc.: Stutz et al.'s robust flatness (PGD steps per robust
+        # loss, random weight draws, worst-case ascent steps): cost ≈ (2 + samples + worst steps) PGD runs.
+        # Full sizes are an ESTIMATE (the atlas models are not trained yet; time a slice of n = 50 on two shipped
+        # models before the first full run): per FastNet-32 model on one thread ≈ 1.5-2.5 min (κ on 10,000
+        # training + 5,000 test images: forward passes; flip radius 200 × 20 × 8 and basin 300 × 80 PGD steps;
+        # robust flatness 200 images × 17 PGD-10 runs), × 24 models plus the ResNet-18 (~5× a FastNet-32)
+        # ≈ 50-60 min, AutoAttack read from the manifest (python -m flatnb.zoo train --group atlas measures it).
         "quick": dict(n_kappa=2000, n_test=1000, n_cal=1000, n_aa=32, aa_norms=("linf",), aa_iter=100,
                       aa_queries=5000, n_basin=64, n_radius=12, radius_steps=10, radius_iter=5, n_curv=16, n_random=4,
-                      batch=256, temperature_at_bound="raise"),
-        "full": dict(n_kappa=10_000, n_test=5000, n_cal=5000, n_aa=1000, aa_norms=("linf", "l2"), aa_iter=100,
-                     aa_queries=5000, n_basin=500, n_radius=200, radius_steps=30, radius_iter=10, n_curv=200,
-                     n_random=16, batch=500, temperature_at_bound="raise")},
+                      batch=256, temperature_at_bound="raise", aa_zoo=False, n_rflat=32, rflat_samples=2,
+                      rflat_pgd_steps=3, rflat_worst_steps=2),
+        "full": dict(n_kappa=10_000, n_test=5000, n_cal=5000, n_aa=500, aa_norms=("linf", "l2"), aa_iter=100,
+                     aa_queries=5000, n_basin=300, n_radius=200, radius_steps=20, radius_iter=8, n_curv=100,
+                     n_random=8, batch=500, temperature_at_bound="raise", aa_zoo=True, n_rflat=200,
+                     rflat_samples=5, rflat_pgd_steps=10, rflat_worst_steps=10)},
 }
 
 
