@@ -142,11 +142,19 @@ def test_columns_refuse_non_finite_values(setup):
 
 
 def test_every_zoo_entry_has_a_recipe_and_a_method_group():
+    from flatnb.zoo import catalogue
+
     for profile, zoo in budgets.ZOO.items():
-        for label, (arch, dataset, recipe, seed) in zoo.items():
-            assert recipes.lookup(arch, dataset, recipe, profile, seed).seed == seed
+        for label, spec in zoo.items():
             assert budgets.zoo_method(label)
-    assert budgets.ZOO["quick"].keys() == budgets.ZOO["full"].keys() - {"PGD-10 AT"} | {"PGD-2 AT"}
+            if isinstance(spec, str):  # a shipped external model
+                assert spec in catalogue.EXTERNAL
+                continue
+            arch, dataset, recipe, seed = spec
+            assert recipes.lookup(arch, dataset, recipe, profile, seed).seed == seed
+    # the full zoo (24 converged models) covers every method of the quick one (nine 2-epoch networks)
+    assert {budgets.zoo_method(n) for n in budgets.ZOO["quick"]} < {budgets.zoo_method(n) for n in budgets.ZOO["full"]}
+    assert len(budgets.ZOO["full"]) >= 24
     with pytest.raises(ValueError, match="first word"):
         budgets.zoo_method("unknown method")
 
@@ -193,3 +201,54 @@ def test_as_interval_reads_fractions_tuples_and_numbers():
     assert stats.as_interval(0.5) == (0.5, 0.5, 0.5)
     with pytest.raises(ValueError):
         stats.as_interval((1, 2))
+
+
+def _brute_p(a, b):
+    """Two-sided permutation p of the Pearson correlation of a and b over every ordering of b (independent of scipy)."""
+    import itertools
+
+    def r(u, v):
+        u, v = u - u.mean(), v - v.mean()
+        return float((u * v).sum() / math.sqrt(float((u * u).sum() * (v * v).sum())))
+
+    obs = abs(r(a, b))
+    perms = [abs(r(a, np.array(p))) for p in itertools.permutations(b)]
+    return sum(v >= obs - 1e-12 for v in perms) / len(perms)
+
+
+def test_rank_permutation_p_is_exact_for_small_n_and_matches_the_t_approximation_for_large_n():
+    x = np.array([1.0, 2.5, 2.0, 4.0, 7.0, 5.5])
+    y = np.array([0.3, 0.1, 0.9, 0.8, 1.4, 0.7])
+    z = np.array([3.0, 1.0, 2.0, 6.0, 4.0, 5.0])
+    rx, ry = scipy.stats.rankdata(x), scipy.stats.rankdata(y)
+    assert stats.rank_permutation_p(x, y) == pytest.approx(_brute_p(rx, ry), abs=1e-12)
+    # the partial test permutes rank residuals on z (Kennedy 1995)
+    rz = scipy.stats.rankdata(z)
+    res = lambda v: v - np.polyval(np.polyfit(rz, v, 1), rz)  # noqa: E731
+    assert stats.rank_permutation_p(x, y, z) == pytest.approx(_brute_p(res(rx), res(ry)), abs=1e-12)
+    g = np.random.default_rng(0)
+    a = g.normal(size=60)
+    b = 0.35 * a + g.normal(size=60)
+    want = scipy.stats.spearmanr(a, b).pvalue  # the t approximation, good at n = 60
+    assert stats.rank_permutation_p(a, b, n_resamples=20000) == pytest.approx(want, abs=0.01)
+    t = stats.rank_test(a, b, seed=1)
+    assert t["n"] == 60 and t["rho"][1] < t["rho"][0] < t["rho"][2] and "p = " in stats.fmt_test(t)
+    with pytest.raises(ValueError, match="constant"):
+        stats.rank_permutation_p(np.ones(5), np.arange(5.0))
+
+
+def test_measure_takes_autoattack_from_outside_and_adds_robust_flatness(setup):
+    model, pr, _ = setup
+    sizes = type("S", (), {**{k: getattr(SIZES, k) for k in dir(SIZES) if not k.startswith("_")},
+                           "n_rflat": 16, "rflat_samples": 2, "rflat_pgd_steps": 2, "rflat_worst_steps": 2})()
+    given = {"linf": stats.Fraction(3, 500), "l2": stats.Fraction(40, 500)}
+    e = atlas.measure(model, pr, sizes, "cpu", seed=0, robust=given)
+    assert e["aa_linf"] is given["linf"] and e["aa_l2"] is given["l2"]  # not attacked again here
+    lo, est, hi = e["rflat_avg"][1], e["rflat_avg"][0], e["rflat_avg"][2]
+    assert lo <= est <= hi and e["robust_loss"] > 0 and math.isfinite(e["rflat_worst"][0])
+    assert 0 <= e["basin_censored"].value <= 1
+    cols = atlas.columns({"a": e, "b": e, "c": e})
+    assert "rflat_avg" in cols and "rflat_worst" in cols and "aa_l2" in cols
+    raw, part, n = atlas.within(e) if len(e["per_radius"]["radius"]) >= 3 else (None, None, 0)
+    assert raw is None or (-1 <= raw["rho"][0] <= 1 and 0 < raw["p"] <= 1)
+    assert "robust flatness avg." in atlas.table({"a": e})

@@ -483,3 +483,36 @@ def test_quick_and_full_runs_never_load_the_smoke_module():
             "print('flatnb.config.smoke' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "True"]
+
+
+def test_early_stopped_checkpoint_is_the_longer_runs_weights_and_is_loaded_not_retrained(cifar_root):
+    cfg = fast_tiny(epochs=3, n_train=48)
+    early = dataclasses.replace(cfg, stop_epochs=1)
+    assert early.key("d") != cfg.key("d") and early.last_epoch == 1 and cfg.last_epoch == 3
+    alone = T.train(early, "cpu", root=cifar_root, use_cache=False, progress=False)  # trains 1 of the 3 epochs
+    assert len(alone.train_info["history"]) == 1
+    full = T.train(cfg, "cpu", root=cifar_root, progress=False, snapshots=(1,))
+    assert len(full.train_info["history"]) == 3
+    seen = []  # the snapshot is a finished checkpoint: loading it trains nothing
+    got = T.train(early, "cpu", root=cifar_root, progress=False, callback=lambda e, m: seen.append(e))
+    assert seen == [] and got.train_info["config"]["stop_epochs"] == 1
+    for k, v in _state(alone).items():  # the same schedule's first epoch, bit for bit on the CPU
+        assert torch.equal(got.state_dict()[k], v), k
+    assert not torch.equal(got.head.weight, full.head.weight)
+    with pytest.raises(ValueError, match="snapshots must be"):
+        T.train(cfg, "cpu", root=cifar_root, progress=False, snapshots=(3,))
+    with pytest.raises(ValueError, match="stop_epochs"):
+        dataclasses.replace(cfg, stop_epochs=4)
+
+
+def test_logit_norm_trains_on_normalised_logits(cifar_root):
+    cfg = fast_tiny(epochs=1, n_train=48, logit_norm=0.05)
+    z = torch.tensor([[3.0, -1.0, 0.5], [0.0, 0.0, 2.0]], dtype=torch.float64)
+    want = z / (0.05 * z.norm(dim=1, keepdim=True))
+    assert torch.allclose(T._train_logits(z, cfg), want, rtol=1e-6)
+    assert torch.equal(T._train_logits(z, dataclasses.replace(cfg, logit_norm=0.0)), z)
+    a = T.train(cfg, "cpu", root=cifar_root, use_cache=False, progress=False)
+    b = T.train(dataclasses.replace(cfg, logit_norm=0.0), "cpu", root=cifar_root, use_cache=False, progress=False)
+    assert not torch.allclose(a.head.weight, b.head.weight)
+    with pytest.raises(ValueError, match="logit_norm"):
+        dataclasses.replace(cfg, recipe="pgd_at")

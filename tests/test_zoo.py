@@ -237,7 +237,7 @@ def test_robust_accuracy_reads_the_manifest_or_measures(tmp_path, monkeypatch):
     other = dict(rec, norm="l2", eps=0.5, n=5000)
     model.shipped = {"name": "toy", "robust": [other, rec], "commit": "abcdef123"}
     calls = []
-    monkeypatch.setattr(robust, "autoattack", lambda m, d, n, dev: calls.append(n) or
+    monkeypatch.setattr(robust, "autoattack", lambda m, d, n, dev, norm="linf": calls.append(n) or
                         {"value": 0.25, "n": n, "images": f"seeded subset of {n} (seed 0)"})
     frac, where = robust.robust_accuracy(model, n=1000)
     assert (frac.k, frac.n) == (461, 1000) and calls == [] and "manifest" in where and "abcdef1" in where
@@ -249,3 +249,47 @@ def test_robust_accuracy_reads_the_manifest_or_measures(tmp_path, monkeypatch):
     for bad in (0, -5, 2.5, True):
         with pytest.raises(ValueError, match="n must be a positive number"):
             robust.robust_accuracy(model, n=bad)
+
+
+def test_the_atlas_group_is_the_full_zoo_with_both_norms_and_reuses_shipped_models():
+    from flatnb.config import budgets, recipes
+
+    atlas = catalogue.names("atlas")
+    assert len(atlas) == len(budgets.ZOO["full"]) >= 24
+    kinds = {budgets.zoo_method(label) for label in budgets.ZOO["full"]}
+    assert {"standard", "flatness-seeking (SAM)", "confidence regulariser", "weight decay", "early-stopped",
+            "adversarial training", "other architecture"} <= kinds
+    for name in atlas:
+        it = catalogue.item(name, "atlas")
+        n, norms = cli._aa_wanted(it)
+        assert n >= 500 and set(norms) == {"linf", "l2"}, name
+    # the evidence models keep their names (and their own measurements in the evidence group)
+    assert "fastnet32-pgd_at-s0" in atlas and catalogue.item("fastnet32-pgd_at-s0").aa_n == 1000
+    assert catalogue.item("fastnet32-pgd_at-s0", "atlas").aa_n == 500
+    assert len(catalogue.names()) == len(set(catalogue.names()))
+    # the early-stopped models are checkpoints of the seed-0 run's own schedule
+    base = catalogue.item("atlas-fastnet32-standard-s0", "atlas")
+    run = recipes.lookup("fastnet", "cifar10", base.recipe, "full", 0)
+    for k in base.snapshots:
+        early = recipes.lookup("fastnet", "cifar10", f"atlas_early_{k}", "full", 0)
+        assert early == __import__("dataclasses").replace(run, stop_epochs=k)
+        assert f"atlas-fastnet32-early_{k}-s0" in atlas
+
+
+def test_train_adds_only_the_missing_autoattack_norms(tmp_path, monkeypatch):
+    """A shipped model in the atlas group gets the measurements it lacks (here ℓ2), not those it has."""
+    rec = {"attack": robust.ATTACK, "norm": "linf", "eps": 8 / 255, "value": 0.4, "n": 1000, "ci95": [0.37, 0.43],
+           "images": "x"}
+    monkeypatch.setattr(cli.mf, "read_manifest", lambda root: {"models": {"m": {"robust": [rec]}}})
+    calls = []
+    monkeypatch.setattr(cli, "measure", lambda name, n, root, device, norm="linf": calls.append((name, n, norm)) or
+                        {"value": 0.5})
+    args = type("A", (), {"aa": True})()
+    item = catalogue.Item("fastnet", "cifar10", "pgd_at", "full", aa_n=500, aa_norms=("linf", "l2"))
+    cli._ensure_robust("m", item, args, "cpu", tmp_path)
+    assert calls == [("m", 500, "l2")]
+    args.aa = False
+    cli._ensure_robust("m", item, args, "cpu", tmp_path)
+    assert calls == [("m", 500, "l2")]
+    with pytest.raises(ValueError, match="norm must be one of"):
+        robust.measured({"robust": [rec]}, 10, "l1")

@@ -143,14 +143,20 @@ class Chapter:
         model = zoo.load(name, self.device)
         return self._introduce(model, fdata.load("cifar10", "test"), describe or name, "cifar10")
 
+    def zoo_model(self, spec, describe: str | None = None):
+        """A model named as budgets' tables name them: a shipped model's name (``"resnet18-pyautoattack"``) or an
+        ``(arch, dataset, recipe, seed)`` of the recipe table."""
+        if isinstance(spec, str):
+            return self.shipped(spec, describe=describe)
+        return self.model(spec[0], spec[1], spec[2], seed=spec[3], describe=describe)
+
     def main_models(self) -> dict:
         """The models a claim about "a trained model" is checked on in this profile (label → model):
         :data:`flatnb.config.budgets.MAIN_MODELS` (quick: the main model; full: three seeds of the main model
         and the paper's ResNet-18)."""
         out = {}
         for label, spec in budgets.MAIN_MODELS[self.profile].items():
-            out[label] = (self.shipped(spec, describe=label) if isinstance(spec, str)
-                          else self.model(spec[0], spec[1], spec[2], seed=spec[3], describe=label))
+            out[label] = self.zoo_model(spec, describe=label)
         return out
 
     def _introduce(self, model, test, name: str, dataset: str):

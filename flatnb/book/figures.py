@@ -206,7 +206,7 @@ def atlas_figure(entries: dict, groups: dict, pairs: dict | None = None, kappa: 
                  panels=ATLAS_PANELS, title: str = ""):
     """κ at the training minimum (x, log axis, bootstrap interval) against each robustness measure and the
     mean confidence (y, with intervals; a panel whose field no entry has is left out), one marker per model,
-    one colour per method group; ``pairs``
+    one colour and marker shape per method group; ``pairs``
     (calibrated label -> original label) draws the temperature-scaled copies hollow, with an arrow from
     their original. Two panels per row. Returns the figure."""
     import matplotlib.pyplot as plt
@@ -215,6 +215,7 @@ def atlas_figure(entries: dict, groups: dict, pairs: dict | None = None, kappa: 
     pairs = pairs or {}
     panels = [(f, lab) for f, lab in panels if any(e[f] is not None for e in entries.values())]
     colours = {g: f"C{i}" for i, g in enumerate(dict.fromkeys(groups[n] for n in entries))}
+    shapes = {g: _MARKERS[i % len(_MARKERS)] for i, g in enumerate(colours)}  # marker and colour: the method
     rows = (len(panels) + 1) // 2
     fig, axes = plt.subplots(rows, 2, figsize=(WIDTH, 3.0 * rows + 0.9), layout="constrained", squeeze=False)
     for ax, (field, label) in zip(axes.flat, panels):
@@ -225,7 +226,7 @@ def atlas_figure(entries: dict, groups: dict, pairs: dict | None = None, kappa: 
             hollow = name in pairs
             c = colours[groups[name]]
             ax.errorbar(x[0], y[0], xerr=[[x[0] - x[1]], [x[2] - x[0]]], yerr=[[y[0] - y[1]], [y[2] - y[0]]],
-                        fmt=_MARKERS[i % len(_MARKERS)], color=c, mfc="none" if hollow else c, ms=6, lw=0.8,
+                        fmt=shapes[groups[name]], color=c, mfc="none" if hollow else c, ms=6, lw=0.8,
                         capsize=1.5, label=name)
             if hollow and pairs[name] in entries:
                 orig = entries[pairs[name]]

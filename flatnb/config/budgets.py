@@ -76,12 +76,22 @@ SIZES = {
         # quick: AutoAttack ℓ∞ only (on the adversarially trained models its FAB-T and Square parts take minutes
         # per norm on one CPU thread); full: ℓ∞ 8/255 and ℓ2 0.5. aa_iter/aa_queries: the reference's budget.
         # temperature_at_bound: a model worse than a uniform guess is an error (the smoke profile clips)
+        # aa_zoo: AutoAttack from the zoo (manifest or cached chunks, on n_aa seeded test images; full), else
+        # attacked inside atlas.measure (quick). n_rflat etc.: Stutz et al.'s robust flatness (PGD steps per robust
+        # loss, random weight draws, worst-case ascent steps): cost ≈ (2 + samples + worst steps) PGD runs.
+        # Full sizes are an ESTIMATE (the atlas models are not trained yet; time a slice of n = 50 on two shipped
+        # models before the first full run): per FastNet-32 model on one thread ≈ 1.5-2.5 min (κ on 10,000
+        # training + 5,000 test images: forward passes; flip radius 200 × 20 × 8 and basin 300 × 80 PGD steps;
+        # robust flatness 200 images × 17 PGD-10 runs), × 24 models plus the ResNet-18 (~5× a FastNet-32)
+        # ≈ 50-60 min, AutoAttack read from the manifest (python -m flatnb.zoo train --group atlas measures it).
         "quick": dict(n_kappa=2000, n_test=1000, n_cal=1000, n_aa=32, aa_norms=("linf",), aa_iter=100,
                       aa_queries=5000, n_basin=64, n_radius=12, radius_steps=10, radius_iter=5, n_curv=16, n_random=4,
-                      batch=256, temperature_at_bound="raise"),
-        "full": dict(n_kappa=10_000, n_test=5000, n_cal=5000, n_aa=1000, aa_norms=("linf", "l2"), aa_iter=100,
-                     aa_queries=5000, n_basin=500, n_radius=200, radius_steps=30, radius_iter=10, n_curv=200,
-                     n_random=16, batch=500, temperature_at_bound="raise")},
+                      batch=256, temperature_at_bound="raise", aa_zoo=False, n_rflat=32, rflat_samples=2,
+                      rflat_pgd_steps=3, rflat_worst_steps=2),
+        "full": dict(n_kappa=10_000, n_test=5000, n_cal=5000, n_aa=500, aa_norms=("linf", "l2"), aa_iter=100,
+                     aa_queries=5000, n_basin=300, n_radius=200, radius_steps=20, radius_iter=8, n_curv=100,
+                     n_random=8, batch=500, temperature_at_bound="raise", aa_zoo=True, n_rflat=200,
+                     rflat_samples=5, rflat_pgd_steps=10, rflat_worst_steps=10)},
 }
 
 
@@ -141,23 +151,44 @@ ZOO = {
         "PGD-2 AT": ("fastnet", "cifar10", "zoo_pgd_at", 0),
         "TRADES": ("fastnet", "cifar10", "zoo_trades", 0),
     },
+    # full: 24 converged models (issue 26), shipped by `python -m flatnb.zoo train --group atlas`
+    # (flatnb.zoo.catalogue.ATLAS, with the training time each takes). FastNet-32 for 12 epochs, one change each
+    # (flatnb.config.recipes, "atlas_*"); the ε = 8/255 PGD-AT and β = 6 TRADES models and FastNet-64 are the
+    # evidence models; the ResNet-18 is the one inside pyautoattack (the paper's architecture, 94.2 %).
     "full": {
-        "standard, seed 0": ("resnet18", "cifar10", "standard", 0),
-        "standard, seed 1": ("resnet18", "cifar10", "standard", 1),
-        "standard, seed 2": ("resnet18", "cifar10", "standard", 2),
-        "SAM ρ=0.05": ("resnet18", "cifar10", "sam", 0),
-        "SAM ρ=0.2": ("resnet18", "cifar10", "sam_0.2", 0),
-        "label smoothing 0.2": ("resnet18", "cifar10", "label_smoothing", 0),
-        "mixup α=0.2": ("resnet18", "cifar10", "mixup", 0),
-        "PGD-10 AT": ("resnet18", "cifar10", "pgd_at", 0),
-        "TRADES": ("resnet18", "cifar10", "trades", 0),
+        "standard, seed 0": ("fastnet", "cifar10", "atlas_standard", 0),
+        "standard, seed 1": ("fastnet", "cifar10", "atlas_standard", 1),
+        "standard, seed 2": ("fastnet", "cifar10", "atlas_standard", 2),
+        "SAM ρ=0.02": ("fastnet", "cifar10", "atlas_sam_0.02", 0),
+        "SAM ρ=0.05": ("fastnet", "cifar10", "atlas_sam_0.05", 0),
+        "SAM ρ=0.1": ("fastnet", "cifar10", "atlas_sam_0.1", 0),
+        "label smoothing 0.1": ("fastnet", "cifar10", "atlas_ls_0.1", 0),
+        "label smoothing 0.2": ("fastnet", "cifar10", "atlas_ls_0.2", 0),
+        "label smoothing 0.3": ("fastnet", "cifar10", "atlas_ls_0.3", 0),
+        "mixup α=0.2": ("fastnet", "cifar10", "atlas_mixup_0.2", 0),
+        "mixup α=1": ("fastnet", "cifar10", "atlas_mixup_1", 0),
+        "weight decay ×1/4": ("fastnet", "cifar10", "atlas_wd_0.25x", 0),
+        "weight decay ×4": ("fastnet", "cifar10", "atlas_wd_4x", 0),
+        "LogitNorm τ=0.04": ("fastnet", "cifar10", "atlas_logitnorm_0.04", 0),
+        "LogitNorm τ=0.2": ("fastnet", "cifar10", "atlas_logitnorm_0.2", 0),
+        "early-stopped, epoch 6 of 12": ("fastnet", "cifar10", "atlas_early_6", 0),
+        "early-stopped, epoch 9 of 12": ("fastnet", "cifar10", "atlas_early_9", 0),
+        "PGD-2 AT ε=2/255": ("fastnet", "cifar10", "atlas_pgd_at_2", 0),
+        "PGD-2 AT ε=4/255": ("fastnet", "cifar10", "atlas_pgd_at_4", 0),
+        "PGD-2 AT ε=8/255": ("fastnet", "cifar10", "pgd_at", 0),
+        "TRADES β=1": ("fastnet", "cifar10", "atlas_trades_1", 0),
+        "TRADES β=6": ("fastnet", "cifar10", "trades", 0),
+        "FastNet-64, standard, seed 0": ("fastnet", "cifar10", "standard", 0),
+        "ResNet-18 (pyautoattack)": "resnet18-pyautoattack",
     },
 }
 ZOO["smoke"] = ZOO["full"]  # the smoke profile: the full zoo's recipes at toy scale (flatnb.config.smoke)
-#: the kind of each zoo label (the atlas's colours and sets): standard / flatness-seeking / confidence / adversarial
+#: the kind of each zoo label (the atlas's colours, markers and sets), by the label's first word. "standard" is
+#: the yardstick (the seeds of one recipe); other architectures trained the standard way form their own group.
 ZOO_METHOD = {"standard": "standard", "SAM": "flatness-seeking (SAM)", "label": "confidence regulariser",
-              "mixup": "confidence regulariser", "PGD": "adversarial training",
-              "TRADES": "adversarial training"}
+              "mixup": "confidence regulariser", "LogitNorm": "confidence regulariser",
+              "weight": "weight decay", "early": "early-stopped", "PGD": "adversarial training",
+              "TRADES": "adversarial training", "FastNet": "other architecture", "ResNet": "other architecture"}
 
 
 def zoo_method(label: str) -> str:

@@ -84,6 +84,38 @@ def _zoo(recipe: str = "standard", **kw) -> dict[str, TrainConfig]:
             "full": TrainConfig("fastnet", "cifar10", recipe, **{**_FAST_FULL, **kw})}
 
 
+# The atlas's zoo at referee scale (chapter 13's full profile, budgets.ZOO["full"]; trained and shipped by
+# `python -m flatnb.zoo train --group atlas`). Every standard-type model is FastNet-32 for 12 epochs of all
+# 50,000 images with the quick main recipe's settings (_FAST_QUICK: 89.9 % after 8 epochs, about 5 min on one
+# thread; 12 epochs for >= 90 % and room for the variants that converge more slowly), and changes ONE thing: the
+# seed, SAM's radius, label smoothing, mixup, the weight decay (×1/4 and ×4 the recipe's coupled 0.002/1.5: it
+# sets ‖w‖, the first factor of κ), LogitNorm's τ (the training loss sees z/(τ‖z‖), so the raw logits' scale, and
+# with it the confidence at test time, is left free), or where the run stops (early-stopped checkpoints of the
+# seed-0 run, see _EARLY). Adversarial training is the evidence recipe (_FAST_EVIDENCE_AT: width 32, PGD-2 with a
+# random start, 12 epochs, 71.9 % clean at ε = 8/255 in ~36 min) at ε = 2, 4 and 8/255 (step 5/8 of ε each), and
+# TRADES with the same attack at β = 1 and 6. The ε = 8/255 PGD-AT and β = 6 TRADES models ARE the evidence
+# models (same configuration, so the manifest finds them shipped and nothing is trained twice).
+_ATLAS = dict(_FAST, epochs=12, warmup_epochs=0.23 * 12, ema_start_epochs=12 / 3, width=32)
+_ATLAS_AT = _FAST_EVIDENCE_AT
+#: the early-stopped checkpoints: epochs of the 12-epoch seed-0 standard run, written while that run trains
+#: (train(..., snapshots=_EARLY), catalogue.ATLAS) with the same schedule, so each is that run's state after k
+#: epochs (lr still decaying, lookahead averaging since epoch 4), not a shorter, separately scheduled run
+_EARLY = (6, 9)
+
+
+def _atlas(recipe: str = "standard", **kw) -> dict[str, TrainConfig]:
+    """An atlas recipe: the full profile as above; the quick profile (unused by the quick book, whose zoo is the
+    "zoo_*" recipes) the same change on the quick zoo's 2-epoch FastNet-16, so that the table stays uniform."""
+    at = recipe != "standard"
+    quick = {**_ZOO_QUICK, **(dict(ema_every=0, pgd_steps=2, pgd_step_size=4 / 255) if at else {})}
+    full = _ATLAS_AT if at else _ATLAS
+    q_kw = {**kw, "stop_epochs": 1} if "stop_epochs" in kw else kw  # the quick twin: its first of two epochs
+    return {"quick": TrainConfig("fastnet", "cifar10", recipe, **{**quick, **q_kw}),
+            "full": TrainConfig("fastnet", "cifar10", recipe, **{**full, **kw})}
+
+
+_WD = _FAST["weight_decay"]
+
 TABLE: dict[tuple[str, str, str], dict[str, TrainConfig]] = {
     # ---------------------------------------------------------------- ResNet-18
     ("resnet18", "cifar10", "standard"): {
@@ -192,6 +224,24 @@ TABLE: dict[tuple[str, str, str], dict[str, TrainConfig]] = {
     # on 1,000 test images (TRADES with the same attack: 44.3 % / 15.9 %)
     ("fastnet", "cifar10", "zoo_pgd_at"): _zoo("pgd_at", ema_every=0, pgd_steps=2, pgd_step_size=4 / 255),
     ("fastnet", "cifar10", "zoo_trades"): _zoo("trades", ema_every=0, pgd_steps=2, pgd_step_size=4 / 255),
+    # ---------------------------------------------------------------- the atlas's full zoo (chapter 13)
+    ("fastnet", "cifar10", "atlas_standard"): _atlas(),
+    ("fastnet", "cifar10", "atlas_sam_0.02"): _atlas(sam_rho=0.02),
+    ("fastnet", "cifar10", "atlas_sam_0.05"): _atlas(sam_rho=0.05),
+    ("fastnet", "cifar10", "atlas_sam_0.1"): _atlas(sam_rho=0.1),
+    ("fastnet", "cifar10", "atlas_ls_0.1"): _atlas(label_smoothing=0.1),
+    ("fastnet", "cifar10", "atlas_ls_0.2"): _atlas(label_smoothing=0.2),  # airbench's own setting
+    ("fastnet", "cifar10", "atlas_ls_0.3"): _atlas(label_smoothing=0.3),
+    ("fastnet", "cifar10", "atlas_mixup_0.2"): _atlas(mixup_alpha=0.2),
+    ("fastnet", "cifar10", "atlas_mixup_1"): _atlas(mixup_alpha=1.0),
+    ("fastnet", "cifar10", "atlas_wd_0.25x"): _atlas(weight_decay=_WD / 4),
+    ("fastnet", "cifar10", "atlas_wd_4x"): _atlas(weight_decay=_WD * 4),
+    ("fastnet", "cifar10", "atlas_logitnorm_0.04"): _atlas(logit_norm=0.04),  # Wei et al.'s CIFAR-10 τ
+    ("fastnet", "cifar10", "atlas_logitnorm_0.2"): _atlas(logit_norm=0.2),
+    **{("fastnet", "cifar10", f"atlas_early_{k}"): _atlas(stop_epochs=k) for k in _EARLY},
+    ("fastnet", "cifar10", "atlas_pgd_at_2"): _atlas("pgd_at", eps=2 / 255, pgd_step_size=1.25 / 255),
+    ("fastnet", "cifar10", "atlas_pgd_at_4"): _atlas("pgd_at", eps=4 / 255, pgd_step_size=2.5 / 255),
+    ("fastnet", "cifar10", "atlas_trades_1"): _atlas("trades", trades_beta=1.0),
 }
 
 

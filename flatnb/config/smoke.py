@@ -54,7 +54,9 @@ def sizes(stem: str, full: dict) -> dict:
 
 def config(full):
     """A full-profile :class:`flatnb.config.train_config.TrainConfig` at toy scale: the same architecture, width, loss,
-    attack and optimizer; one epoch of at most :data:`IMAGES` images; warmup and lookahead inside it."""
+    attack and optimizer; one epoch of at most :data:`IMAGES` images; warmup and lookahead inside it (an early-stopped recipe stops
+    after that epoch)."""
     return dataclasses.replace(full, epochs=1, n_train=min(full.n_train or IMAGES, IMAGES),
                                batch_size=min(full.batch_size, 64), warmup_epochs=min(full.warmup_epochs, 0.25),
-                               ema_start_epochs=min(full.ema_start_epochs, 0.5), profile="smoke")
+                               ema_start_epochs=min(full.ema_start_epochs, 0.5),
+                               stop_epochs=min(full.stop_epochs, 1), profile="smoke")

@@ -59,6 +59,13 @@ class TrainConfig:
     cpu_bf16: bool = False  # bf16 autocast + channels_last on the CPU (training only)
     crop_pad: int = 4  # augmentation: random crop of this padding (with augment=True)
     crop_mode: str = "zeros"  # "zeros" (the paper's crop) or "reflect" (airbench's translation)
+    # > 0: logit normalisation (Wei et al. 2022, LogitNorm): the training loss sees z / (τ‖z‖) with τ = logit_norm
+    # (standard recipe only); the model's own logits are not normalised at test time
+    logit_norm: float = 0.0
+    # > 0: stop after this many epochs of the ``epochs``-epoch schedule (learning rate, warmup and lookahead all
+    # follow the full schedule): an early-stopped checkpoint of the same run, bit-identical to the longer run's
+    # weights after that epoch on the CPU (train(..., snapshots=...) writes it while training the longer run)
+    stop_epochs: int = 0
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
@@ -74,6 +81,12 @@ class TrainConfig:
                              f"{self.crop_pad}")
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
+        if not 0 <= self.stop_epochs <= self.epochs:
+            raise ValueError(f"stop_epochs must be in [0, epochs] (0: the whole schedule), got {self.stop_epochs} "
+                             f"with epochs={self.epochs}")
+        if self.logit_norm < 0 or (self.logit_norm > 0 and self.recipe != "standard"):
+            raise ValueError(f"logit_norm must be >= 0 and is for the standard recipe only, got {self.logit_norm} "
+                             f"with recipe {self.recipe!r}")
 
     def key(self, data_digest: str = "") -> str:
         """Hash of the whole configuration plus the training data's identity."""
@@ -83,6 +96,11 @@ class TrainConfig:
                 del d[f.name]
         blob = json.dumps(d, sort_keys=True, default=str) + "|" + data_digest
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def last_epoch(self) -> int:
+        """How many epochs this configuration trains: ``stop_epochs`` when set, else ``epochs``."""
+        return self.stop_epochs or self.epochs
 
     @property
     def n_classes(self) -> int:
@@ -95,4 +113,4 @@ class TrainConfig:
 
 _LATER_FIELDS = tuple(f for f in dataclasses.fields(TrainConfig)
                       if f.name in ("bias_lr_scale", "ema_every", "ema_start_epochs", "mixup_alpha", "cpu_bf16",
-                                                   "crop_pad", "crop_mode"))
+                                                   "crop_pad", "crop_mode", "logit_norm", "stop_epochs"))

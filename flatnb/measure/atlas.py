@@ -31,10 +31,10 @@ import torch
 
 from flatnb import attacks, models
 from flatnb.config import budgets
-from flatnb.measure import calibration, radius, trajectory
+from flatnb.measure import calibration, radius, robust_flatness, trajectory
 from flatnb import curvature as cv
 from flatnb import data as fdata
-from flatnb.stats import EmptySelection, Fraction, bootstrap_ci
+from flatnb.stats import EmptySelection, Fraction, bootstrap_ci, rank_test
 
 Tensor = torch.Tensor
 
@@ -82,12 +82,19 @@ def _confidence(z: Tensor, y: Tensor, temperature: float = 1.0) -> dict:
                 ece=calibration.expected_calibration_error(z / temperature, y))
 
 
-def measure(model, pr: Probe, sizes, device, seed: int = 0) -> dict:
+def measure(model, pr: Probe, sizes, device, seed: int = 0, robust: dict | None = None) -> dict:
     """One model's entry of the atlas (see the module docstring); ``sizes`` needs ``batch``, ``n_aa``,
     ``aa_norms`` (a subset of :data:`AA_BUDGETS`), ``aa_iter`` and ``aa_queries`` (the reference's 100 and
     5000, but in a smoke run), ``n_basin``, ``n_radius``, ``radius_steps``, ``radius_iter``, ``n_curv``,
     ``n_random`` and ``temperature_at_bound`` (``"raise"``, but in a smoke run: see
     :func:`flatnb.measure.calibration.fit_temperature`).
+
+    ``robust``: ``{norm: Fraction}`` of AutoAttack measured elsewhere (the full profile reads the zoo's cached
+    measurement on ``n_aa`` seeded test images, :func:`flatnb.zoo.robust_accuracy`); ``None``: attacked here on
+    the first ``n_aa`` probe images. With ``n_rflat`` > 0 in ``sizes`` (and ``rflat_samples``, ``rflat_pgd_steps``,
+    ``rflat_worst_steps``), Stutz et al.'s average- and worst-case flatness of the robust loss
+    (:mod:`flatnb.measure.robust_flatness`: ℓ∞ 8/255, layer-wise relative radii 0.5 and 0.003) on the first
+    ``n_rflat`` test images.
 
     The model must follow the ``features``/``head`` contract (:func:`flatnb.models.wrap` makes any
     classifier with a final ``nn.Linear`` do so) and be in eval mode."""
@@ -110,7 +117,9 @@ def measure(model, pr: Probe, sizes, device, seed: int = 0) -> dict:
     x, y = _tensors(pr.test, sizes.n_aa, device)
     for norm, eps in AA_BUDGETS.items():
         e[f"aa_{norm}"] = None
-        if norm in sizes.aa_norms:
+        if robust is not None:
+            e[f"aa_{norm}"] = robust.get(norm)
+        elif norm in sizes.aa_norms:
             r = attacks.autoattack(model, x, y, eps=eps, norm=norm, version="standard", batch_size=sizes.batch,
                                    seed=seed, n_iter=sizes.aa_iter, n_queries=sizes.aa_queries)
             e[f"aa_{norm}"] = Fraction.of((r.clean_correct & ~r.success).cpu())
@@ -126,6 +135,8 @@ def measure(model, pr: Probe, sizes, device, seed: int = 0) -> dict:
                                           record=trajectory.Recorder))
     width = trajectory.basin_width(res.trajectory.loss, rise=0.1 * math.log(k)).clamp_max(res.steps_run + 1)
     e["basin"] = bootstrap_ci(width.double(), seed=seed)
+    # censored: paths whose loss never rose within the attack (their width is only "at least steps + 1")
+    e["basin_censored"] = Fraction.of((width >= res.steps_run + 1).cpu())
     long = attacks.pgd(model, x, y, **dict(budgets.ATTACKS["pgd_linf_long"], loss="ce", random_start=False))
     with torch.no_grad():
         k0 = cv.model_flatness(model, x)[0].kappa_sq
@@ -151,7 +162,30 @@ def measure(model, pr: Probe, sizes, device, seed: int = 0) -> dict:
     dirs = cv.unit_directions(torch.randn((sizes.n_random, *xc.shape), generator=g, device=device))
     curv = cv.directional_curvature(model, xc, yc, dirs, loss_fn=calibration.calibrated_ce(temp, "sum"))
     e["curv_in"] = bootstrap_ci(curv.double().cpu().reshape(sizes.n_random, -1).median(0).values, seed=seed)
+
+    # Stutz et al.'s flatness of the robust loss (ℓ∞ 8/255) under relative weight perturbations
+    e["rflat_avg"] = e["rflat_worst"] = e["robust_loss"] = None
+    if getattr(sizes, "n_rflat", 0) > 0:
+        xf, yf = _tensors(pr.test, sizes.n_rflat, device)
+        eps = AA_BUDGETS["linf"]
+        steps = sizes.rflat_pgd_steps
+        rf = robust_flatness.robust_flatness(model, xf, yf, eps=eps, pgd_steps=steps, pgd_step_size=2.5 * eps / steps,
+                                             n_samples=sizes.rflat_samples, worst_steps=sizes.rflat_worst_steps,
+                                             seed=seed)
+        e["rflat_avg"] = bootstrap_ci(rf["average_samples"], statistic=np.mean, seed=seed)
+        e["rflat_worst"] = (rf["worst"],) * 3
+        e["robust_loss"] = rf["robust_loss"]
     return e
+
+
+def within(entry: dict, seed: int = 0) -> tuple[dict, dict, int]:
+    """Within one model, across its inputs (the flip-radius images, censored ones left out): ``(raw, partial,
+    n)`` with raw the Spearman ρ of κ(x) and the flip radius, partial the same given the input's confidence, each
+    :func:`flatnb.stats.rank_test` (bootstrap interval and permutation p)."""
+    r = entry["per_radius"]
+    keep = ~r["censored"]
+    k, rad, conf = r["kappa_sq"][keep], r["radius"][keep], r["p_top"][keep]
+    return rank_test(k, rad, seed=seed), rank_test(k, rad, conf, seed=seed), int(keep.sum())
 
 
 def calibrated(model, entry: dict, pr: Probe, sizes, device, seed: int = 0):
@@ -168,7 +202,8 @@ def calibrated(model, entry: dict, pr: Probe, sizes, device, seed: int = 0):
     new = dict(conf=float(raw["p_top"].mean()), ece=raw["ece"], temperature=1.0, ece_cal=raw["ece"],
                kappa_train=kappa_train, kappa_test=kappa_test,
                per_input=dict(per_test, p_top=raw["p_top"], correct=raw["correct"]),
-               basin=None, valley_end_flatter=None, curv_in=None, inherited=BY_CONSTRUCTION)
+               basin=None, basin_censored=None, valley_end_flatter=None, curv_in=None, rflat_avg=None,
+               rflat_worst=None, robust_loss=None, inherited=BY_CONSTRUCTION)
     new.update({f: entry[f] for f in BY_CONSTRUCTION})
     return cal, new
 
@@ -181,6 +216,18 @@ def _ci(t, fmt="{:.3g}") -> str:
 
 def _pct(f: Fraction | None) -> str:
     return "—" if f is None else f"{100 * f.value:.1f} [{100 * f.lo:.1f}, {100 * f.hi:.1f}]"
+
+
+def _basin(e) -> str:
+    """The basin width's median and interval, "≥" where the median path never took off (censored at the attack's
+    length), with the censored share."""
+    if e.get("basin") is None:
+        return "—"
+    c = e.get("basin_censored")
+    if c is None or c.k == 0:
+        return _ci(e["basin"], "{:.0f}")
+    est, lo, hi = e["basin"]
+    return f"{'≥ ' if c.k * 2 >= c.n else ''}{est:.0f} [{lo:.0f}, {hi:.0f}] ({100 * c.value:.0f} % censored)"
 
 
 def table(entries: dict[str, dict]) -> str:
@@ -199,11 +246,15 @@ def table(entries: dict[str, dict]) -> str:
     for name, e in entries.items():
         mark = " †" if e["inherited"] else ""
         rob.append(f"| {name} | {_pct(e['clean'])}{mark} | " + "".join(f"{_pct(e[k])}{mark} | " for k, _ in norms)
-                   + f"{_ci(e['radius'], '{:.2f}')}{mark} | {_ci(e['basin'], '{:.0f}')} |")
-    flat = ["| model | κ train | κ test | mean conf. | ECE | T | input curv. (cal.) |\n|" + "---|" * 7]
+                   + f"{_ci(e['radius'], '{:.2f}')}{mark} | {_basin(e)} |")
+    rflat = any(e.get("rflat_avg") is not None for e in entries.values())
+    flat = ["| model | κ train | κ test | mean conf. | ECE | T | input curv. (cal.) |"
+            + (" robust flatness avg. | worst |" if rflat else "") + "\n|" + "---|" * (9 if rflat else 7)]
     for name, e in entries.items():
         flat.append(f"| {name} | {_ci(e['kappa_train']['kappa_sq'])} | {_ci(e['kappa_test']['kappa_sq'])} | "
-                    f"{e['conf']:.2f} | {e['ece']:.3f} | {e['temperature']:.2f} | {_ci(e['curv_in'])} |")
+                    f"{e['conf']:.2f} | {e['ece']:.3f} | {e['temperature']:.2f} | {_ci(e['curv_in'])} |"
+                    + (f" {_ci(e.get('rflat_avg'))} | {'—' if e.get('rflat_worst') is None else format(e['rflat_worst'][0], '.3g')} |"
+                       if rflat else ""))
     left_out = [lab for k, lab in (("aa_linf", "AA ℓ∞ 8/255"), ("aa_l2", "AA ℓ2 0.5")) if (k, lab) not in norms]
     note = f"\n\n({', '.join(left_out)}: not run in this profile.)" if left_out else ""
     return head + "\n" + "\n".join(rob) + note + "\n\n" + "\n".join(flat)
@@ -219,6 +270,9 @@ def columns(entries: dict[str, dict]) -> dict[str, np.ndarray]:
     out |= {f"{c}_test": col(lambda e, c=c: e["kappa_test"][c][0]) for c in CONVENTIONS}
     out |= dict(conf=col(lambda e: e["conf"]), ece=col(lambda e: e["ece"]),
                 clean=col(lambda e: e["clean"].value), radius=col(lambda e: e["radius"][0]))
+    for k in ("rflat_avg", "rflat_worst"):  # Stutz et al.'s robust flatness, where every model has it
+        if all(entries[n].get(k) is not None for n in names):
+            out[k] = col(lambda e, k=k: e[k][0])
     for k in ("aa_linf", "aa_l2"):  # only the norms every model was attacked in
         if all(entries[n][k] is not None for n in names):
             out[k] = col(lambda e, k=k: e[k].value)

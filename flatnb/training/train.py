@@ -104,13 +104,14 @@ def _loss(model, x, y, config: TrainConfig, generator, autocast):
             perm = torch.randperm(len(y), generator=generator).to(x.device)
             with autocast():
                 logits = model(lam * x + (1 - lam) * x[perm])
-                lf = logits.float()
+                lf = _train_logits(logits.float(), config)
                 loss = lam * F.cross_entropy(lf, y, label_smoothing=config.label_smoothing) + \
                     (1 - lam) * F.cross_entropy(lf, y[perm], label_smoothing=config.label_smoothing)
                 return loss, logits
         with autocast():
             logits = model(x)
-            return F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing), logits
+            return F.cross_entropy(_train_logits(logits.float(), config), y,
+                                   label_smoothing=config.label_smoothing), logits
     if config.recipe == "pgd_at":
         model.eval()  # frozen BN statistics while crafting (as in most AT code)
         with autocast():
@@ -138,6 +139,14 @@ def _loss(model, x, y, config: TrainConfig, generator, autocast):
         loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing) + config.trades_beta * F.kl_div(
             F.log_softmax(logits_adv.float(), 1), F.softmax(logits.float(), 1), reduction="batchmean")
         return loss, logits
+
+
+def _train_logits(logits: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    """The logits the standard loss sees: ``z / (τ‖z‖)`` under LogitNorm (Wei et al. 2022, τ =
+    ``config.logit_norm`` > 0; the norm over classes, per input, with 1e-7 against a zero vector), else ``z``."""
+    if config.logit_norm <= 0:
+        return logits
+    return logits / (config.logit_norm * (logits.norm(dim=1, keepdim=True) + 1e-7))
 
 
 def _beta(alpha: float, generator: torch.Generator) -> float:
@@ -173,7 +182,7 @@ def _training_lock(ckpt: Path, enabled: bool = True):
 def train(config: TrainConfig, device=None, root=None, train_ds: fdata.Dataset | None = None,
           callback: Callable[[int, dict], None] | None = None, progress: bool | None = None,
           use_cache: bool = True, check_every: int = 25, compile: bool = False,
-          eval_ds: fdata.Dataset | None = None) -> nn.Module:
+          eval_ds: fdata.Dataset | None = None, snapshots=()) -> nn.Module:
     """Train ``config`` on ``device`` (resuming from its checkpoint) and return the model in eval mode.
 
     ``train_ds`` overrides the training data (default: :func:`training_data`).
@@ -191,10 +200,21 @@ def train(config: TrainConfig, device=None, root=None, train_ds: fdata.Dataset |
     ``eval_ds``: evaluated after every epoch (float32), its accuracy goes into the epoch's
     metrics as ``test_acc`` (with ``train_s``, the training wall time of the epoch).
 
+    ``snapshots``: epochs k (1-based, before the last) after which the weights are also written, as a finished
+    checkpoint, for ``dataclasses.replace(config, stop_epochs=k)``: the early-stopped checkpoints of this very
+    run (the same schedule; :attr:`TrainConfig.stop_epochs`), which a later ``train`` of that configuration
+    then loads instead of training the first k epochs again. Needs the checkpoint cache (``use_cache``).
+
     ``compile=True`` trains through :func:`torch.compile` (same recipe; pays a compile time up
     front). The precision, memory format, optimizer kind and compile choice are stored in
     ``model.train_info["precision"]`` (:func:`select_precision`).
     """
+    snapshots = sorted({int(k) for k in snapshots})
+    if snapshots and (config.stop_epochs or not use_cache or not 1 <= snapshots[0] or
+                      snapshots[-1] >= config.last_epoch):
+        raise ValueError(f"snapshots must be epochs in [1, {config.last_epoch - 1}] of a whole run with the "
+                         f"checkpoint cache on, got {snapshots} (stop_epochs={config.stop_epochs}, "
+                         f"use_cache={use_cache})")
     bars = progress if progress is not None else os.environ.get("FLATNB_PROGRESS", "1") != "0"
     # tqdm.auto warns about missing ipywidgets on import in a bare kernel: only import it for bars
     if bars:
@@ -248,7 +268,7 @@ def train(config: TrainConfig, device=None, root=None, train_ds: fdata.Dataset |
         step = start * steps
         can_save = True  # until a checkpoint write fails (a full disk)
 
-        for epoch in range(start, config.epochs):
+        for epoch in range(start, config.last_epoch):
             t_epoch = time.perf_counter()
             model.train()
             loader.set_epoch(epoch)
@@ -292,7 +312,7 @@ def train(config: TrainConfig, device=None, root=None, train_ds: fdata.Dataset |
             if eval_ds is not None:
                 metrics["test_acc"] = evaluate(model, eval_ds, device)["accuracy"]
             history.append(metrics)
-            done = epoch + 1 == config.epochs
+            done = epoch + 1 == config.last_epoch
             info = {"config": dataclasses.asdict(config), "data_digest": ds.digest, "history": history,
                     "precision": prec}
             if use_cache and can_save:
@@ -306,6 +326,12 @@ def train(config: TrainConfig, device=None, root=None, train_ds: fdata.Dataset |
                     can_save = False
                     warnings.warn(f"checkpoint not saved ({e}); training goes on without checkpoints and "
                                   f"the model will be trained again next time", RuntimeWarning, stacklevel=2)
+            if epoch + 1 in snapshots and can_save:  # the early-stopped checkpoint of this run
+                early = dataclasses.replace(config, stop_epochs=epoch + 1)
+                atomic_save({"model": plain_state(model), "optimizer": opt.state_dict(),
+                             "scheduler": sched.state_dict(), "epoch": epoch, "history": history, "done": True,
+                             "info": {**info, "config": dataclasses.asdict(early), "snapshot_of": config.key(ds.digest)}},
+                            checkpoint_path(early, ds.digest))
             if epoch_lines:
                 print(f"epoch {epoch + 1}/{config.epochs}: loss {metrics['loss']:.3f}, train acc {metrics['train_acc']:.3f}")
             if callback is not None:

@@ -3,11 +3,13 @@
     python -m flatnb.zoo list                         what the catalogue holds and what is shipped
     python -m flatnb.zoo train [--group G] [--only NAME ...] [--shard i/n]
                                                       train (resuming), measure and ship, one model at a time
-    python -m flatnb.zoo measure --only NAME ... [--n 1000]
+    python -m flatnb.zoo measure --only NAME ... [--n 1000] [--norm linf|l2]
                                                       AutoAttack on shipped models into the manifest (resumable)
     python -m flatnb.zoo verify [--n 1000]            SHA-256 and clean accuracy of every shipped model
 
-``train`` skips a model whose exact configuration is already shipped (``--force`` measures it again),
+``train`` skips a model whose exact configuration is already shipped (``--force`` measures it again) but adds
+the AutoAttack measurements its catalogue group asks for and its manifest entry lacks (``--group atlas``: ℓ∞
+and ℓ2 on 500 images),
 resumes an interrupted model from its checkpoint, prints a line per epoch with an estimate of the time
 left, and with ``--shard i/n`` takes every n-th model of the list from the i-th (0-based), so any job
 runner (a Slurm array, a second laptop) can share the work. Two shards on one machine: one torch thread
@@ -71,23 +73,46 @@ def _shard(names: list[str], shard: str | None) -> list[str]:
     return names[i::n]
 
 
+def _aa_wanted(item) -> tuple[int, tuple]:
+    """(images, norms) of the AutoAttack measurements a catalogue item asks for."""
+    if isinstance(item, dict):
+        return item.get("aa_n", 0), tuple(item.get("aa_norms", ("linf",)))
+    return item.aa_n, tuple(item.aa_norms)
+
+
+def _ensure_robust(name: str, item, args, device, root) -> None:
+    """Add to the shipped model's manifest entry the AutoAttack measurements its catalogue item asks for and the
+    entry lacks (resumable; nothing to do when each norm is measured on at least as many images)."""
+    n, norms = _aa_wanted(item)
+    if not (n and args.aa):
+        return
+    entry = mf.read_manifest(root)["models"][name]
+    for norm in norms:
+        if robust.measured(entry, n, norm) is None:
+            rob = measure(name, n, root, device, norm=norm)
+            print(f"[{name}] AutoAttack {norm} {100 * rob['value']:.1f} % on {n} (added to the manifest)", flush=True)
+
+
 def _train_one(name: str, args, device, root) -> None:
-    item = catalogue.item(name)
+    item = catalogue.item(name, args.group)
+    aa_n, aa_norms = _aa_wanted(item)
     if isinstance(item, dict):  # external: nothing to train, measure and record
         have = mf.read_manifest(root)["models"].get(name)
         if have is not None and not args.force:
             print(f"[{name}] shipped already (external)")
+            _ensure_robust(name, item, args, device, root)
             return
-        entry = {k: v for k, v in item.items() if k != "aa_n"}
+        entry = {k: v for k, v in item.items() if k not in ("aa_n", "aa_norms")}
         entry["robust"] = []
         with tempfile.TemporaryDirectory() as staging:  # the manifest lists a model only once it is measured
             mf.write_entry(name, entry, staging)
             model = mf.load_external(name, device, staging)  # checks the pinned SHA-256
         entry["clean"] = _clean_with_check(model, "cifar10", device)
         print(f"[{name}] clean {100 * entry['clean']['value']:.2f} % on {entry['clean']['n']:,}", flush=True)
-        if item.get("aa_n") and args.aa:
-            entry["robust"] = [robust.autoattack(model, "cifar10", item["aa_n"], device)]
-            print(f"[{name}] AutoAttack {100 * entry['robust'][0]['value']:.1f} % on {item['aa_n']}", flush=True)
+        if aa_n and args.aa:
+            entry["robust"] = [robust.autoattack(model, "cifar10", aa_n, device, norm=nm) for nm in aa_norms]
+            for r in entry["robust"]:
+                print(f"[{name}] AutoAttack {r['norm']} {100 * r['value']:.1f} % on {aa_n}", flush=True)
         entry["commit"] = mf._git_commit()
         mf.write_entry(name, entry, root)
         return
@@ -96,6 +121,7 @@ def _train_one(name: str, args, device, root) -> None:
     hit = mf.find(config, train_ds.digest, root)
     if hit is not None and not args.force:
         print(f"[{name}] shipped already as {hit[1]['file']}")
+        _ensure_robust(hit[0], item, args, device, root)
         return
     t0 = time.time()
 
@@ -103,12 +129,13 @@ def _train_one(name: str, args, device, root) -> None:
         done = epoch + 1
         if start[0] is None:  # epochs a checkpoint had before this run
             start[0] = epoch
-        left = (time.time() - t0) / max(done - start[0], 1) * (config.epochs - done)
-        print(f"[{name}] epoch {done}/{config.epochs} in {metrics['train_s'] / 60:.1f} min, about "
+        left = (time.time() - t0) / max(done - start[0], 1) * (config.last_epoch - done)
+        print(f"[{name}] epoch {done}/{config.last_epoch} in {metrics['train_s'] / 60:.1f} min, about "
               f"{left / 60:.0f} min left", flush=True)
 
     start = [None]
-    model = ftrain.train(config, device, train_ds=train_ds, callback=eta, progress=False)
+    model = ftrain.train(config, device, train_ds=train_ds, callback=eta, progress=False,
+                         snapshots=getattr(item, "snapshots", ()))
     history = getattr(model, "train_info", {}).get("history", [])
     minutes = sum(h.get("train_s", 0.0) for h in history) / 60
     # the shipped file is what readers load: measure the half-precision weights, not the float32 ones
@@ -118,21 +145,23 @@ def _train_one(name: str, args, device, root) -> None:
     shipped = shipped.to(device).eval()
     clean = _clean_with_check(shipped, config, device)
     clean["value_fp32"] = _clean(model, config, device)["value"]
-    measured = [robust.autoattack(shipped, config.dataset, item.aa_n, device)] if item.aa_n and args.aa else []
+    measured = ([robust.autoattack(shipped, config.dataset, aa_n, device, norm=nm) for nm in aa_norms]
+                if aa_n and args.aa else [])
     training = {"device": describe_device(device), "threads": torch.get_num_threads(), "minutes": minutes,
                 "history": history}
     entry = mf.export(model, config, train_ds.digest, name, root, clean=clean, training=training, robust=measured,
                       data_source=train_ds.source)
-    rob = f", AutoAttack {100 * measured[0]['value']:.1f} % (n = {measured[0]['n']})" if measured else ""
+    rob = "".join(f", AutoAttack {r['norm']} {100 * r['value']:.1f} % (n = {r['n']})" for r in measured)
     print(f"[{name}] shipped {entry['file']}: clean {100 * clean['value']:.2f} % on {clean['n']:,}{rob}, "
           f"{minutes:.1f} min of training", flush=True)
 
 
-def measure(name: str, n: int, root=None, device="cpu") -> dict:
-    """AutoAttack (standard, ℓ∞ 8/255) on ``n`` test images of the shipped model ``name`` (resumable in chunks),
-    recorded in its manifest entry in place of an earlier measurement of the same attack, norm and radius."""
+def measure(name: str, n: int, root=None, device="cpu", norm: str = "linf") -> dict:
+    """AutoAttack (standard; ``norm`` ℓ∞ 8/255 or ℓ2 0.5) on ``n`` test images of the shipped model ``name``
+    (resumable in chunks), recorded in its manifest entry in place of an earlier measurement of the same attack,
+    norm and radius."""
     model = mf.load(name, device, root)
-    rob = robust.autoattack(model, "cifar10", n, device)
+    rob = robust.autoattack(model, "cifar10", n, device, norm=norm)
     rob["commit"] = mf._git_commit()
     entry = mf.read_manifest(root)["models"][name]
     entry["robust"] = [r for r in entry.get("robust", []) if (r["attack"], r["norm"], r["eps"]) !=
@@ -181,6 +210,7 @@ def main(argv=None) -> int:
     p_measure = sub.add_parser("measure", help="AutoAttack on shipped models (resumable), into the manifest")
     p_measure.add_argument("--only", nargs="+", required=True, help="shipped model names")
     p_measure.add_argument("--n", type=int, default=1000, help="test images (default 1,000)")
+    p_measure.add_argument("--norm", default="linf", choices=sorted(robust.EPS), help="ℓ∞ 8/255 or ℓ2 0.5")
     p_verify = sub.add_parser("verify", help="SHA-256 and clean accuracy of every shipped model")
     p_verify.add_argument("--n", type=int, default=1000)
     p_verify.add_argument("--tolerance", type=float, default=0.01)
@@ -197,7 +227,7 @@ def main(argv=None) -> int:
             e = shipped.get(name)
             state = "not shipped" if e is None else (
                 f"clean {100 * e['clean'].get('value', float('nan')):.2f} %"
-                + "".join(f", {r['attack'].split(' (')[0]} {100 * r['value']:.1f} % (n={r['n']})" for r in e["robust"]))
+                + "".join(f", {r['attack'].split(' (')[0]} {r.get('norm', 'linf')} {100 * r['value']:.1f} % (n={r['n']})" for r in e["robust"]))
             print(f"{name:45s} {state}")
         return 0
     if args.cmd == "verify":
@@ -207,13 +237,13 @@ def main(argv=None) -> int:
         return 0
     if args.cmd == "measure":
         for name in args.only:
-            rob = measure(name, args.n, root, args.device)
+            rob = measure(name, args.n, root, args.device, norm=args.norm)
             print(f"[{name}] AutoAttack {100 * rob['value']:.1f} % [{100 * rob['ci95'][0]:.1f}, "
                   f"{100 * rob['ci95'][1]:.1f}] (n = {rob['n']:,}, {rob['minutes']:.0f} min)", flush=True)
         return 0
     names = args.only if args.only else catalogue.names(args.group)
     for n in names:
-        catalogue.item(n)  # unknown names fail before any training
+        catalogue.item(n, args.group)  # unknown names fail before any training
     todo = _shard(names, args.shard)
     print(f"zoo: {len(todo)} model(s) for this shard into {root}: {', '.join(todo)}", flush=True)
     for i, name in enumerate(todo, 1):
