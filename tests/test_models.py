@@ -266,7 +266,7 @@ def test_describe_names_the_architecture_a_configuration_trains():
     assert models.describe(recipes.GPU[("wrn28_4", "cifar10", "standard")]) == "WRN-28-4"  # the paper's
     assert models.describe(ftrain.config_for("wrn28_4", "cifar10", "standard", "full")) == "WRN-16-4"  # the CPU's
     assert models.describe(ftrain.config_for("resnet18", "tinyimagenet", "standard", "full")) == \
-        "resnet18 (width 64, stride-2 stem)"
+        "resnet18 (width 32, stride-2 stem)"
     vit = models.describe(ftrain.config_for("vit_tiny", "cifar10", "standard", "full"))
     assert vit.startswith("ViT (dim ") and "depth" in vit
     assert models.describe(ftrain.config_for("vgg11_bn", "cifar10", "standard", "full")).startswith("vgg11_bn (width ")

@@ -92,15 +92,21 @@ _ZOO_QUICK = dict(_FAST, epochs=2, warmup_epochs=0.46, ema_start_epochs=0.67, wi
 # bf16, batch as noted, measured on this 2-core machine (2026-12-06) while other jobs shared it (the wall clock
 # then measures the scheduler's share, not the recipe; the CPU-time rate is what a thread of its own does:
 # FastNet-64 measured so gives 232 images/s = 3.6 min per epoch, and its 10-epoch run took 31.8 min on one thread
-# beside a second process, 3.2 min per epoch), by
-#   PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/zoo.py --no-pgd --steps 2 --recipes <arch>:<dataset>:standard:full
-# (the benchmark's FLOP count per image and the share of the bf16 GEMM peak, 203 GFLOP/s per thread, in brackets).
+# beside a second process, 3.2 min per epoch), with benchmarks/zoo.py's throughput_rates (2 timed steps after 1)
+# and image_flops; for an entry of this table
+#   PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/zoo.py --no-pgd --steps 2 [--batch 256] --recipes vgg11_bn:cifar10:standard:full
+# (in brackets: FLOPs per image and step, and the share of the bf16 GEMM peak, 203 GFLOP/s per thread).
 _CPU_CNN = dict(batch_size=512, lr=0.4, momentum=0.9, nesterov=True, weight_decay=5e-4, schedule="triangle",
                 cpu_bf16=True, crop_pad=2, crop_mode="reflect")
-# VGG-11-BN (width 64): 192 images/s (0.914 GFLOP, 0.86 of the peak) = 4.3 min per epoch -> 20 epochs, 87 min.
-# Expected about 89-90 % (VGG-11-BN reaches 92 % in 200 epochs; a one-cycle schedule gets within 2-3 points of
-# that in a tenth of the epochs); not yet trained.
-_VGG_CPU = dict(_CPU_CNN, epochs=20, warmup_epochs=0.23 * 20)
+# Widths: weights/ ships every zoo model in half precision within 60 MB (issue 24, tests/test_zoo.py); VGG-11-BN and
+# ResNet-18 at width 64 would take 18.0 and 21.5 MiB of it, so both run at width 32 (4.7 and 5.4 MiB; the features
+# stay 256-d for VGG, 256 instead of 512 for ResNet-18), which also buys them 2.5-3x the epochs.
+# VGG-11-BN: width 64 measured 192 images/s (batch 512; 0.914 GFLOP, 0.86 of the peak). Width 32 has a quarter of
+# the FLOPs (0.23 GFLOP) on GEMMs half as wide, which ran at 0.78x the efficiency on ResNet-18 (below): about
+# 600 images/s = 1.4 min per epoch, ESTIMATED (the machine was too loaded to measure it) -> 50 epochs, about 70 min
+# (84 if the efficiency is 0.57 instead of 0.67). Expected about 90 % (VGG-11-BN at width 64 reaches about 92 % in 200 epochs; a
+# one-cycle schedule gets within 1-2 points of that in a quarter of the epochs); not yet trained.
+_VGG_CPU = dict(_CPU_CNN, epochs=50, warmup_epochs=0.23 * 50, width=32)
 # WRN-16-4: the paper's WRN-28-4 at the same width with 2 instead of 4 blocks per group: half the compute per
 # image. WRN-28-4 would get 4 epochs in the budget, WRN-16-4 gets 8; width 4 is kept because the features (256)
 # and the width are what κ sees, depth is what the budget pays for (WRN-16-4 reaches 95 % in 200 epochs).
@@ -113,12 +119,14 @@ _WRN_CPU = dict(_CPU_CNN, epochs=8, warmup_epochs=0.23 * 8, model_kw=(("depth", 
 # 48.0 images/s, 5 epochs). A ViT from scratch is data-hungry: about 70-75 % after 10 epochs is the expectation,
 # the least certain of these; not yet trained.
 _VIT_CPU = dict(_VIT, batch_size=512, epochs=10, warmup_epochs=1.0, cpu_bf16=True, crop_pad=2, crop_mode="reflect")
-# ResNet-18 on Tiny ImageNet (200 classes, 64 px): width 64 (m = 512, the paper's network) with a stride-2 stem, so
-# the stages run at CIFAR's resolutions (the stride-1 stem costs 4x). 56.4 images/s (batch 128; 3.330 GFLOP,
-# 0.93 of the peak) = 29.6 min per epoch of 100,000 images -> 6 epochs, 177 min. (Width 32 at stride 1 costs the
-# same FLOPs and runs slower, 44.5 images/s.) Expected about 45 % top-1 on the validation split (ResNet-18 reaches
-# 55-60 % in 30+ epochs); not yet trained.
-_TINY_CPU = dict(_CPU_CNN, epochs=6, warmup_epochs=0.23 * 6, crop_pad=4, model_kw=(("stem_stride", 2),))
+# ResNet-18 on Tiny ImageNet (200 classes, 64 px): width 32 (see above) with a stride-2 stem, so the stages run at
+# CIFAR's resolutions (the stride-1 stem costs 4x). Measured: width 32 at stride 1, 44.5 images/s (batch 128;
+# 3.336 GFLOP, 0.73 of the peak); width 64 at stride 2, 56.4 images/s (3.330 GFLOP, 0.93). Width 32 at stride 2
+# has the same GEMMs as width 32 at stride 1 on a quarter of the pixels (0.834 GFLOP): about 178 images/s = 9.4
+# min per epoch of 100,000 images, ESTIMATED -> 18 epochs, about 170 min. Expected about 45 % top-1 on the
+# validation split (ResNet-18 reaches 55-60 % in 30+ epochs; width 32 and 18 epochs cost some of that); not yet
+# trained.
+_TINY_CPU = dict(_CPU_CNN, epochs=18, warmup_epochs=0.23 * 18, width=32, crop_pad=4, model_kw=(("stem_stride", 2),))
 # ViT on Tiny ImageNet: the CIFAR ViT with patch 8 (the same 65 tokens, so about the CIFAR rate per image; not
 # measured separately) = about 17 min per epoch -> 10 epochs, about 170 min. No target (issue 24: "as much as
 # 90 minutes of the 2 cores give").
