@@ -6,7 +6,9 @@ the dataclass defaults, i.e. the paper's recipe, §5: SGD momentum 0.9, lr 0.1, 
 ``seed`` is filled in by :func:`lookup`.
 
 Profiles: ``quick`` = minutes on 2 CPU cores (smaller models, seeded subsets, short
-warmup+cosine schedules, weight decay 5e-4); ``full`` = the paper's scale.
+warmup+cosine schedules, weight decay 5e-4); ``full`` = the paper-grade models that ``python -m flatnb.zoo train``
+trains on 2 CPU cores and ships (the main FastNets, and CPU recipes of the other architectures, whose paper
+recipes of 100 epochs are kept for a GPU in :data:`GPU`), and the paper's 100-epoch ResNet-18 recipes.
 
 Roles: ``arch="main"`` is the model the chapters study (:data:`MAIN`): in the quick profile the
 FastNet (:class:`flatnb.models.architectures.FastNet`, ≳ 85 % CIFAR-10 test accuracy in a few CPU
