@@ -33,15 +33,26 @@ def _sync(device):
 
 
 def throughput(cfg: T.TrainConfig, device, root, steps: int, compile: bool = False) -> float:
-    """Training images/s of ``cfg`` over ``steps`` steps of the real loop (the first two steps excluded:
-    the first compiles with ``compile=True``, the second may recompile)."""
-    ds = fdata.subset(T.training_data(cfg, root), n=(steps + 2) * cfg.batch_size, seed=0)
+    """Training images/s (wall clock) of ``cfg`` over ``steps`` steps of the real loop (the first two steps
+    excluded: the first compiles with ``compile=True``, the second may recompile)."""
+    return throughput_rates(cfg, device, root, steps, compile)["wall"]
+
+
+def throughput_rates(cfg: T.TrainConfig, device, root, steps: int, compile: bool = False, warmup: int = 2,
+                     train_ds: fdata.Dataset | None = None) -> dict:
+    """Training images per second of wall clock (``wall``) and per second of this process's CPU time (``cpu``,
+    user + system of all its threads) over ``steps`` steps of the real loop, after ``warmup`` untimed steps.
+    On a CPU shared with other jobs the wall rate falls with the share this process gets; the CPU-time rate
+    (divided by the thread count) is what one thread of its own would do. ``train_ds``: where the batches come
+    from (default: the recipe's training data)."""
+    ds = fdata.subset(train_ds if train_ds is not None else T.training_data(cfg, root),
+                      n=(steps + warmup) * cfg.batch_size, seed=0)
     bench = dataclasses.replace(cfg, epochs=1, n_train=None, warmup_epochs=0, ema_start_epochs=0)
     times, orig = [], T._loss
 
     def timed_loss(*a, **k):
         _sync(device)
-        times.append(time.perf_counter())
+        times.append((time.perf_counter(), time.process_time()))
         return orig(*a, **k)
 
     T._loss = timed_loss
@@ -50,8 +61,9 @@ def throughput(cfg: T.TrainConfig, device, root, steps: int, compile: bool = Fal
     finally:
         T._loss = orig
     _sync(device)
-    times.append(time.perf_counter())
-    return (len(times) - 3) * cfg.batch_size / (times[-1] - times[2])
+    times.append((time.perf_counter(), time.process_time()))
+    n = (len(times) - 1 - warmup) * cfg.batch_size
+    return {"wall": n / (times[-1][0] - times[warmup][0]), "cpu": n / (times[-1][1] - times[warmup][1])}
 
 
 def full_run(cfg: T.TrainConfig, device, root, n_eval: int) -> list[tuple[str, str]]:

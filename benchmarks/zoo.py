@@ -2,15 +2,23 @@
 this CPU's measured matrix-multiply peak, and PGD-10 images/s against torchattacks on the same model.
 
     python benchmarks/zoo.py                      # every evidence recipe, one thread (as the zoo trains)
-    python benchmarks/zoo.py --threads 2 --steps 4 --recipes fastnet:standard:full fastnet:pgd_at:full
+    python benchmarks/zoo.py --threads 2 --steps 4 --recipes fastnet:cifar10:standard:full fastnet:cifar10:pgd_at:full
+    python benchmarks/zoo.py --recipes vgg11_bn:cifar10:standard:full --no-pgd   # one slice (about a minute)
 
 FLOPs per training step are counted by ``torch.utils.flop_counter.FlopCounterMode`` on one real step of the
 recipe's loss (the attack steps of adversarial training included) and its backward pass; the peak is a
 torch GEMM (n = 2048) in the same process, in bf16 and in fp32, so the ratio does not depend on the machine.
+
+Rates are per second of this process's CPU time (user + system, all its threads) divided by ``--threads``,
+GEMM peak and training alike: on a CPU shared with other jobs (the zoo trains beside a second process) the wall
+clock measures the share the scheduler gave this process, not the recipe; the wall-clock images/s are printed
+beside. ``--recipes`` takes any entries of the recipe table as ``arch:dataset:recipe:profile``, so the
+benchmark runs in slices (``--no-pgd`` leaves out the PGD comparison).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import os
 import statistics
@@ -24,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from flatnb import attacks
 from flatnb import data as fdata
 from flatnb.training import train as T
+from flatnb.models import describe
 from flatnb.runtime import describe_device, resolve_device
 from flatnb.zoo import catalogue
 
@@ -32,24 +41,26 @@ bench_train = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_train)
 
 
-def gemm_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    """GFLOP/s of a square matrix multiply in ``dtype`` (the best of three timings)."""
+def gemm_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5, threads: int = 1) -> float:
+    """GFLOP/s per thread of a square matrix multiply in ``dtype`` (the best of three timings, in process CPU
+    time divided by ``threads``; see the module docstring)."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     a @ b
     best = float("inf")
     for _ in range(3):
-        t = time.perf_counter()
+        t = time.process_time()
         for _ in range(reps):
             a @ b
-        best = min(best, time.perf_counter() - t)
+        best = min(best, (time.process_time() - t) / threads)
     return 2 * n**3 * reps / best / 1e9
 
 
-def step_flops(cfg: T.TrainConfig, device) -> float:
-    """FLOPs of one training step of ``cfg`` (loss with its attack steps, and the backward pass)."""
+def image_flops(cfg: T.TrainConfig, device, batch: int = 32) -> float:
+    """FLOPs per image of one training step of ``cfg`` (loss with its attack steps, and the backward pass),
+    counted on a step of ``batch`` images (the count is linear in the batch)."""
     model = T.build_model(cfg).to(device).train()
-    x = torch.rand(cfg.batch_size, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (cfg.batch_size,), device=device)
+    x = torch.rand(batch, 3, cfg.image_size, cfg.image_size, device=device)
+    y = torch.randint(0, cfg.n_classes, (batch,), device=device)
     g = torch.Generator().manual_seed(0)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(T.select_precision(device, cfg)["autocast"])
 
@@ -59,7 +70,7 @@ def step_flops(cfg: T.TrainConfig, device) -> float:
     with FlopCounterMode(display=False) as fc:
         loss, _ = T._loss(model, x, y, cfg, g, autocast)
         loss.backward()
-    return float(fc.get_total_flops())
+    return float(fc.get_total_flops()) / batch
 
 
 def pgd_rates(device, n: int, repeats: int) -> dict:
@@ -91,37 +102,50 @@ def pgd_rates(device, n: int, repeats: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    default = sorted({f"{i.arch}:{i.recipe}:{i.profile}" for i in catalogue.EVIDENCE.values()})
-    ap.add_argument("--recipes", nargs="+", default=default, help="arch:recipe:profile of the recipe table")
+    default = sorted({f"{i.arch}:{i.dataset}:{i.recipe}:{i.profile}" for i in catalogue.EVIDENCE.values()})
+    ap.add_argument("--recipes", nargs="+", default=default, help="arch:dataset:recipe:profile of the recipe table")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3, help="timed training steps per recipe")
     ap.add_argument("--pgd-n", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-pgd", action="store_true", help="leave out the PGD-10 comparison with torchattacks")
+    ap.add_argument("--batch", type=int, help="time steps of this many images instead of the recipe's batch "
+                    "(a shorter slice; images/s per thread hardly depend on the batch above about 128)")
     args = ap.parse_args(argv)
+    for spec in args.recipes:
+        if len(spec.split(":")) != 4:
+            ap.error(f"--recipes takes arch:dataset:recipe:profile (e.g. fastnet:cifar10:standard:full), got {spec!r}")
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     rows = [("device", describe_device(device)), ("threads", str(args.threads)),
             ("load average before", " ".join(f"{v:.2f}" for v in os.getloadavg()))]
-    peak = {"bf16": gemm_peak(torch.bfloat16), "fp32": gemm_peak(torch.float32)}
-    rows += [(f"GEMM peak {k} (n = 2048)", f"{v:.0f} GFLOP/s") for k, v in peak.items()]
+    peak = {"bf16": gemm_peak(torch.bfloat16, threads=args.threads),
+            "fp32": gemm_peak(torch.float32, threads=args.threads)}
+    rows += [(f"GEMM peak {k} (n = 2048)", f"{v:.0f} GFLOP/s per thread (CPU time)") for k, v in peak.items()]
     print(*rows[-2:], sep="\n", flush=True)
     for spec in args.recipes:
-        arch, recipe, profile = spec.split(":")
-        cfg = T.config_for(arch, "cifar10", recipe, profile)
+        arch, dataset, recipe, profile = spec.split(":")
+        cfg = T.config_for(arch, dataset, recipe, profile)
+        if args.batch:
+            cfg = dataclasses.replace(cfg, batch_size=args.batch)
         prec = "bf16" if T.select_precision(device, cfg)["autocast"] == "bf16" else "fp32"
-        flops = step_flops(cfg, device)
-        rate = bench_train.throughput(cfg, device, None, args.steps)
-        achieved = flops / cfg.batch_size * rate / 1e9
-        rows.append((f"{spec} (width {cfg.width}, batch {cfg.batch_size}, {prec})",
-                     f"{rate:.0f} images/s, {flops / cfg.batch_size / 1e9:.3f} GFLOP per image and step, "
-                     f"{achieved:.0f} GFLOP/s = {achieved / peak[prec]:.2f} of the {prec} GEMM peak"))
+        flops = image_flops(cfg, device)
+        rates = bench_train.throughput_rates(cfg, device, None, args.steps, warmup=1)
+        rate = rates["cpu"] * args.threads  # images per second of `threads` threads of their own
+        achieved = flops * rate / args.threads / 1e9
+        epoch_min = len(T.training_data(cfg)) / rate / 60
+        rows.append((f"{spec} ({describe(cfg)}, batch {cfg.batch_size}, {prec})",
+                     f"{rate:.0f} images/s ({rates['wall']:.0f} by the wall clock), {epoch_min:.1f} min per epoch, "
+                     f"{flops / 1e9:.3f} GFLOP per image and step, {achieved:.0f} GFLOP/s per "
+                     f"thread = {achieved / peak[prec]:.2f} of the {prec} GEMM peak"))
         print(*rows[-1], flush=True)
-    pgd = pgd_rates(device, args.pgd_n, args.repeats)
-    ta, ours = pgd["torchattacks PGD-10"], pgd["flatnb attacks.pgd PGD-10"]
-    rows += [(f"PGD-10 on the {pgd['model']}, {args.pgd_n} images", f"torchattacks {ta:.1f} images/s, flatnb "
-              f"{ours:.1f} images/s: flatnb / torchattacks = {ours / ta:.2f}"),
-             ("load average after", " ".join(f"{v:.2f}" for v in os.getloadavg()))]
+    if not args.no_pgd:
+        pgd = pgd_rates(device, args.pgd_n, args.repeats)
+        ta, ours = pgd["torchattacks PGD-10"], pgd["flatnb attacks.pgd PGD-10"]
+        rows.append((f"PGD-10 on the {pgd['model']}, {args.pgd_n} images", f"torchattacks {ta:.1f} images/s, "
+                     f"flatnb {ours:.1f} images/s (wall clock): flatnb / torchattacks = {ours / ta:.2f}"))
+    rows.append(("load average after", " ".join(f"{v:.2f}" for v in os.getloadavg())))
     w = max(len(k) for k, _ in rows)
     print()
     for k, v in rows:

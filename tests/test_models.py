@@ -261,7 +261,23 @@ def test_fastnet_whitening_decorrelates_patches_in_float64():
 def test_describe_names_the_architecture_a_configuration_trains():
     from flatnb.training import train as ftrain
 
-    assert models.describe(ftrain.config_for("wrn28_4", "cifar10", "standard", "full")) == "WRN-28-4"
+    from flatnb.config import recipes
+
+    assert models.describe(recipes.GPU[("wrn28_4", "cifar10", "standard")]) == "WRN-28-4"  # the paper's
+    assert models.describe(ftrain.config_for("wrn28_4", "cifar10", "standard", "full")) == "WRN-16-4"  # the CPU's
+    assert models.describe(ftrain.config_for("resnet18", "tinyimagenet", "standard", "full")) == \
+        "resnet18 (width 32, stride-2 stem)"
     vit = models.describe(ftrain.config_for("vit_tiny", "cifar10", "standard", "full"))
     assert vit.startswith("ViT (dim ") and "depth" in vit
     assert models.describe(ftrain.config_for("vgg11_bn", "cifar10", "standard", "full")).startswith("vgg11_bn (width ")
+
+
+def test_resnet18_stride_2_stem_runs_the_stages_at_half_the_resolution():
+    """Tiny ImageNet's CPU recipe: the same parameters and features, a quarter of the pixels after the stem."""
+    torch.manual_seed(0)
+    plain, strided = models.build("resnet18", 5, width=4), models.build("resnet18", 5, width=4, stem_stride=2)
+    assert [(k, v.shape) for k, v in plain.state_dict().items()] == \
+        [(k, v.shape) for k, v in strided.state_dict().items()]
+    x = torch.rand(2, 3, 64, 64)
+    assert strided.stem(x).shape == (2, 4, 32, 32) and plain.stem(x).shape == (2, 4, 64, 64)
+    assert strided(x).shape == (2, 5) and strided.features(x).shape == (2, 32)

@@ -264,10 +264,37 @@ def test_a_second_process_waits_for_the_first_and_loads_its_result(cifar_root):
 
 
 def test_full_profile_vit_uses_an_adamw_learning_rate():
+    from flatnb.config import recipes
+
     vit = T.config_for("vit_tiny", "cifar10", profile="full")
-    assert vit.lr == 1e-3 and vit.weight_decay == 0.05 and vit.epochs == 100
-    # the CNNs keep the paper's SGD recipe
-    assert T.config_for("wrn28_4", "cifar10", profile="full").lr == 0.1
+    assert vit.lr == 1e-3 and vit.weight_decay == 0.05
+    gpu = recipes.GPU[("vit_tiny", "cifar10", "standard")]
+    assert gpu.lr == 1e-3 and gpu.weight_decay == 0.05 and gpu.epochs == 100
+    # the CNNs keep the paper's SGD recipe on a GPU, and SGD (scaled to batch 512) on the CPU
+    assert recipes.GPU[("wrn28_4", "cifar10", "standard")].lr == 0.1
+    assert T.config_for("wrn28_4", "cifar10", profile="full").lr == 0.4
+
+
+def test_other_architectures_have_cpu_recipes_and_keep_the_paper_recipe_for_a_gpu():
+    """Issue 24: the full entries of the other architectures are the zoo's CPU recipes (bf16, large batches,
+    a one-cycle schedule, no label smoothing, a few epochs); the paper's 100-epoch recipe stays in recipes.GPU."""
+    from flatnb.config import recipes
+
+    assert set(recipes.GPU) == {("wrn28_4", "cifar10", "standard"), ("vgg11_bn", "cifar10", "standard"),
+                                ("vit_tiny", "cifar10", "standard"), ("resnet18", "tinyimagenet", "standard"),
+                                ("vit_tiny", "tinyimagenet", "standard")}
+    for key, gpu in recipes.GPU.items():
+        cpu = T.config_for(*key, profile="full")
+        assert (cpu.arch, cpu.dataset, cpu.recipe) == (gpu.arch, gpu.dataset, gpu.recipe) == key
+        assert cpu.cpu_bf16 and cpu.batch_size >= 512 and cpu.epochs <= gpu.epochs / 2 and cpu.crop_mode == "reflect"
+        assert cpu.label_smoothing == cpu.mixup_alpha == cpu.sam_rho == 0
+        assert cpu.schedule in ("triangle", "cosine") and 0 < cpu.warmup_epochs < cpu.epochs
+        assert gpu.epochs == 100 and gpu.profile == "full" and not gpu.cpu_bf16
+        assert gpu.batch_size == 128 and gpu.lr == (1e-3 if key[0].startswith("vit") else 0.1)
+        assert cpu.key("x") != gpu.key("x")
+    assert dict(T.config_for("wrn28_4", "cifar10", profile="full").model_kw) == {"depth": 16, "widen": 4}
+    # Tiny ImageNet's translation covers the same share of its 64 pixels as 2 pixels of CIFAR's 32
+    assert T.config_for("resnet18", "tinyimagenet", profile="full").crop_pad == 4
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "missing-key"])
@@ -317,7 +344,8 @@ def test_recipe_table_covers_the_chapters_and_keeps_old_checkpoint_keys():
     # the table reproduces the configurations of the former override chain bit for bit (same checkpoints)
     assert T.config_for("resnet18", "cifar10").key("x") == "056f96b829817e12"
     assert T.config_for("wrn28_4", "cifar10").key("x") == "1109f558cfcab5fb"
-    assert T.config_for("vit_tiny", "tinyimagenet", profile="full").key("x") == "a9770125151d8f5b"
+    # the former full entry (100 epochs) lives on as the GPU recipe, with its key (issue 24)
+    assert recipes.GPU[("vit_tiny", "tinyimagenet", "standard")].key("x") == "a9770125151d8f5b"
     assert T.config_for("resnet18", "cifar10", "pgd_at").key("x") == "3a6a58d97d003d62"
     # roles
     assert recipes.resolve_arch("main", "quick") == "fastnet" and recipes.resolve_arch("main", "full") == "fastnet"

@@ -293,3 +293,16 @@ def test_train_adds_only_the_missing_autoattack_norms(tmp_path, monkeypatch):
     assert calls == [("m", 500, "l2")]
     with pytest.raises(ValueError, match="norm must be one of"):
         robust.measured({"robust": [rec]}, 10, "l1")
+
+
+def test_the_catalogue_fits_the_60_mb_of_shipped_weights():
+    """Issue 24: weights/ ships every catalogued model in half precision within 60 MB; a recipe too wide for that
+    fails here, before hours of training (the shipped files are checked by the test above)."""
+    total = 0
+    for name in catalogue.names():
+        it = catalogue.item(name)
+        if isinstance(it, dict):  # external: loaded from its package, not shipped under weights/
+            continue
+        state = train.build_model(train.config_for(it.arch, it.dataset, it.recipe, it.profile, it.seed)).state_dict()
+        total += sum(v.numel() * (2 if v.is_floating_point() else v.element_size()) for v in state.values())
+    assert 30 * 2**20 < total <= 60 * 2**20, f"{total / 2**20:.1f} MiB"
