@@ -180,3 +180,31 @@ def test_sweep_pooled_over_two_models_equals_the_sweep_of_their_images():
         Sweep.pool([halves[0], scale_sweep(m, ds, (1.0,), 8, "cpu", attack)])
     with pytest.raises(ValueError, match="positive"):
         scale_sweep(m, ds, (0.0, 1.0), 8, "cpu", attack)
+
+
+def test_masking_run_pools_like_one_run_and_transfer_to_a_temperature_is_complete():
+    from flatnb.measure.masking import CONTROLS, MaskingRun, masking_run, weight_only
+
+    m = _model(2)
+    ds = _labelled(m, _dataset(18, seed=4))
+    attack = dict(norm="linf", eps=0.3, steps=4, step_size=0.1)
+    kw = dict(scales=(1.0, 10.0), batch_size=8, device="cpu", attack=attack, apgd_steps=4)
+    whole = masking_run(m, ds, n_ctrl=18, **kw)
+    parts = [masking_run(m, Dataset(ds.images[s], ds.labels[s], ds.classes), n_ctrl=100, **kw)
+             for s in (slice(0, 5), slice(5, 18))]
+    got = MaskingRun.pool({"a": parts[0], "b": parts[1]})
+    assert got.n == whole.n == 18
+    for s in (1.0, 10.0):
+        assert got.rob(s) == whole.rob(s) and got.not_broken(s) == whole.not_broken(s)
+        assert got.transfer(s) == whole.transfer(s)
+        torch.testing.assert_close(got.kappa[s], whole.kappa[s], rtol=1e-5, atol=0)  # float32, batch-dependent rounding
+    for c in CONTROLS:  # every image is a control image here (n_ctrl >= N)
+        assert got.control(c) == whole.control(c)
+    assert whole.not_broken(1.0).n == int(whole.correct.sum()) < 18
+    # f_s is a temperature of f_1: every s = 1 adversarial example fools it (E4 by construction)
+    assert whole.transfer(10.0).k == whole.transfer(10.0).n == int(whole.broken1.sum()) > 0
+    g = weight_only(m, 10.0)
+    torch.testing.assert_close(g.head.bias, m.head.bias)
+    torch.testing.assert_close(g.head.weight, 10 * m.head.weight)
+    with pytest.raises(ValueError, match="contain 1"):
+        masking_run(m, ds, n_ctrl=4, **{**kw, "scales": (2.0, 10.0)})
