@@ -206,5 +206,7 @@ def test_masking_run_pools_like_one_run_and_transfer_to_a_temperature_is_complet
     g = weight_only(m, 10.0)
     torch.testing.assert_close(g.head.bias, m.head.bias)
     torch.testing.assert_close(g.head.weight, 10 * m.head.weight)
+    few = masking_run(m, ds, n_ctrl=7, **{**kw, "scales": (1.0, 4.0)})  # the controls on 7 of the 18 images
+    assert all(few.control(c).n == 7 for c in CONTROLS) and few.rob(4.0).n == 18 and few.cw_same.numel() == 7
     with pytest.raises(ValueError, match="contain 1"):
         masking_run(m, ds, n_ctrl=4, **{**kw, "scales": (2.0, 10.0)})

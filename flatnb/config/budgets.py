@@ -65,11 +65,17 @@ SIZES = {
         # 1,040 pooled images for the deciding fractions
         "quick": dict(n_test=128, n_pair=128, batch=128, scales=(0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 50.0)),
         "full": dict(n_test=80, n_pair=260, batch=260, scales=(0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 50.0))},
-    "07_gradient_masking": {  # n_ref: images for the reference AutoAttack and Square at s = 100
+    "07_gradient_masking": {  # n_ctrl: images per model for the controls at s = 100 (CW, random start, float64,
+        # APGD-DLR); n_ref: images for Square and the reference AutoAttack at s = 100 on the first model only
+        # full: CE-PGD 8/255 per image and scale 0.055 s (FastNet-64) and 0.24 s (ResNet-18), so 7 scales ≈ 2.8 s per
+        # image for the four models (+ ≈ 0.3 s of transfers): 250 images ≈ 13 min, 1,000 pooled; controls per image
+        # ≈ 1.0 s (FastNet-64: float64 0.26, APGD-DLR 100 steps 0.56) and ≈ 4.5 s (ResNet-18; its float64 and APGD
+        # costed by the FastNet-64 ratios, not measured), so 40 images ≈ 5 min; Square 0.38 s and AutoAttack 0.94 s per
+        # image (FastNet-64, s = 100): 100 images ≈ 2.2 min; in all ≈ 21 min + loading ≈ 22 of the 25 min
         "quick": dict(n_test=128, batch=128, apgd_steps=25, scales=(1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0),
                       n_ctrl=128, n_ref=32, square_queries=5000),
-        "full": dict(n_test=10_000, batch=500, apgd_steps=100, scales=(1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0),
-                     n_ref=1000, square_queries=5000)},
+        "full": dict(n_test=250, batch=250, apgd_steps=100, scales=(1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0),
+                     n_ctrl=40, n_ref=100, square_queries=5000)},
     "08_flatness_detector": {
         "quick": dict(n_test=256, batch=128, archs=("main",)),
         "full": dict(n_test=10_000, batch=500, archs=("main", "wrn28_4"))},

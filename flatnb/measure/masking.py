@@ -123,8 +123,11 @@ def masking_run(model, dataset, scales, batch_size: int, device, attack: dict, n
         to_g[s] = attacks.transfer(ce[1.0].x_adv, y, g, batch_size=batch_size).success.cpu()
         agree[s] = (attacks.transfer(x_clean, y, g, batch_size=batch_size).pred == pred1).cpu()
     m = f[max(scales)]
-    ctrl = data.subset(dataset, n=min(n_ctrl, len(dataset)), seed=seed)
-    first = attacks.attack_dataset(attacks.pgd, m, ctrl, **pgd)
+    if n_ctrl >= len(dataset):  # the controls run on every image: CE-PGD at the largest scale is already done
+        ctrl, first = dataset, ce[max(scales)]
+    else:
+        ctrl = data.subset(dataset, n=n_ctrl, seed=seed)
+        first = attacks.attack_dataset(attacks.pgd, m, ctrl, **pgd)
     runs = {CONTROLS[0]: first,
             CONTROLS[1]: attacks.attack_dataset(attacks.pgd, m, ctrl, loss="cw", **pgd),
             CONTROLS[2]: attacks.attack_dataset(attacks.pgd, m, ctrl, random_start=True, seed=seed, **pgd),
