@@ -48,17 +48,34 @@ SIZES = {
     "04_local_not_global": {  # toy_seeds: networks per condition in the two-moons comparison
         "quick": dict(n_test=1000, n_pairs=200_000, grid=161, toy_steps=800, toy_seeds=3),
         "full": dict(n_test=10_000, n_pairs=2_000_000, grid=321, toy_steps=3000, toy_seeds=20)},
+    # Chapters 5-7 run on every model of MAIN_MODELS (full: three FastNet-64 seeds and the ResNet-18) and pool them.
+    # Full sizes from CPU time (time.process_time, one torch thread) of the chapters' package calls on slices of
+    # 64 (fastnet64-standard-s0) and 32 (resnet18-pyautoattack) test images, scaled linearly; seeds 1 and 2 are
+    # costed as seed 0 (2026-12-06). Per test image: FastNet-64 ≈ 1/4 of the ResNet-18's time.
     "05_uncanny_valley": {  # bisect: halvings of the flip segment; grid: κ points inside it
+        # full: per image 0.33 s (FastNet-64: PGD 8/255 0.06, long PGD 0.17, crossings 0.11) and 1.32 s (ResNet-18:
+        # 0.23, 0.67, 0.42), so 3 × 0.33 + 1.32 = 2.3 s per image for the four models: 550 images ≈ 21 min
+        # (+ loading and figures, ≈ 23 min of the 25); 2,200 pooled test images
         "quick": dict(n_test=256, batch=128, confident=0.8, bisect=24, grid=8),
-        "full": dict(n_test=10_000, batch=500, confident=0.9, bisect=30, grid=8)},
-    "06_scale_sweep": {  # scales: the paper's E1 grid of head scales s
-        "quick": dict(n_test=128, batch=128, scales=(0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 50.0)),
-        "full": dict(n_test=10_000, batch=500, scales=(0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 50.0))},
-    "07_gradient_masking": {  # n_ref: images for the reference AutoAttack and Square at s = 100
+        "full": dict(n_test=550, batch=250, confident=0.9, bisect=30, grid=8)},
+    "06_scale_sweep": {  # scales: the paper's E1 grid of head scales s; n_pair: images for the paired s = 0.25
+        # vs 1 test and E1b (only those two scales are attacked on them; quick: the sweep's own images)
+        # full: one scale of PGD-ℓ2 per image 0.13 s (FastNet-64) and 0.58 s (ResNet-18), so 0.97 s per image and
+        # scale for the four models: 7 scales × 80 + 2 scales × 260 images ≈ 1,050 s ≈ 17.5 min (≈ 19 of the 20);
+        # 1,040 pooled images for the deciding fractions
+        "quick": dict(n_test=128, n_pair=128, batch=128, scales=(0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 50.0)),
+        "full": dict(n_test=80, n_pair=260, batch=260, scales=(0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 50.0))},
+    "07_gradient_masking": {  # n_ctrl: images per model for the controls at s = 100 (CW, random start, float64,
+        # APGD-DLR); n_ref: images for Square and the reference AutoAttack at s = 100 on the first model only
+        # full: CE-PGD 8/255 per image and scale 0.055 s (FastNet-64) and 0.24 s (ResNet-18), so 7 scales ≈ 2.8 s per
+        # image for the four models (+ ≈ 0.3 s of transfers): 250 images ≈ 13 min, 1,000 pooled; controls per image
+        # ≈ 1.0 s (FastNet-64: float64 0.26, APGD-DLR 100 steps 0.56) and ≈ 4.5 s (ResNet-18; its float64 and APGD
+        # costed by the FastNet-64 ratios, not measured), so 40 images ≈ 5 min; Square 0.38 s and AutoAttack 0.94 s per
+        # image (FastNet-64, s = 100): 100 images ≈ 2.2 min; in all ≈ 21 min + loading ≈ 22 of the 25 min
         "quick": dict(n_test=128, batch=128, apgd_steps=25, scales=(1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0),
-                      n_ref=32, square_queries=5000),
-        "full": dict(n_test=10_000, batch=500, apgd_steps=100, scales=(1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0),
-                     n_ref=1000, square_queries=5000)},
+                      n_ctrl=128, n_ref=32, square_queries=5000),
+        "full": dict(n_test=250, batch=250, apgd_steps=100, scales=(1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0),
+                     n_ctrl=40, n_ref=100, square_queries=5000)},
     "08_flatness_detector": {
         "quick": dict(n_test=256, batch=128, archs=("main",)),
         "full": dict(n_test=10_000, batch=500, archs=("main", "wrn28_4"))},

@@ -243,3 +243,91 @@ def flip_step_counts(flip_step: Tensor, steps: int) -> list[int]:
     if bool((f > steps).any()):
         raise ValueError(f"flip steps above steps={steps}: pass the attack's number of steps")
     return torch.bincount(f, minlength=steps + 1)[1:].tolist()
+
+
+def pool_shapes(shapes) -> ValleyShape:
+    """Several models' :class:`ValleyShape` (``{label: shape}`` or a list, one kappa and selection) as one: each
+    fraction pooled over the models' paths (counts added, :func:`flatnb.measure.pooled.pool`), the shuffle
+    nulls averaged over the paths they refer to (all paths, late paths), the start null over all paths, the
+    z-score recomputed from the pooled late count (the per-path null probabilities of every model), and
+    ``peak_offset``/``flip_step`` concatenated in model order."""
+    from flatnb.measure.pooled import pool
+
+    got = list(shapes.values()) if isinstance(shapes, dict) else list(shapes)
+    if not got:
+        raise EmptySelection("pool_shapes got no shapes (no model in the list?)")
+    n = sum(s.n for s in got)
+    if n == 0:
+        return _empty_shape()
+    late = [(s.peak_in_segment_late.n, s.null_shuffle_late) for s in got if s.peak_in_segment_late.n]
+    n_late = sum(k for k, _ in late)
+    null_late = sum(k * p for k, p in late) / n_late if n_late else None
+    var = sum(k * p * (1 - p) for k, p in late)
+    k_late = sum(s.peak_in_segment_late.k for s in got)
+    return ValleyShape(
+        n=n,
+        rise=pool([s.rise for s in got]),
+        peak_in_segment=pool([s.peak_in_segment for s in got]),
+        peak_in_segment_late=pool([s.peak_in_segment_late for s in got]),
+        fall=pool([s.fall for s in got]),
+        conf_rises=pool([s.conf_rises for s in got]),
+        loss_high=pool([s.loss_high for s in got]),
+        null_shuffle=sum(s.n * s.null_shuffle for s in got) / n,
+        null_shuffle_late=null_late,
+        null_start=sum(s.n * s.null_start for s in got) / n,
+        z_shuffle_late=(k_late - n_late * null_late) / math.sqrt(var) if n_late and var > 0 else None,
+        peak_offset=torch.cat([s.peak_offset for s in got]),
+        flip_step=torch.cat([s.flip_step for s in got]),
+    )
+
+
+@dataclass
+class ValleyRun:
+    """One model's uncanny-valley measurement (chapter 5): the two attacks (``short``: PGD-ℓ∞ 8/255 × 10,
+    ``long``: ε = 0.1 × 30, iterates dropped after the crossings are found), the crossings of the long attack's
+    flipping paths (:func:`path_crossings`), ``confident`` (a mask over those paths: clean top-class
+    probability at least the threshold) and ``shapes[(kappa, who)]`` (:func:`valley_shape` for each kappa of
+    :data:`KAPPAS` and ``who`` in ``("all", "confident")``)."""
+
+    short: object
+    long: object
+    cross: dict
+    confident: Tensor
+    shapes: dict
+
+
+def valley_run(model, dataset, batch_size: int, device, confident: float, bisect: int, grid: int,
+               short_attack: dict, long_attack: dict) -> ValleyRun:
+    """Chapter 5's measurement on one model: ``short_attack`` and ``long_attack`` (keyword arguments of
+    :func:`flatnb.attacks.pgd`, e.g. ``budgets.ATTACKS["pgd_linf_long"]``) over ``dataset`` with the recorder,
+    the long attack's boundary crossings (``bisect`` halvings, ``grid`` points in the flip segment) and the
+    valley's shape for every kappa, over all flipping paths and over those with a clean top-class probability
+    of at least ``confident``. The long attack's iterates are released once the crossings are found (they
+    take (T+1) × N images of memory)."""
+    from flatnb import attacks
+    from flatnb.measure.trajectory import Recorder
+
+    if not 0.0 <= confident < 1.0:
+        raise ValueError(f"confident is a top-class probability threshold in [0, 1), got {confident!r}")
+    run = dict(batch_size=batch_size, device=device, record=Recorder)
+    short = attacks.attack_dataset(attacks.pgd, model, dataset, **run, **short_attack)
+    long = attacks.attack_dataset(attacks.pgd, model, dataset, **run, record_inputs=True, **long_attack)
+    cross = path_crossings(model, long.trajectory, dataset.labels, iters=bisect, grid=grid)
+    long.trajectory.x = None
+    conf = long.trajectory.p_top[0, cross["cols"].to(long.trajectory.p_top.device)].cpu() >= confident
+    shapes = {}
+    for k in KAPPAS:
+        shapes[k, "all"] = valley_shape(long.trajectory, cross, k)
+        try:
+            shapes[k, "confident"] = valley_shape(long.trajectory, cross, k, keep=conf)
+        except EmptySelection:  # no confident flipping path on this model: an empty shape, pooled as n=0
+            shapes[k, "confident"] = _empty_shape()
+    return ValleyRun(short, long, cross, conf, shapes)
+
+
+def _empty_shape() -> ValleyShape:
+    empty = Fraction(0, 0)
+    return ValleyShape(n=0, rise=empty, peak_in_segment=empty, peak_in_segment_late=empty, fall=empty,
+                       conf_rises=empty, loss_high=empty, null_shuffle=0.0, null_shuffle_late=None,
+                       null_start=0.0, z_shuffle_late=None, peak_offset=torch.empty(0, dtype=torch.float64),
+                       flip_step=torch.empty(0, dtype=torch.long))
