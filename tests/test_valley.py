@@ -193,3 +193,14 @@ def test_valley_parts_count_chapter_5s_quantities_against_an_independent_closed_
     empty = valley.valley_parts(model, tr, y, num_classes=10, confident=0.5)
     assert empty.n_flipped == 0 and all(v.n == 0 for v in empty.fractions().values())
     assert empty.kappa_cross.numel() == 0
+
+
+def test_chapters_5_9_and_10_measure_the_valley_with_the_same_settings():
+    from flatnb.config import budgets
+
+    stems = ("05_uncanny_valley", "09_adversarial_training", "10_architectures")
+    for profile in ("quick", "full", "smoke"):
+        sizes = [budgets.sizes(s, profile) for s in stems]
+        for key in ("confident", "bisect", "grid"):
+            assert len({s[key] for s in sizes}) == 1, (profile, key, [s[key] for s in sizes])
+    assert budgets.sizes("09_adversarial_training", "smoke")["confident"] == 0.0  # a one-epoch model: no confidence

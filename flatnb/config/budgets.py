@@ -26,6 +26,11 @@ ATTACKS = {
 # Sample sizes per chapter and profile (read by flatnb.book.chapter.setup into ``ch.sizes``).
 # quick: minutes on 2 CPU cores, CI; full: the paper's scale on one GPU.
 
+#: chapter 5's refined E6 measurement (flatnb.measure.crossing), the same in chapters 5, 9 and 10 so that one claim
+#: has one measurement (tests/test_valley.py checks that their sizes agree): ``confident``, the clean top-class
+#: probability a path needs for the "rise"; ``bisect``, halvings of the flip segment; ``grid``, κ points inside it
+E6 = {"quick": dict(confident=0.8, bisect=24, grid=8), "full": dict(confident=0.9, bisect=30, grid=8)}
+
 SIZES = {
     "01_relative_flatness": {
         "quick": dict(hidden=64, n_check=24, train_steps=300),
@@ -62,12 +67,19 @@ SIZES = {
     "08_flatness_detector": {
         "quick": dict(n_test=256, batch=128, archs=("main",)),
         "full": dict(n_test=10_000, batch=500, archs=("main", "wrn28_4"))},
-    "09_adversarial_training": {  # n_test: recorded paths; n_eval: clean + PGD; n_aa: AutoAttack
-        "quick": dict(n_test=128, n_eval=512, n_aa=64, batch=128),
-        "full": dict(n_test=1000, n_eval=10_000, n_aa=1000, batch=500)},
+    # n_test: E2 paths (50 steps); n_valley: long-attack paths (30 steps + the E6 crossings), a superset of them;
+    # n_eval: clean + PGD-10; n_aa: AutoAttack (zoo.robust_accuracy: the manifest's measurement of a shipped model on
+    # at least that many images, else measured here). full: one CPU thread, timed on n=100 with the shipped
+    # FastNet-64 standard and FastNet-32 PGD-2 models while two other jobs shared the two cores (per image, s:
+    # FastNet-64 E2 1.14, long 0.72, crossings 0.44, eval 0.22; FastNet-32 E2 0.35, long 0.22, crossings ~0.13,
+    # eval 0.08): 300 x 1.49 + 1000 x 1.51 + 1000 x 0.30 = about 38 min contended, about 25 min on a free core;
+    # AutoAttack must come from the manifest (measuring the standard model here on 1,000 images: about 30 min more)
+    "09_adversarial_training": {
+        "quick": dict(n_test=128, n_valley=128, n_eval=512, n_aa=64, batch=128, **E6["quick"]),
+        "full": dict(n_test=300, n_valley=1000, n_eval=1000, n_aa=1000, batch=500, **E6["full"])},
     "10_architectures": {  # cifar100: train and attack a ResNet-18 on CIFAR-100 (downloads it)
-        "quick": dict(n_test=64, batch=64, cifar100=False),
-        "full": dict(n_test=1000, batch=500, cifar100=True)},
+        "quick": dict(n_test=64, batch=64, cifar100=False, **E6["quick"]),
+        "full": dict(n_test=1000, batch=500, cifar100=True, **E6["full"])},
     "11_off_manifold": {  # n_cal: held-out images for the temperature; n_aa: AutoAttack check
         "quick": dict(n_test=64, n_cal=1000, n_pool=5000, n_random=4, n_aa=32, batch=64),
         "full": dict(n_test=1000, n_cal=5000, n_pool=50_000, n_random=16, n_aa=1000, batch=250)},
