@@ -69,17 +69,27 @@ SIZES = {
         "full": dict(n_test=10_000, batch=500, archs=("main", "wrn28_4"))},
     # n_test: E2 paths (50 steps); n_valley: long-attack paths (30 steps + the E6 crossings), a superset of them;
     # n_eval: clean + PGD-10; n_aa: AutoAttack (zoo.robust_accuracy: the manifest's measurement of a shipped model on
-    # at least that many images, else measured here). full: one CPU thread, timed on n=100 with the shipped
-    # FastNet-64 standard and FastNet-32 PGD-2 models while two other jobs shared the two cores (per image, s:
-    # FastNet-64 E2 1.14, long 0.72, crossings 0.44, eval 0.22; FastNet-32 E2 0.35, long 0.22, crossings ~0.13,
-    # eval 0.08): 300 x 1.49 + 1000 x 1.51 + 1000 x 0.30 = about 38 min contended, about 25 min on a free core;
-    # AutoAttack must come from the manifest (measuring the standard model here on 1,000 images: about 30 min more)
+    # at least that many images, else measured here). full, on one CPU thread with the shipped FastNet-64 standard
+    # and FastNet-32 PGD-2 models: timed on 100 images under contention (wall) and calibrated by one CPU-time
+    # measurement (PGD-10 + logits of FastNet-64: 0.064 s of CPU per image against 0.22 s of wall), per image in
+    # CPU seconds: FastNet-64 E2 0.33, long 0.21, crossings 0.13, eval 0.064; FastNet-32 E2 0.10, long 0.063,
+    # crossings 0.036, eval 0.023. So 500 x 0.43 + 1000 x 0.44 + 2000 x 0.087 = about 14 min, plus loading and
+    # figures; AutoAttack must come from the manifest (the standard model's holds 200 images today: measuring 1,000
+    # here adds about 10 min of APGD-CE on a standard model; the AT model's robust images go through all four attacks,
+    # far longer)
     "09_adversarial_training": {
         "quick": dict(n_test=128, n_valley=128, n_eval=512, n_aa=64, batch=128, **E6["quick"]),
-        "full": dict(n_test=300, n_valley=1000, n_eval=1000, n_aa=1000, batch=500, **E6["full"])},
-    "10_architectures": {  # cifar100: train and attack a ResNet-18 on CIFAR-100 (downloads it)
+        "full": dict(n_test=500, n_valley=1000, n_eval=2000, n_aa=1000, batch=500, **E6["full"])},
+    # cifar100: train and attack a ResNet-18 on CIFAR-100 (downloads it). full, one CPU thread: the long attack plus the
+    # E6 crossings cost about 0.34 s of CPU per image on the shipped FastNet-64 (chapter 9's calibrated timing); the
+    # other full architectures are not shipped yet, estimated by their forward FLOPs relative to FastNet-64
+    # (0.24 GFLOP): WRN-28-4 7.2x, VGG-11-BN 1.3x, ViT CIFAR-10 3.1x, ResNet-18 Tiny ImageNet 18.8x, ViT Tiny
+    # ImageNet 14.2x, ResNet-18 CIFAR-100 4.7x: about 50 FastNet-64 units, 17 s per image for all seven models, so
+    # 100 images per model fill the 30 minutes (1,000 would take about 4.7 h; without the two Tiny ImageNet models,
+    # which the paper does not confirm, about 250 images fit)
+    "10_architectures": {
         "quick": dict(n_test=64, batch=64, cifar100=False, **E6["quick"]),
-        "full": dict(n_test=1000, batch=500, cifar100=True, **E6["full"])},
+        "full": dict(n_test=100, batch=100, cifar100=True, **E6["full"])},
     "11_off_manifold": {  # n_cal: held-out images for the temperature; n_aa: AutoAttack check
         "quick": dict(n_test=64, n_cal=1000, n_pool=5000, n_random=4, n_aa=32, batch=64),
         "full": dict(n_test=1000, n_cal=5000, n_pool=50_000, n_random=16, n_aa=1000, batch=250)},
