@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from flatnb import stats
+from flatnb.stats import Fraction
 from flatnb.evidence import claims, run_records as records
 
 
@@ -444,6 +445,16 @@ def test_the_rules_of_chapters_9_to_13():
     assert claims.grade_basin((25.0, 12.0, 40.0), True, False)[0] == "partly"
     assert claims.grade_basin((0.6, 0.4, 0.9), True, True)[0] == "not reproduced"
     assert "half the paper's 20×" in claims.grade_basin((2.0, 1.5, 3.0), True, True)[1]
+
+    ok, why = claims.enough_paths({"rise": Fraction(4, 5), "fall": Fraction(30, 40)})
+    assert ok
+    ok, why = claims.enough_paths({"rise": Fraction(2, 3), "fall": Fraction(30, 40), "loss": Fraction(0, 0)})
+    assert not ok and why == "too few paths to grade: rise over 3, loss over 0 (fewer than 5)"
+    assert not claims.enough_paths({"fall": Fraction(9, 9)}, min_n=10)[0]
+    with pytest.raises(ValueError):
+        claims.enough_paths({})
+    with pytest.raises(ValueError):
+        claims.enough_paths({"fall": Fraction(9, 9)}, min_n=0)
 
     ok, why = claims.adequate_zoo({"a": 0.93, "b": 0.80})
     assert ok

@@ -30,7 +30,7 @@ CONSTANTS = {
            "745": "arithmetic: float64's underflow, exp(-745) ~ 5e-324"},
     "08": {"5.8": "WideResNet-28-4's parameter count in millions (the paper's model)",
            "0.92": "the paper's figure"},
-    "09": {"100": "the paper's number of epochs"},
+    "09": {"100": "the paper's number of epochs", "95": "the level of the Wilson and bootstrap intervals"},
     "10": {"0.10": "chance on CIFAR-10's 10 classes", "0.05": "chance on the 20 Tiny ImageNet classes"},
     "11": {"0.05": "the attack's step size", "100": "the paper's number of epochs", "1,000": "the full profile's sample size"},
     "13": {"20,000": "the quick zoo's training images (flatnb.config.recipes)"},

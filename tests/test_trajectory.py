@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from flatnb.measure import trajectory as an
 from flatnb.attacks import cat_results, pgd
 from flatnb.measure.trajectory import Recorder
-from conftest import Tiny, _Traj
+from conftest import Tiny
 
 
 def test_align_at_flip_matches_direct_indexing():
@@ -43,38 +43,6 @@ def test_step_summary_matches_numpy_nanquantile():
         ref = np.nanquantile(v, [0.1, 0.5, 0.9], axis=1)
     for j, q in enumerate((0.1, 0.5, 0.9)):
         np.testing.assert_allclose(out[q], ref[j], equal_nan=True)
-
-
-def test_valley_stats_fractions():
-    class T:
-        pass
-
-    t = T()
-    t.kappa_sq = torch.tensor([[1.0, 1.0], [3.0, 2.0], [5.0, 1.0], [2.0, 4.0], [0.5, 0.2]])
-    t.p_top = torch.tensor([[0.9, 0.9], [0.6, 0.6], [0.5, 0.5], [0.8, 0.4], [0.99, 0.45]])
-    t.loss = torch.tensor([[0.1, 0.1], [0.5, 0.5], [1.0, 1.0], [2.0, 1.5], [5.0, 1.0]])
-    t.flip_step = torch.tensor([2, 2])
-    s = an.valley_stats(t, "kappa_sq", window=1, num_classes=10)
-    assert s["n_flipped"] == 2
-    assert s["peak_near_flip"] == 1.0  # peaks at steps 2 and 3, the flip is at 2
-    assert s["flip_gt_start"] == 0.5  # 5 > 1 but 1 > 1 is false
-    assert s["flip_gt_last"] == 1.0  # 5 > 0.5 and 1 > 0.2
-    assert s["conf_rises"] == 0.5  # 0.99 > 0.5 but 0.45 < 0.5
-    assert s["loss_high"] == 0.5  # 5 > log 10 but 1 < log 10
-    t.p_top[0, 1] = 0.7
-    c = an.valley_stats(t, "kappa_sq", window=1, num_classes=10, min_confidence=0.8)
-    assert c["n_flipped"] == 1 and c["flip_gt_start"] == 1.0 and c["conf_rises"] == 1.0
-    assert an.valley_stats(t, min_confidence=0.95) == {"n_flipped": 0}
-
-    # the same numbers as counts: each fraction carries its n, and an empty selection is Fraction(0, 0)
-    f = an.valley_fractions(t, "kappa_sq", window=1, num_classes=10, min_confidence=0.8)
-    assert (f["flip_gt_last"].k, f["flip_gt_last"].n) == (1, 1) and f["conf_rises"].n == 1
-    t.p_top[0, 1] = 0.9
-    f = an.valley_fractions(t, "kappa_sq", window=1, num_classes=10)
-    assert {q: (v.k, v.n) for q, v in f.items()} == {"peak_near_flip": (2, 2), "flip_gt_start": (1, 2),
-                                                     "flip_gt_last": (2, 2), "conf_rises": (1, 2),
-                                                     "loss_high": (1, 2)}
-    assert all(v.n == 0 for v in an.valley_fractions(t, min_confidence=0.95).values())
 
 
 def test_range_ratio_is_the_median_of_max_over_min_along_the_path():
@@ -201,24 +169,3 @@ def test_basin_width_rejects_bad_input():
         an.basin_width(loss, fraction=0.0)
     with pytest.raises(ValueError, match="NaN"):
         an.basin_width(torch.tensor([[0.0], [float("nan")]]), rise=0.1)
-
-
-# ----------------------------------------------------------------------------- comparison across models
-
-
-@settings(max_examples=30, deadline=None)
-@given(st.integers(2, 12), st.integers(1, 9), st.integers(0, 2**31 - 1))
-def test_valley_medians_match_direct_loops(steps, n, seed):
-    g = torch.Generator().manual_seed(seed)
-    kappa = torch.rand(steps + 1, n, generator=g, dtype=torch.float64)
-    flip = torch.randint(-1, steps + 1, (n,), generator=g)
-    got = an.valley_medians(_Traj(kappa, flip))
-    k = kappa.numpy()
-    idx = [i for i in range(n) if flip[i] >= 1]
-    assert got["n_flipped"] == len(idx)
-    if not idx:
-        assert all(math.isnan(got[q]) for q in ("start", "flip", "end"))
-        return
-    assert got["start"] == pytest.approx(np.median([k[0, i] for i in idx]))
-    assert got["flip"] == pytest.approx(np.median([k[int(flip[i]), i] for i in idx]))
-    assert got["end"] == pytest.approx(np.median([k[-1, i] for i in idx]))

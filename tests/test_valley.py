@@ -3,6 +3,7 @@
 The crossing of a linear model is known in closed form (the margin is affine along a segment), and
 κ there is checked in float64 against an independent computation of the closed form.
 """
+import copy
 import math
 
 import pytest
@@ -142,3 +143,64 @@ def test_flip_step_counts():
     with pytest.raises(ValueError):
         valley.flip_step_counts(torch.tensor([5]), 3)
     assert math.isclose(sum(valley.flip_step_counts(torch.tensor([2, 2]), 2)), 2)
+
+
+def test_valley_parts_count_chapter_5s_quantities_against_an_independent_closed_form():
+    model = _path_model(seed=1)
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(48, 3, 4, 4, generator=g)
+    y = model(x).argmax(1)
+    y[:4] = (y[:4] + 1) % 10  # four inputs misclassified when clean: never counted
+    res = fa.pgd(model, x, y, eps=0.5, steps=12, step_size=0.05, norm="linf", record=Recorder,
+                 record_inputs=True)
+    tr = res.trajectory
+    p_clean = model(x).detach().softmax(1).amax(1)
+    threshold = float(p_clean[tr.flip_step >= 1].median())  # about half of the flipping paths are confident
+    parts = valley.valley_parts(model, tr, y, num_classes=10, confident=threshold, iters=30, grid=4)
+    cols = torch.nonzero(tr.flip_step >= 1)[:, 0]
+    assert parts.n_flipped == cols.numel() >= 10
+    # κ at the crossing, recomputed in float64 from the closed form ||W||^2 (1 - ||p||^2) ||phi||^2 at the
+    # bisected point of each flip segment
+    f = tr.flip_step[cols]
+    a, b = tr.x[f - 1, cols].double(), tr.x[f, cols].double()
+    cr = valley.path_crossings(model, tr, y, iters=30, grid=4)
+    pts = a + cr["alpha"].double().view(-1, 1, 1, 1) * (b - a)
+    m64 = copy.deepcopy(model).double()
+    with torch.no_grad():
+        phi = torch.tanh(m64.body[1](pts.flatten(1)))
+        p = m64.head(phi).softmax(1)
+        k_cross = m64.head.weight.pow(2).sum() * (1 - p.pow(2).sum(1)) * phi.pow(2).sum(1)
+    torch.testing.assert_close(parts.kappa_cross, k_cross, rtol=1e-4, atol=0)
+    torch.testing.assert_close(parts.kappa_clean, tr.kappa_sq[0, cols].double())
+    torch.testing.assert_close(parts.kappa_end, tr.kappa_sq[-1, cols].double())
+    conf = p_clean[cols] >= threshold
+    assert 0 < int(conf.sum()) < cols.numel() and parts.n_confident == int(conf.sum())
+    rise = k_cross[conf] > tr.kappa_sq[0, cols][conf].double()
+    assert (parts.rise.k, parts.rise.n) == (int(rise.sum()), int(conf.sum()))
+    fall = tr.kappa_sq[-1, cols].double() < k_cross
+    assert (parts.fall.k, parts.fall.n) == (int(fall.sum()), cols.numel())
+    high = tr.loss[-1, cols] > math.log(10)
+    assert (parts.loss_high.k, parts.loss_high.n) == (int(high.sum()), cols.numel())
+    assert parts.conf_rises.n == cols.numel() and list(parts.fractions()) == ["rise", "fall", "conf_rises",
+                                                                             "loss_high"]
+    # no confident start: the rise cannot be counted, the rest can
+    none = valley.valley_parts(model, tr, y, num_classes=10, confident=1.0, iters=10, grid=0)
+    assert none.rise.n == 0 and none.n_confident == 0 and none.fall.n == cols.numel()
+    with pytest.raises(ValueError, match="confident"):
+        valley.valley_parts(model, tr, y, num_classes=10, confident=1.5)
+    # nothing flips: every fraction is Fraction(0, 0), not an error or a NaN
+    tr.flip_step = torch.full_like(tr.flip_step, -1)
+    empty = valley.valley_parts(model, tr, y, num_classes=10, confident=0.5)
+    assert empty.n_flipped == 0 and all(v.n == 0 for v in empty.fractions().values())
+    assert empty.kappa_cross.numel() == 0
+
+
+def test_chapters_5_9_and_10_measure_the_valley_with_the_same_settings():
+    from flatnb.config import budgets
+
+    stems = ("05_uncanny_valley", "09_adversarial_training", "10_architectures")
+    for profile in ("quick", "full", "smoke"):
+        sizes = [budgets.sizes(s, profile) for s in stems]
+        for key in ("confident", "bisect", "grid"):
+            assert len({s[key] for s in sizes}) == 1, (profile, key, [s[key] for s in sizes])
+    assert budgets.sizes("09_adversarial_training", "smoke")["confident"] == 0.0  # a one-epoch model: no confidence

@@ -26,6 +26,11 @@ ATTACKS = {
 # Sample sizes per chapter and profile (read by flatnb.book.chapter.setup into ``ch.sizes``).
 # quick: minutes on 2 CPU cores, CI; full: the paper's scale on one GPU.
 
+#: chapter 5's refined E6 measurement (flatnb.measure.crossing), the same in chapters 5, 9 and 10 so that one claim
+#: has one measurement (tests/test_valley.py checks that their sizes agree): ``confident``, the clean top-class
+#: probability a path needs for the "rise"; ``bisect``, halvings of the flip segment; ``grid``, κ points inside it
+E6 = {"quick": dict(confident=0.8, bisect=24, grid=8), "full": dict(confident=0.9, bisect=30, grid=8)}
+
 SIZES = {
     "01_relative_flatness": {
         "quick": dict(hidden=64, n_check=24, train_steps=300),
@@ -79,12 +84,29 @@ SIZES = {
     "08_flatness_detector": {
         "quick": dict(n_test=256, batch=128, archs=("main",)),
         "full": dict(n_test=10_000, batch=500, archs=("main", "wrn28_4"))},
-    "09_adversarial_training": {  # n_test: recorded paths; n_eval: clean + PGD; n_aa: AutoAttack
-        "quick": dict(n_test=128, n_eval=512, n_aa=64, batch=128),
-        "full": dict(n_test=1000, n_eval=10_000, n_aa=1000, batch=500)},
-    "10_architectures": {  # cifar100: train and attack a ResNet-18 on CIFAR-100 (downloads it)
-        "quick": dict(n_test=64, batch=64, cifar100=False),
-        "full": dict(n_test=1000, batch=500, cifar100=True)},
+    # n_test: E2 paths (50 steps); n_valley: long-attack paths (30 steps + the E6 crossings), a superset of them;
+    # n_eval: clean + PGD-10; n_aa: AutoAttack (zoo.robust_accuracy: the manifest's measurement of a shipped model on
+    # at least that many images, else measured here). full, on one CPU thread with the shipped FastNet-64 standard
+    # and FastNet-32 PGD-2 models: timed on 100 images under contention (wall) and calibrated by one CPU-time
+    # measurement (PGD-10 + logits of FastNet-64: 0.064 s of CPU per image against 0.22 s of wall), per image in
+    # CPU seconds: FastNet-64 E2 0.33, long 0.21, crossings 0.13, eval 0.064; FastNet-32 E2 0.10, long 0.063,
+    # crossings 0.036, eval 0.023. So 500 x 0.43 + 1000 x 0.44 + 2000 x 0.087 = about 14 min, plus loading and
+    # figures; AutoAttack must come from the manifest (the standard model's holds 200 images today: measuring 1,000
+    # here adds about 10 min of APGD-CE on a standard model; the AT model's robust images go through all four attacks,
+    # far longer)
+    "09_adversarial_training": {
+        "quick": dict(n_test=128, n_valley=128, n_eval=512, n_aa=64, batch=128, **E6["quick"]),
+        "full": dict(n_test=500, n_valley=1000, n_eval=2000, n_aa=1000, batch=500, **E6["full"])},
+    # cifar100: train and attack a ResNet-18 on CIFAR-100 (downloads it). full, one CPU thread: the long attack plus the
+    # E6 crossings cost about 0.34 s of CPU per image on the shipped FastNet-64 (chapter 9's calibrated timing); the
+    # other full architectures are not shipped yet, estimated by their forward FLOPs relative to FastNet-64
+    # (0.24 GFLOP): WRN-28-4 7.2x, VGG-11-BN 1.3x, ViT CIFAR-10 3.1x, ResNet-18 Tiny ImageNet 18.8x, ViT Tiny
+    # ImageNet 14.2x, ResNet-18 CIFAR-100 4.7x: about 50 FastNet-64 units, 17 s per image for all seven models, so
+    # 100 images per model fill the 30 minutes (1,000 would take about 4.7 h; without the two Tiny ImageNet models,
+    # which the paper does not confirm, about 250 images fit)
+    "10_architectures": {
+        "quick": dict(n_test=64, batch=64, cifar100=False, **E6["quick"]),
+        "full": dict(n_test=100, batch=100, cifar100=True, **E6["full"])},
     "11_off_manifold": {  # n_cal: held-out images for the temperature; n_aa: AutoAttack check
         "quick": dict(n_test=64, n_cal=1000, n_pool=5000, n_random=4, n_aa=32, batch=64),
         "full": dict(n_test=1000, n_cal=5000, n_pool=50_000, n_random=16, n_aa=1000, batch=250)},

@@ -23,13 +23,14 @@ CAPS = {"ending": {"_epochs": 1, "_train": 256, "steps": 5, "_iter": 3, "restart
         "whole": {"n_pairs": 20_000, "batch": 16}}
 
 #: per chapter, values that replace the capped ones (chapter 6: the paired test on more images than the sweep, as
-#: in the full profile, so that its separate run is exercised). A one-epoch model is right about one image in ten and
-#: confident about nothing: chapter 5's confidence threshold drops to 0 (its confident-path branch must still
-#: run); chapter 13 measures on 128 test images (so that every zoo model classifies some basin images) and
-#: takes the largest allowed temperature for a model whose logits are worse than a uniform guess (a real run
-#: raises there).
+#: in the full profile, so that its separate run is exercised). A one-epoch model is right about one image in ten
+#: and confident about nothing: the E6 confidence threshold of chapters 5, 9 and 10 drops to 0 (their
+#: confident-path branches must still run); chapter 13 measures on 128 test images (so that every zoo model
+#: classifies some basin images) and takes the largest allowed temperature for a model whose logits are worse
+#: than a uniform guess (a real run raises there).
 OVERRIDES = {"05_uncanny_valley": {"confident": 0.0},
              "06_scale_sweep": {"n_pair": 32},  # more than the sweep's n_test, as in full: the separate paired run
+             "09_adversarial_training": {"confident": 0.0}, "10_architectures": {"confident": 0.0},
              "13_atlas": {"n_test": 128, "n_basin": 128, "temperature_at_bound": "clip"}}
 
 

@@ -316,6 +316,20 @@ def grade_basin(ratio, all_wider: bool, delayed: bool, paper: float = 20.0) -> t
                      f"({'yes' if delayed else 'no'}); partly if the lower end exceeds 1")
 
 
+def enough_paths(parts: dict, min_n: int = 5) -> tuple[bool, str]:
+    """``(enough, why_not)`` for the valley's parts of one model (chapters 9 and 10; ``{name: Fraction}``,
+    e.g. :meth:`flatnb.measure.crossing.ValleyParts.fractions`): every part is counted over at least ``min_n``
+    paths. Fewer (a model on which almost nothing flips, or the rise on a model that is confident about almost
+    no clean input) leave nothing to grade; ``why_not`` names the short parts. Pass it to :func:`weak_model`."""
+    if not parts:
+        raise ValueError("enough_paths needs at least one part")
+    if not isinstance(min_n, int) or min_n < 1:
+        raise ValueError(f"min_n must be a positive integer, got {min_n!r}")
+    short = {name: f.n for name, f in parts.items() if f.n < min_n}
+    return not short, ("too few paths to grade: " + ", ".join(f"{name} over {n}" for name, n in short.items())
+                       + f" (fewer than {min_n})")
+
+
 #: the clean accuracy every trained model of a zoo needs before claims about its minima are evidence
 ZOO_BAR = {"clean": 0.75}
 

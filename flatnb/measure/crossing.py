@@ -15,7 +15,9 @@ would count as "peaking near the flip".  This module
   :class:`flatnb.stats.Fraction`;
 * compares the peak position with two nulls: κ values shuffled along the path (the peak lands on a
   uniformly random point of the refined path) and a κ that only falls from the clean point (the
-  peak sits at step 0); :func:`null_test`.
+  peak sits at step 0), both fields of :class:`ValleyShape`;
+* gathers the parts chapters 9 and 10 report per model (:func:`valley_parts`), so that E6 is measured
+  one way in chapters 5, 9 and 10.
 
 Paths are :class:`flatnb.measure.trajectory.Trajectory` objects recorded with ``record_inputs=True``
 (``traj.x`` holds the iterates, (T+1, N, ...)).
@@ -331,3 +333,58 @@ def _empty_shape() -> ValleyShape:
                        conf_rises=empty, loss_high=empty, null_shuffle=0.0, null_shuffle_late=None,
                        null_start=0.0, z_shuffle_late=None, peak_offset=torch.empty(0, dtype=torch.float64),
                        flip_step=torch.empty(0, dtype=torch.long))
+
+
+@dataclass
+class ValleyParts:
+    """Chapter 5's E6 quantities for one model's long attack, as chapters 9 and 10 report them
+    (see :func:`valley_parts`)."""
+
+    n_flipped: int
+    n_confident: int
+    rise: Fraction
+    fall: Fraction
+    conf_rises: Fraction
+    loss_high: Fraction
+    kappa_clean: Tensor
+    kappa_cross: Tensor
+    kappa_end: Tensor
+
+    def fractions(self) -> dict[str, Fraction]:
+        """``{"rise", "fall", "conf_rises", "loss_high"}``: the four fractions, in that order."""
+        return {"rise": self.rise, "fall": self.fall, "conf_rises": self.conf_rises, "loss_high": self.loss_high}
+
+
+def valley_parts(model, traj, y: Tensor, num_classes: int, confident: float, kappa: str = "kappa_sq",
+                 iters: int = 30, grid: int = 8, batch_size: int = 256) -> ValleyParts:
+    """The uncanny valley's parts for one model, measured exactly as chapter 5 measures them: the boundary
+    crossing by bisection on the flip segment (:func:`path_crossings`), then :func:`valley_shape`.
+
+    * ``rise``: κ at the crossing exceeds κ at the clean input, over the flipping paths whose clean top-class
+      probability is at least ``confident`` (a rise needs a confident start; chapter 5's E6-rise row);
+    * ``fall``: κ at the last iterate is below κ at the crossing; ``conf_rises``: the top-class probability
+      at the last iterate exceeds the one at the crossing; ``loss_high``: the final loss exceeds ``log k``
+      (``k = num_classes``); each over all flipping paths (chapter 5's E6-fall and E6-loss rows).
+
+    ``kappa_clean``, ``kappa_cross``, ``kappa_end`` (float64, CPU): κ per flipping path at the clean input,
+    at the crossing and at the last iterate.  A model on which no path flips (or no flipping path starts
+    confident) gets ``Fraction(0, 0)`` for the fractions it cannot count, never an error or a NaN.
+    ``traj`` needs the iterates (``record_inputs=True``); ``y`` are the true labels of its columns.
+    """
+    if not 0.0 <= confident <= 1.0:
+        raise ValueError(f"confident is a top-class probability in [0, 1], got {confident!r}")
+    if kappa not in KAPPAS:
+        raise ValueError(f"kappa must be one of {KAPPAS}, got {kappa!r}")
+    if not bool((traj.flip_step >= 1).any()):
+        none, empty = Fraction(0, 0), torch.empty(0, dtype=torch.float64)
+        return ValleyParts(0, 0, none, none, none, none, empty, empty.clone(), empty.clone())
+    cross = path_crossings(model, traj, y, iters=iters, grid=grid, batch_size=batch_size)
+    cols = cross["cols"]
+    conf = traj.p_top[0, cols.to(traj.p_top.device)].cpu() >= confident
+    every = valley_shape(traj, cross, kappa, num_classes)
+    rise = (valley_shape(traj, cross, kappa, num_classes, keep=conf).rise if bool(conf.any())
+            else Fraction(0, 0))
+    path = getattr(traj, kappa)[:, cols.to(getattr(traj, kappa).device)].double().cpu()
+    return ValleyParts(n_flipped=every.n, n_confident=int(conf.sum()), rise=rise, fall=every.fall,
+                       conf_rises=every.conf_rises, loss_high=every.loss_high, kappa_clean=path[0],
+                       kappa_cross=cross[kappa].double().cpu(), kappa_end=path[-1])

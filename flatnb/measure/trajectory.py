@@ -11,9 +11,10 @@ forward pass, and the closed-form curvature terms (Walter et al. 2026; Petzka et
 are computed from it, so recording costs no extra forward pass.  ``record=Recorder`` on an attack
 builds one per run (``attacks.pgd(model, x, y, eps, record=Recorder)``).
 
-Statistics (the "uncanny valley", experiment E6 of Walter et al. 2026): :func:`align_at_flip`,
-:func:`step_summary`, :func:`valley_stats`, :func:`valley_medians`, :func:`basin_width`;
-:func:`boundary_crossing` locates where each path crosses the decision boundary.
+Statistics over paths: :func:`align_at_flip`, :func:`step_summary`, :func:`range_ratio`, :func:`basin_width`;
+:func:`boundary_crossing` locates where each path crosses the decision boundary. The uncanny valley's
+shape (experiment E6 of Walter et al. 2026) is measured on paths refined at their boundary crossing, in
+:mod:`flatnb.measure.crossing`.
 Trajectories are (T+1, N) tensors, row 0 the starting point; ``flip_step`` is the first
 iterate whose prediction is wrong (0: misclassified when clean, -1: never).
 """
@@ -30,7 +31,6 @@ from flatnb.attacks.losses import true_margin
 from flatnb.curvature import require_eval
 from flatnb.curvature.last_layer import FlatnessTerms, class_distances, closed_form
 from flatnb.models import check_contract
-from flatnb.stats import Fraction
 
 Tensor = torch.Tensor
 
@@ -199,60 +199,6 @@ def step_summary(values: Tensor, quantiles=(0.25, 0.5, 0.75)) -> dict[float, np.
     return {float(qq): out[j].numpy() for j, qq in enumerate(quantiles)}
 
 
-def valley_stats(traj, kappa: str = "kappa_sq", window: int = 1, num_classes: int = 10,
-                 min_confidence: float = 0.0) -> dict[str, float]:
-    """Fractions, over examples that flip during the attack, that describe the valley shape.
-
-    ``peak_near_flip``: the step of maximal κ lies within ``window`` steps of the flip;
-    ``flip_gt_start`` / ``flip_gt_last``: κ at the flip step exceeds κ at step 0 / at the last step;
-    ``conf_rises``: the top-class confidence at the last step exceeds the one at the flip;
-    ``loss_high``: the loss at the last step exceeds ``log k`` (a loss-change adversarial example
-    with ε = log k, ``k = num_classes``);  ``n_flipped``: how many examples these fractions are over.
-    ``min_confidence`` keeps only examples whose clean top-class probability is at least that
-    (the rise towards the boundary needs a confident start).
-    """
-    masks = valley_masks(traj, kappa, window, num_classes, min_confidence)
-    n = int(masks.pop("n_flipped"))
-    if n == 0:
-        return {"n_flipped": 0}
-    return {"n_flipped": n, **{q: float(m.double().mean()) for q, m in masks.items()}}
-
-
-def valley_masks(traj, kappa: str = "kappa_sq", window: int = 1, num_classes: int = 10,
-                 min_confidence: float = 0.0) -> dict:
-    """The per-example booleans behind :func:`valley_stats` (same keys, same selection), over the examples
-    that flip; ``n_flipped`` is their number (and the only key when none flips)."""
-    k_all = field_values(traj, kappa).to(torch.float64)
-    f = traj.flip_step
-    keep = (f >= 1) & (traj.p_top[0] >= min_confidence)
-    n = int(keep.sum())
-    if n == 0:
-        return {"n_flipped": 0}
-    kv, fv = k_all[:, keep], f[keep]
-    cols = torch.arange(n, device=kv.device)
-    at_flip = kv[fv, cols]
-    peak = kv.argmax(dim=0)
-    p_top, loss = traj.p_top[:, keep], traj.loss[:, keep]
-    return {
-        "n_flipped": n,
-        "peak_near_flip": (peak - fv).abs() <= window,
-        "flip_gt_start": at_flip > kv[0],
-        "flip_gt_last": at_flip > kv[-1],
-        "conf_rises": p_top[-1] > p_top[fv, cols],
-        "loss_high": loss[-1] > math.log(num_classes),
-    }
-
-
-def valley_fractions(traj, kappa: str = "kappa_sq", window: int = 1, num_classes: int = 10,
-                     min_confidence: float = 0.0) -> dict[str, Fraction]:
-    """:func:`valley_stats` as counts: ``{key: Fraction}`` over the examples that flip (each ``Fraction(0, 0)``,
-    printed ``— (n=0)``, when none flips), so that every fraction carries its interval."""
-    masks = valley_masks(traj, kappa, window, num_classes, min_confidence)
-    n = int(masks.pop("n_flipped"))
-    keys = ("peak_near_flip", "flip_gt_start", "flip_gt_last", "conf_rises", "loss_high")
-    return {q: Fraction.of(masks[q]) if n else Fraction(0, 0) for q in keys}
-
-
 def range_ratio(values: torch.Tensor) -> float:
     """The median over examples (columns) of ``max / min`` along the path (rows): how far a positive
     per-step quantity (``‖φ‖²``, ``1 − ‖p‖²``) moves along an attack. Clamp zeros away first."""
@@ -307,21 +253,6 @@ def basin_width(loss: Tensor, rise: float | None = None, fraction: float | None 
 def flipping_columns(traj) -> Tensor:
     """Indices of the examples that start correct and flip during the attack (``flip_step >= 1``)."""
     return torch.nonzero(traj.flip_step >= 1)[:, 0]
-
-
-def valley_medians(traj, quantity: str = "kappa_sq") -> dict[str, float]:
-    """Median of ``quantity`` at the start, at the flip step and at the last step, over the examples
-    that flip during the attack (NaN each when none flips); ``n_flipped`` says how many."""
-    vals = field_values(traj, quantity).to(torch.float64)
-    cols = flipping_columns(traj).to(vals.device)
-    if cols.numel() == 0:
-        return {"n_flipped": 0, "start": float("nan"), "flip": float("nan"), "end": float("nan")}
-    flip = traj.flip_step.to(vals.device)[cols]
-    # quantile(0.5), not Tensor.median: the latter returns the lower middle value for an even count
-    return {"n_flipped": int(cols.numel()),
-            "start": float(vals[0, cols].quantile(0.5)),
-            "flip": float(vals[flip, cols].quantile(0.5)),
-            "end": float(vals[-1, cols].quantile(0.5))}
 
 
 # ----------------------------------------------------------------------------- the boundary crossing
