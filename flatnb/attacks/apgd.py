@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from flatnb.attacks.core import (APGD_LOSSES, AttackResult, _at_least_fp32, _check_common, _clean_eval, _combine, _eval_mode,
-                                 _LOSS_FNS, _loss_and_grad, _project, _rdims, _recorder, _Tracker, _validate_steps, _view,
+                                 _loss_callable, _loss_and_grad, _project, _rdims, _recorder, _Tracker, _validate_steps, _view,
                                  _finish, _zero_grad_mask)
 from flatnb.models import check_contract
 from flatnb.runtime import draw
@@ -152,7 +152,7 @@ def apgd(
         raise ValueError(f"rho must be in (0, 1], got {rho!r}")
     x = x.detach()
     with _eval_mode(model):
-        clean = _clean_eval(model, x, y, target, _LOSS_FNS[loss], autocast_dtype)
+        clean = _clean_eval(model, x, y, target, _loss_callable(loss), autocast_dtype)
         clean_correct = clean[1].argmax(dim=1) == y
         recorder = _recorder(record, model, x, y, norm, steps, record_inputs)
         idx = None if attack_misclassified else torch.nonzero(clean_correct)[:, 0]
