@@ -460,3 +460,5 @@ def test_callable_loss_is_the_named_loss_when_it_computes_the_same(trained, test
         attacks.pgd(trained, x, y, 0.1, steps=2, loss=lambda phi, z, y, t: z)
     with pytest.raises(ValueError, match="loss must be one of"):
         attacks.pgd(trained, x, y, 0.1, steps=2, loss=3)
+    with pytest.raises(ValueError, match="PGD option"):
+        attacks.apgd(trained, x, y, 0.1, steps=2, loss=ce_from_phi)

@@ -142,6 +142,8 @@ def apgd(
     its clean input, so its rows repeat the clean forward pass.  ``True`` attacks every example.
     """
     check_contract(model)
+    if not isinstance(loss, str):
+        raise ValueError(f"loss must be one of {APGD_LOSSES} for APGD (a callable loss is a PGD option), got {loss!r}")
     _check_common(model, x, y, eps, norm, loss, APGD_LOSSES, clip, target)
     _validate_steps(steps, None)
     if not isinstance(restarts, int) or restarts < 1:
