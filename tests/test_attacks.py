@@ -436,3 +436,29 @@ def test_float64_model_is_attacked_in_float64():
     assert r64.loss_final.dtype == torch.float64
     assert (r64.x_last - x.double()).abs().max() > 0  # the float64 attack moves, the float32 one cannot
     assert torch.equal(r32.x_last, x)
+
+
+def test_callable_loss_is_the_named_loss_when_it_computes_the_same(trained, test_set):
+    """A callable ``loss(phi, logits, y, target)`` that computes CE gives PGD's CE run exactly; one that reads
+    ``phi`` sees the features of the iterate's own pass; a wrong shape or a non-callable is refused."""
+    x, y = test_set[0][:32], test_set[1][:32]
+    seen = []
+
+    def ce_from_phi(phi, logits, y, target):
+        seen.append(torch.allclose(logits, trained.head(phi)))
+        return F.cross_entropy(logits, y, reduction="none")
+
+    a = attacks.pgd(trained, x, y, 0.1, steps=5)
+    b = attacks.pgd(trained, x, y, 0.1, steps=5, loss=ce_from_phi)
+    assert torch.equal(a.x_adv, b.x_adv) and torch.equal(a.success, b.success)
+    assert torch.equal(a.loss_best, b.loss_best) and len(seen) == 6 and all(seen)
+    # a loss that rewards a small feature norm drives ||phi|| down, unlike CE
+    small = attacks.pgd(trained, x, y, 0.1, steps=5, loss=lambda phi, z, y, t: -phi.pow(2).sum(1))
+    with torch.no_grad():
+        assert trained.features(small.x_last).pow(2).sum(1).mean() < trained.features(x).pow(2).sum(1).mean()
+    with pytest.raises(ValueError, match="one value per example"):
+        attacks.pgd(trained, x, y, 0.1, steps=2, loss=lambda phi, z, y, t: z)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        attacks.pgd(trained, x, y, 0.1, steps=2, loss=3)
+    with pytest.raises(ValueError, match="PGD option"):
+        attacks.apgd(trained, x, y, 0.1, steps=2, loss=ce_from_phi)

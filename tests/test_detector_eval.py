@@ -112,3 +112,129 @@ def test_samples_and_evaluate_keep_every_path_and_pool_the_folds():
     assert out["accuracy"].value == pytest.approx(out["fold_accuracies"].mean())
     lo, hi = out["auroc"][1:]
     assert lo <= out["auroc"][0] <= hi
+
+
+# ----------------------------------------------------------------------------- the κ-aware adaptive attack
+
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from flatnb import attacks  # noqa: E402
+from flatnb.curvature import closed_form  # noqa: E402
+from flatnb.data import Dataset  # noqa: E402
+
+
+class _Tiny(nn.Module):
+    """The flatnb model contract: features -> (N, m), head = final nn.Linear."""
+
+    def __init__(self, k=5, m=16):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                                  nn.Linear(8 * 4 * 4, m), nn.ReLU())
+        self.head = nn.Linear(m, k)
+
+    def features(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def _prototypes(n, seed, k=5):
+    g = torch.Generator().manual_seed(seed)
+    # close prototypes, little noise: a model that PGD pushes far past its boundary within eps = 0.1
+    protos = torch.rand(k, 3, 8, 8, generator=torch.Generator().manual_seed(7)) * 0.1 + 0.45
+    y = torch.randint(0, k, (n,), generator=g)
+    x = (protos[y] + 0.05 * torch.randn(n, 3, 8, 8, generator=g)).clamp(0, 1)
+    return (x * 255).round().to(torch.uint8), y
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = _Tiny()
+    xi, y = _prototypes(1000, 0)
+    x = xi.float() / 255
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(150):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    xi, y = _prototypes(200, 1)
+    return model.eval(), Dataset(xi, y, [str(i) for i in range(5)])
+
+
+def test_log_kappa_matches_the_closed_form_and_stays_finite_where_kappa_underflows():
+    g = torch.Generator().manual_seed(0)
+    phi = torch.rand(50, 6, generator=g, dtype=torch.float64) * 3
+    w = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    z = phi @ w.T * torch.linspace(0.1, 20, 50, dtype=torch.float64)[:, None]
+    ref = torch.log(closed_form(phi, z, w).kappa_sq)
+    assert torch.allclose(de.log_kappa_sq(phi, z, w), ref, rtol=1e-10, atol=1e-10)
+    # very confident logits: κ underflows to 0 in float32, the log stays finite and equals the float64 value
+    big = z.clone()
+    big[:, 0] += 150.0
+    k32 = closed_form(phi.float(), big.float(), w.float()).kappa_sq
+    assert bool((k32 == 0).any())
+    lk = de.log_kappa_sq(phi.float(), big.float(), w.float())
+    assert torch.allclose(lk.double(), torch.log(closed_form(phi, big, w).kappa_sq), rtol=1e-5)
+    # differentiable: float64 gradcheck, and a finite float32 gradient in the underflow regime
+    p = phi[:5].clone().requires_grad_(True)
+    zz = z[:5].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: de.log_kappa_sq(a, b, w), (p, zz))
+    b32 = big.float()[:8].requires_grad_(True)
+    (gb,) = torch.autograd.grad(de.log_kappa_sq(phi.float()[:8], b32, w.float()).sum(), b32)
+    assert bool(torch.isfinite(gb).all()) and bool((gb.abs() > 0).any())
+
+
+def test_kappa_matching_loss_is_the_margin_until_the_flip_then_the_kappa_gap_and_refuses_bad_weights():
+    g = torch.Generator().manual_seed(1)
+    phi, w = torch.rand(6, 4, generator=g, dtype=torch.float64), torch.randn(3, 4, generator=g, dtype=torch.float64)
+    z = phi @ w.T
+    y = z.argmax(1)
+    y[:3] = (y[:3] + 1) % 3  # the first three are misclassified
+    tgt = torch.full((6,), -2.0, dtype=torch.float64)
+    loss = de.kappa_matching_loss(w, tgt, lam=0.5, margin=0.2)(phi, z, y, None)
+    m = -attacks.true_margin(z, y)
+    gap = (de.log_kappa_sq(phi, z, w) - tgt).abs()
+    want = torch.where(m > 0, m.clamp(max=0.2) - 0.5 * gap, m)
+    assert torch.allclose(loss, want, rtol=0, atol=1e-12) and bool(torch.isfinite(loss).all())
+    zr = z.clone().requires_grad_(True)
+    (gz,) = torch.autograd.grad(de.kappa_matching_loss(w, tgt, 0.5)(phi, zr, y, None).sum(), zr)
+    assert bool(torch.isfinite(gz).all())
+    for bad in (0.0, -1.0, float("nan"), float("inf"), True, "1"):
+        with pytest.raises(ValueError, match="lam must be"):
+            de.kappa_matching_loss(w, tgt, lam=bad)
+    with pytest.raises(ValueError, match="margin must be"):
+        de.kappa_matching_loss(w, tgt, margin=-0.1)
+    with pytest.raises(ValueError, match="finite natural logs"):
+        de.kappa_matching_loss(w, torch.tensor([0.0, float("-inf")]))
+    with pytest.raises(ValueError, match="untargeted"):
+        de.kappa_matching_loss(w, tgt)(phi, z, y, (y + 1) % 3)
+
+
+def test_kappa_aware_attack_takes_the_kappa_detectors_separation_away(tiny):
+    """On a small trained model plain PGD's end points are far flatter than clean inputs (κ AUROC near 1);
+    the κ-aware attack, with the same budget, still flips them but lands on clean κ values (AUROC near 0.5)."""
+    model, ds = tiny
+    budget = dict(norm="linf", eps=0.1, steps=10, step_size=0.025)
+    x = ds.images.float() / 255
+    plain = attacks.pgd(model, x, ds.labels, **budget)
+    sc_plain = de.clean_and_adversarial(model, x, plain.x_adv)
+    res, sc, log_target = de.kappa_aware_attack(model, ds, 64, "cpu", generator=torch.Generator().manual_seed(0),
+                                                **budget)
+    ev_plain = de.evaluate(*de.pair_samples(*sc_plain["kappa_sq"], "kappa_sq"), n_boot=200)
+    ev_aware = de.evaluate(*de.pair_samples(*sc["kappa_sq"], "kappa_sq"), n_boot=200)
+    assert float(res.success.float().mean()) >= 0.9 * float(plain.success.float().mean())
+    assert ev_plain["auroc"][1] > 0.85, ev_plain["auroc"]
+    assert ev_aware["auroc"][2] < ev_plain["auroc"][1] - 0.2 and abs(ev_aware["auroc"][0] - 0.5) < 0.15, \
+        (ev_plain["auroc"], ev_aware["auroc"])
+    # x_adv stays in the ball and the box, and its κ is close to its target where the attack succeeded
+    assert float((res.x_adv - x).abs().amax()) <= 0.1 + 1e-6 and 0 <= float(res.x_adv.min()) <= float(res.x_adv.max()) <= 1
+    gap = (sc["kappa_sq"][1].log() - log_target).abs()[res.success.cpu()]
+    assert float(gap.median()) < 0.5, float(gap.median())
+    with pytest.raises(ValueError, match="lam must be"):
+        de.kappa_aware_attack(model, ds, 64, "cpu", lam=-1.0, **budget)
+    with pytest.raises(ValueError, match="drop loss"):
+        de.kappa_aware_attack(model, ds, 64, "cpu", loss="ce", **budget)

@@ -32,7 +32,10 @@ CONSTANTS = {
            "0.92": "the paper's figure"},
     "09": {"100": "the paper's number of epochs", "95": "the level of the Wilson and bootstrap intervals"},
     "10": {"0.10": "chance on CIFAR-10's 10 classes", "0.05": "chance on the 20 Tiny ImageNet classes"},
-    "11": {"0.05": "the attack's step size", "100": "the paper's number of epochs", "1,000": "the full profile's sample size"},
+    "11": {"0.05": "the attack's step size", "100": "the paper's number of epochs", "1,000": "the full profile's sample size",
+           "200": "the full profile's minimum of correctly classified AT images (budgets.SIZES, min_at_correct)",
+           "60": "the AT bar's clean accuracy (claims.adequate_at)", "15": "the ECE's number of bins",
+           "20": "the attack direction's number of PGD steps"},
     "13": {"20,000": "the quick zoo's training images (flatnb.config.recipes)"},
 }
 

@@ -35,6 +35,10 @@ Conventions shared by all attacks
   ``record=Recorder`` attaches a recorder built from the class the caller passes
   (:class:`flatnb.measure.trajectory.Recorder`, which fills ``result.trajectory``): the attacks import
   nothing from the measurements built on them.
+* **Losses.**  A named loss (``"ce"``, ``"cw"``, ``"dlr"``), or for :func:`pgd` a callable
+  ``loss(phi, logits, y, target) -> (N,)`` evaluated on each iterate's own forward pass; it also ranks the
+  successful iterates for ``x_adv`` (a loss built on curvature lives in the measurements, e.g.
+  :func:`flatnb.measure.detector.kappa_matching_loss`, and is passed in: the attacks import nothing from it).
 * **Zero gradients.**  Examples whose input gradient is exactly zero at the
   first step (a saturated softmax: float32 CE gradients underflow for a scaled
   head, experiment E3 of Walter et al. 2026) are reported in ``AttackResult.zero_grad`` with a warning, as

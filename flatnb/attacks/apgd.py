@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from flatnb.attacks.core import (APGD_LOSSES, AttackResult, _at_least_fp32, _check_common, _clean_eval, _combine, _eval_mode,
-                                 _LOSS_FNS, _loss_and_grad, _project, _rdims, _recorder, _Tracker, _validate_steps, _view,
+                                 _loss_callable, _loss_and_grad, _project, _rdims, _recorder, _Tracker, _validate_steps, _view,
                                  _finish, _zero_grad_mask)
 from flatnb.models import check_contract
 from flatnb.runtime import draw
@@ -142,6 +142,8 @@ def apgd(
     its clean input, so its rows repeat the clean forward pass.  ``True`` attacks every example.
     """
     check_contract(model)
+    if not isinstance(loss, str):
+        raise ValueError(f"loss must be one of {APGD_LOSSES} for APGD (a callable loss is a PGD option), got {loss!r}")
     _check_common(model, x, y, eps, norm, loss, APGD_LOSSES, clip, target)
     _validate_steps(steps, None)
     if not isinstance(restarts, int) or restarts < 1:
@@ -152,7 +154,7 @@ def apgd(
         raise ValueError(f"rho must be in (0, 1], got {rho!r}")
     x = x.detach()
     with _eval_mode(model):
-        clean = _clean_eval(model, x, y, target, _LOSS_FNS[loss], autocast_dtype)
+        clean = _clean_eval(model, x, y, target, _loss_callable(loss), autocast_dtype)
         clean_correct = clean[1].argmax(dim=1) == y
         recorder = _recorder(record, model, x, y, norm, steps, record_inputs)
         idx = None if attack_misclassified else torch.nonzero(clean_correct)[:, 0]

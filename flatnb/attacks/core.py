@@ -25,6 +25,23 @@ APGD_LOSSES = ("ce", "dlr")
 
 _LOSS_FNS = LOSS_FNS
 
+
+def loss_name(loss) -> str:
+    """A loss's name for messages: the string itself, or a callable's ``__name__``."""
+    return loss if isinstance(loss, str) else getattr(loss, "__name__", type(loss).__name__)
+
+
+def _loss_callable(loss) -> Callable:
+    """The per-example loss as ``f(phi, logits, y, target) -> (N,)``: a named loss of :data:`LOSS_FNS`
+    (which reads the logits only), or a callable with that signature (e.g. a loss that also reads the
+    features ``phi`` of the same forward pass), passed through."""
+    if isinstance(loss, str):
+        fn = _LOSS_FNS[loss]
+        return lambda phi, logits, y, target: fn(logits, y, target)
+    if callable(loss):
+        return loss
+    raise TypeError(f"loss must be one of {LOSSES} or a callable loss(phi, logits, y, target) -> (N,), got {loss!r}")
+
 # ---------------------------------------------------------------------------
 # Results
 # ---------------------------------------------------------------------------
@@ -101,7 +118,7 @@ def _check_common(model: nn.Module, x: Tensor, y: Tensor, eps: float, norm: str,
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    if loss not in losses:
+    if not callable(loss) and loss not in losses:
         raise ValueError(f"loss must be one of {losses}, got {loss!r}")
     if y.dim() != 1 or x.dim() < 2 or x.shape[0] != y.shape[0]:
         raise ValueError(
@@ -240,7 +257,7 @@ class _Tracker:
 
     def __init__(self, x, y, target, loss_name, hooks=()):
         self.x, self.y, self.target = x, y, target
-        self.loss_fn = _LOSS_FNS[loss_name]
+        self.loss_fn = _loss_callable(loss_name)
         self.flip = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
         self.finite = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         self.best_x = None
@@ -288,7 +305,10 @@ def _loss_and_grad(model, x_t, y, target, loss_fn, autocast_dtype):
     x_t = x_t.detach().requires_grad_(True)
     with torch.enable_grad():
         phi, logits = _forward(model, x_t, autocast_dtype)
-        loss = loss_fn(_at_least_fp32(logits), y, target)
+        loss = loss_fn(phi, _at_least_fp32(logits), y, target)
+        if loss.shape != y.shape:
+            raise ValueError(f"the attack loss must give one value per example, shape {tuple(y.shape)}, "
+                             f"got {tuple(loss.shape)}")
         # sum, not mean: per-example gradients are not scaled by 1/N (no extra underflow)
         grad = torch.autograd.grad(loss.sum(), x_t)[0]
     return phi, logits, loss, grad
@@ -315,7 +335,8 @@ def _finish(res: AttackResult, finite: Tensor, warn: bool, loss: str, recorder=N
     return res
 
 
-def _warn_zero_grad(zero: Tensor, loss: str) -> None:
+def _warn_zero_grad(zero: Tensor, loss) -> None:
+    loss = loss_name(loss)
     n = int(zero.sum())  # a host sync (the end-of-attack one when called from _finish)
     if n > 0:
         warnings.warn(
@@ -333,7 +354,7 @@ def _clean_eval(model, x, y, target, loss_fn, autocast_dtype):
     with torch.no_grad():
         phi, logits = _forward(model, x, autocast_dtype)
         logits = _at_least_fp32(logits)
-        return phi, logits, loss_fn(logits, y, target)
+        return phi, logits, loss_fn(phi, logits, y, target)
 
 
 # ---------------------------------------------------------------------------

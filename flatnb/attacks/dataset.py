@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from flatnb.attacks.core import AttackResult, _warn_zero_grad, cat_results
+from flatnb.attacks.core import AttackResult, _warn_zero_grad, cat_results, loss_name
 from flatnb.data import batches
 
 
@@ -59,5 +59,6 @@ def attack_dataset(
         out.append(attack(model, x, y, **kw, **extra))
     res = cat_results(out)
     if warn and "warn" in params:
-        _warn_zero_grad(res.zero_grad, kw.get("loss", "ce") if attack.__name__ != "apgd" else f"APGD-{kw.get('loss', 'ce')}")
+        _warn_zero_grad(res.zero_grad, loss_name(kw.get("loss", "ce")) if attack.__name__ != "apgd"
+                        else f"APGD-{loss_name(kw.get('loss', 'ce'))}")
     return res

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from flatnb.attacks.core import (LOSSES, AttackResult, _check_common, _clean_eval, _combine, _eval_mode, _forward,
-                                 _LOSS_FNS, _at_least_fp32, _loss_and_grad, _project, _random_start, _rdims,
+                                 _loss_callable, _at_least_fp32, _loss_and_grad, _project, _random_start, _rdims,
                                  _recorder, _Tracker, _validate_steps, _view, _finish, _zero_grad_mask)
 from flatnb.models import check_contract
 
@@ -49,7 +49,7 @@ def _pgd_run(model, x, y, target, eps, steps, step_size, norm, loss, random_star
     else:
         with torch.no_grad():
             phi, logits = _forward(model, x_t, autocast_dtype)
-            lval = loss_fn(_at_least_fp32(logits), y, target)
+            lval = loss_fn(phi, _at_least_fp32(logits), y, target)
         tr.step(steps, x_t, phi, logits, lval)
     return tr, x_t, lval.detach(), zero, steps_run, clean_correct
 
@@ -64,7 +64,7 @@ def pgd(
     steps: int = 10,
     step_size: float | None = None,
     norm: str = "linf",
-    loss: str = "ce",
+    loss: str | Callable = "ce",
     random_start: bool = False,
     restarts: int = 1,
     target: Tensor | None = None,
@@ -89,6 +89,10 @@ def pgd(
     from 0 for each restart) with that iterate's own forward pass, all detached, ``logits`` in at
     least float32.  ``record=Recorder`` (a recorder class, :class:`flatnb.measure.trajectory.Recorder`)
     builds such a hook and fills ``result.trajectory`` from it (needs ``restarts == 1``);
+    ``loss`` is one of :data:`LOSSES` or a callable ``loss(phi, logits, y, target) -> (N,)`` to maximise,
+    evaluated on each iterate's own forward pass (``phi`` the features, ``logits`` in at least float32;
+    a callable decides the best iterate among successful ones as a named loss does, so e.g. a loss that
+    also reads ``phi`` can steer where a successful attack ends; :func:`flatnb.measure.detector.kappa_aware_attack`).
     ``early_stop`` stops once every example succeeded, checked every
     ``check_every`` steps.  ``clip=None`` lifts the [0, 1] box and its input check.
     """
@@ -107,7 +111,7 @@ def pgd(
         step_size = 2.5 * eps / steps if eps > 0 else 1.0
     x = x.detach()
     with _eval_mode(model):
-        clean = _clean_eval(model, x, y, target, _LOSS_FNS[loss], autocast_dtype) if random_start else None
+        clean = _clean_eval(model, x, y, target, _loss_callable(loss), autocast_dtype) if random_start else None
         recorder = _recorder(record, model, x, y, norm, steps, record_inputs)
         results = [
             _pgd_run(model, x, y, target, eps, steps, step_size, norm, loss, random_start, clip, generator,

@@ -16,7 +16,10 @@ adversarial inputs and report 5-fold accuracies of 0.92-0.93.  A detector needs 
   since per-input κ = ||w||² (1 - ||p||²) ||φ||² is close to a confidence score;
 * **an adaptive attack** (:func:`confidence_matched_steps`): stop each attack path at the first wrong
   iterate whose top-class probability reaches a confidence drawn from the clean inputs'
-  distribution, so adversarial and clean inputs look alike to a confidence score.
+  distribution, so adversarial and clean inputs look alike to a confidence score;
+* **a κ-aware adaptive attack** (:func:`kappa_aware_attack`): PGD (:func:`flatnb.attacks.pgd`) on a loss
+  that first flips the label and then, while the input stays misclassified, pulls ``log κ`` onto a value
+  drawn from the clean inputs' κ (:func:`kappa_matching_loss`, built on the float32-safe :func:`log_kappa_sq`).
 
 Scores are plain 1-D arrays (numpy or torch), labels 0 (clean) / 1 (adversarial), groups the image
 index of each sample.  The stump is :func:`flatnb.measure.stump.fit_stump` (one threshold on one number).
@@ -26,6 +29,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from flatnb import attacks
+from flatnb import data as fdata
+from flatnb.attacks.losses import true_margin
+from flatnb.curvature import require_eval
+from flatnb.curvature.last_layer import closed_form
 from flatnb.measure.stump import fit_stump, predict_stump
 from flatnb.stats import Fraction
 
@@ -212,3 +220,131 @@ def evaluate(scores, labels, groups, folds: int = 5, seed: int = 0, fpr: float =
     return dict(accuracy=Fraction(int((pred == t).sum()), t.size), fold_accuracies=accs,
                 polarity=pols, auroc=auroc_ci(oriented, t, groups, n_boot, seed),
                 tpr=Fraction(int(round(tpr * n1)), n1))
+
+
+# ----------------------------------------------------------------------------- the κ-aware adaptive attack
+
+def log_kappa_sq(phi: torch.Tensor, logits: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``log κ = log ||w||_F^2 + log(1 - ||p||^2) + log ||phi||^2`` per sample (N,), differentiable.
+
+    The same quantity as :func:`flatnb.curvature.closed_form`'s ``kappa_sq``, in the log domain:
+    ``1 - ||p||^2 = sum_j p_j (1 - p_j)`` with ``log(1 - p_j) = logsumexp_{i != j} log p_i``, so a
+    confidently classified input (whose κ underflows to 0 in float32) keeps a finite log and a finite
+    gradient. A zero feature vector (``||phi|| = 0``) is clamped to the smallest positive float."""
+    if phi.dim() != 2 or logits.dim() != 2 or logits.shape[0] != phi.shape[0]:
+        raise ValueError(f"phi must be (N, m) and logits (N, k), got {tuple(phi.shape)} and {tuple(logits.shape)}")
+    k = logits.shape[1]
+    if k < 2 or weight.shape != (k, phi.shape[1]):
+        raise ValueError(f"weight must be (k, m) = {(k, phi.shape[1])} with k >= 2, got {tuple(weight.shape)}")
+    logp = torch.log_softmax(logits, dim=1)
+    eye = torch.eye(k, dtype=torch.bool, device=logits.device)
+    log1m = torch.logsumexp(logp[:, None, :].masked_fill(eye, float("-inf")), dim=2)  # log(1 - p_j)
+    log_gini = torch.logsumexp(logp + log1m, dim=1)
+    tiny = torch.finfo(phi.dtype).tiny
+    w_sq = weight.to(logits.dtype).pow(2).sum()
+    return torch.log(w_sq) + log_gini + torch.log(phi.pow(2).sum(dim=1).clamp_min(tiny)).to(logits.dtype)
+
+
+def kappa_matching_loss(weight: torch.Tensor, log_kappa_target: torch.Tensor, lam: float = 1.0,
+                        margin: float = 0.0):
+    """The κ-aware attacker's loss, a callable ``loss(phi, logits, y, target) -> (N,)`` for
+    :func:`flatnb.attacks.pgd`:
+
+        ``min(m(x), margin) - lam * [m(x) > 0] * |log κ(x) - log κ_target|``,
+
+    with ``m(x) = max_{j != y} z_j - z_y`` (positive: misclassified). While the input is classified
+    correctly the loss is the margin alone (the attack flips the label first); once it is wrong the
+    attacker pulls ``log κ`` (:func:`log_kappa_sq`) onto its target and keeps a margin of at least
+    ``margin`` (logits). PGD keeps the best *successful* iterate by this loss, i.e. the misclassified
+    iterate closest to its target. ``log_kappa_target`` (N,) is natural-log κ per example; ``lam > 0``
+    weighs the κ gap against the margin below ``margin`` (with ``margin = 0`` a sign-step attack is
+    invariant to it)."""
+    if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not np.isfinite(lam) or lam <= 0:
+        raise ValueError(f"lam must be a finite number > 0 (the weight of the κ gap), got {lam!r}")
+    if not isinstance(margin, (int, float)) or isinstance(margin, bool) or not np.isfinite(margin) or margin < 0:
+        raise ValueError(f"margin must be a finite number >= 0 (logits), got {margin!r}")
+    tgt = torch.as_tensor(log_kappa_target)
+    if tgt.dim() != 1 or not bool(torch.isfinite(tgt).all()):
+        raise ValueError("log_kappa_target must be a 1-D tensor of finite natural logs of κ (one per example; "
+                         "take torch.log of κ > 0)")
+
+    def kappa_matching(phi, logits, y, target):
+        if target is not None:
+            raise ValueError("the κ-matching loss is untargeted; pass target=None")
+        if y.shape[0] != tgt.shape[0]:
+            raise ValueError(f"log_kappa_target holds {tgt.shape[0]} values for a batch of {y.shape[0]}")
+        m = -true_margin(logits, y)
+        gap = (log_kappa_sq(phi, logits, weight) - tgt.to(logits.device, logits.dtype)).abs()
+        return torch.clamp(m, max=margin) - lam * (m > 0).to(logits.dtype) * gap
+
+    return kappa_matching
+
+
+def clean_and_adversarial(model, x_clean: torch.Tensor, x_adv: torch.Tensor, batch_size: int = 500) -> dict:
+    """Detector scores of clean and adversarial inputs from one forward pass each: ``{field: (clean, adv)}``
+    for ``kappa_sq``, ``kappa_neuron`` and ``p_top`` (the top-class probability), each (N,) float64 on
+    the CPU (:func:`flatnb.curvature.closed_form`, the recorder's quantities; the head in float64)."""
+    require_eval(model)
+    if x_clean.shape != x_adv.shape:
+        raise ValueError(f"x_clean and x_adv differ in shape: {tuple(x_clean.shape)} vs {tuple(x_adv.shape)}")
+    out = {f: ([], []) for f in ("kappa_sq", "kappa_neuron", "p_top")}
+    with torch.no_grad():
+        for i in range(0, x_clean.shape[0], batch_size):
+            for j, xb in enumerate((x_clean[i:i + batch_size], x_adv[i:i + batch_size])):
+                phi = model.features(xb).double()  # κ in float64: no underflow on confident inputs
+                bias = None if model.head.bias is None else model.head.bias.double()
+                logits = torch.nn.functional.linear(phi, model.head.weight.double(), bias)
+                terms = closed_form(phi, logits, model.head.weight.double())
+                out["kappa_sq"][j].append(terms.kappa_sq)
+                out["kappa_neuron"][j].append(terms.kappa_neuron)
+                out["p_top"][j].append(logits.softmax(1).amax(1))
+    return {f: tuple(torch.cat(v).double().cpu() for v in pair) for f, pair in out.items()}
+
+
+def pair_samples(clean, adv, field: str):
+    """``(scores, labels, groups)`` for a detector from per-image clean and adversarial scores (N,) each,
+    transformed as :func:`samples` does (``log10`` for κ-type fields)."""
+    c, a = (torch.as_tensor(v).double().cpu().ravel() for v in (clean, adv))
+    if c.shape != a.shape:
+        raise ValueError(f"clean and adv must hold one score per image each, got {c.numel()} and {a.numel()}")
+    x = torch.cat([c, a])
+    if field.startswith("kappa") or field in ("trace_h", "gini"):
+        if bool((x < 0).any()):
+            raise ValueError(f"{field} has negative values; it cannot be a flatness measure")
+        x = torch.log10(x.clamp_min(1e-300))
+    n = c.numel()
+    labels = np.r_[np.zeros(n, dtype=np.int64), np.ones(n, dtype=np.int64)]
+    return _arr(x, field), labels, np.r_[np.arange(n), np.arange(n)]
+
+
+def kappa_aware_attack(model, dataset, batch_size: int, device, lam: float = 1.0, margin: float = 0.0,
+                       generator: torch.Generator | None = None, **budget):
+    """The κ-aware adaptive attack over ``dataset``: ``(result, scores, log_target)``.
+
+    The attacker first measures ``log κ`` (:func:`log_kappa_sq`) of every clean image of ``dataset`` (the
+    negatives a detector sees, misclassified ones included) and gives each image a target drawn (with
+    ``generator``) from them; :func:`flatnb.attacks.pgd` then runs with :func:`kappa_matching_loss` and the
+    keyword arguments ``budget`` (norm, eps, steps, step_size): it flips the label and moves κ onto the target
+    while the input stays wrong, and its ``x_adv`` is the wrong iterate closest to the target. ``scores`` are
+    :func:`clean_and_adversarial` of the clean images and ``x_adv``; ``log_target`` (N,) the natural-log
+    targets. Cost: the budget's steps plus three forward passes per image."""
+    require_eval(model)
+    if "loss" in budget or "record" in budget:
+        raise ValueError("kappa_aware_attack sets the loss itself and records no path; drop loss= and record=")
+    kappa_matching_loss(model.head.weight, torch.zeros(1), lam, margin)  # validates lam and margin up front
+    with torch.no_grad():
+        ref = torch.cat([log_kappa_sq(phi, model.head(phi).float(), model.head.weight.float()).double().cpu()
+                         for phi in (model.features(x).float() for x, _ in fdata.batches(dataset, batch_size,
+                                                                                          device=device))])
+    if not bool(torch.isfinite(ref).all()):
+        raise ValueError("log κ of some clean images is not finite; check the model's weights and the inputs")
+    n = len(dataset)
+    log_target = ref[torch.randint(0, n, (n,), generator=generator)]
+    results, xs, start = [], [], 0
+    for x, y in fdata.batches(dataset, batch_size, device=device):
+        loss = kappa_matching_loss(model.head.weight, log_target[start:start + len(y)], lam, margin)
+        results.append(attacks.pgd(model, x, y, loss=loss, warn=False, **budget))
+        xs.append(x)
+        start += len(y)
+    res = attacks.cat_results(results)
+    return res, clean_and_adversarial(model, torch.cat(xs), res.x_adv, batch_size), log_target
