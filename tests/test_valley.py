@@ -204,3 +204,16 @@ def test_chapters_5_9_and_10_measure_the_valley_with_the_same_settings():
         for key in ("confident", "bisect", "grid"):
             assert len({s[key] for s in sizes}) == 1, (profile, key, [s[key] for s in sizes])
     assert budgets.sizes("09_adversarial_training", "smoke")["confident"] == 0.0  # a one-epoch model: no confidence
+
+
+def test_no_flipping_path_is_an_empty_selection_not_a_crash():
+    """A model on which no path flips has nothing to locate: an EmptySelection (a ValueError the smoke profile's dry
+    run tolerates), never a silent empty result."""
+    from flatnb.measure import crossing
+    from flatnb.measure.trajectory import FIELDS, Trajectory
+    from flatnb.stats import EmptySelection
+
+    traj = Trajectory(flip_step=torch.tensor([0, 0, -1]), x=torch.zeros(3, 3, 1, 2, 2),
+                      **{f: torch.zeros(3, 3) for f in FIELDS})
+    with pytest.raises(EmptySelection, match="no path flips"):
+        crossing.path_crossings(None, traj, torch.tensor([0, 1, 2]))

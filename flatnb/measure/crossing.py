@@ -128,7 +128,8 @@ def path_crossings(model, traj, y: Tensor, iters: int = 30, grid: int = 8,
         raise ValueError(f"y has {y.shape[0]} labels for {traj.flip_step.shape[0]} paths")
     cols = torch.nonzero(traj.flip_step >= 1)[:, 0]
     if cols.numel() == 0:
-        raise ValueError("no path flips during the attack: nothing to locate")
+        raise EmptySelection("no path flips during the attack: nothing to locate (a model right about nothing, or an "
+                             "attack too weak for it)")
     y = y.to(traj.x.device)
     parts = []
     for i in range(0, cols.numel(), batch_size):
