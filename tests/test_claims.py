@@ -486,3 +486,22 @@ def test_max_relative_error_against_hand_values():
     assert stats.max_relative_error([3.0], [3.0]) == 0.0
     with pytest.raises(ValueError, match="without zeros"):
         stats.max_relative_error([1.0], [0.0])
+
+
+def test_adequate_arch_uses_the_family_bar_and_names_both_networks():
+    import pytest
+
+    from flatnb.evidence import claims as c
+
+    ok, why = c.adequate_arch("wrn28_4", "cifar10", 0.905, "WRN-16-4", "WRN-28-4")
+    assert ok is True
+    ok, why = c.adequate_arch("wrn28_4", "cifar10", 0.87, "WRN-16-4", "WRN-28-4")
+    assert ok is False and "WRN-16-4" in why and "WRN-28-4" in why and "88 %" in why
+    assert c.adequate_arch("vit_tiny", "cifar10", 0.71, "ViT (dim 128, depth 6)", "ViT (dim 192, depth 12)")[0]
+    assert not c.adequate_arch("vit_tiny", "cifar10", 0.69, "ViT", "ViT")[0]
+    assert c.adequate_arch("resnet18", "tinyimagenet", 0.41, "r", "r")[0]
+    assert not c.adequate_arch("resnet18", "tinyimagenet", 0.39, "r", "r")[0]
+    with pytest.raises(ValueError, match="ARCH_BAR"):
+        c.adequate_arch("resnet18", "mnist", 0.9, "r", "r")
+    with pytest.raises(ValueError, match="fraction"):
+        c.adequate_arch("resnet18", "cifar10", 90.5, "r", "r")
