@@ -170,6 +170,24 @@ def measure(name: str, n: int, root=None, device="cpu", norm: str = "linf") -> d
     return rob
 
 
+def measure_flip(name: str, root=None, device="cpu") -> dict:
+    """Clean accuracy of the shipped model ``name`` with horizontal-flip test-time augmentation
+    (:func:`flatnb.models.tta.flip_average`, airbench94's evaluation) on every test image, recorded in its manifest
+    entry as ``clean_flip``. The book's chapters use the network without it; this is the number to compare with
+    results reported with flip averaging."""
+    from flatnb.models.tta import flip_average  # only this command needs it
+
+    model = mf.load(name, device, root)
+    entry = mf.read_manifest(root)["models"][name]
+    out = _clean(flip_average(model), mf.config_from(entry) if "config" in entry else "cifar10", device)
+    out["evaluation"] = "flip test-time augmentation: the mean of the logits of an image and its mirror image"
+    out["commit"] = mf._git_commit()
+    entry = mf.read_manifest(root)["models"][name]
+    entry["clean_flip"] = out
+    mf.write_entry(name, entry, mf.weights_dir(root))
+    return out
+
+
 def verify(n: int = 1000, tolerance: float = 0.01, root=None, device="cpu", names=None) -> list[dict]:
     """Load every shipped model (SHA-256 checked) and measure its clean accuracy on ``n`` test images (a seeded
     subset): it must lie within ``tolerance`` of the manifest's accuracy on the same images (``clean.check``,
@@ -211,6 +229,8 @@ def main(argv=None) -> int:
     p_measure.add_argument("--only", nargs="+", required=True, help="shipped model names")
     p_measure.add_argument("--n", type=int, default=1000, help="test images (default 1,000)")
     p_measure.add_argument("--norm", default="linf", choices=sorted(robust.EPS), help="ℓ∞ 8/255 or ℓ2 0.5")
+    p_measure.add_argument("--flip-tta", action="store_true",
+                           help="instead of AutoAttack: clean accuracy with flip test-time augmentation (all test images)")
     p_verify = sub.add_parser("verify", help="SHA-256 and clean accuracy of every shipped model")
     p_verify.add_argument("--n", type=int, default=1000)
     p_verify.add_argument("--tolerance", type=float, default=0.01)
@@ -227,6 +247,7 @@ def main(argv=None) -> int:
             e = shipped.get(name)
             state = "not shipped" if e is None else (
                 f"clean {100 * e['clean'].get('value', float('nan')):.2f} %"
+                + (f" ({100 * e['clean_flip']['value']:.2f} % with flip TTA)" if "clean_flip" in e else "")
                 + "".join(f", {r['attack'].split(' (')[0]} {r.get('norm', 'linf')} {100 * r['value']:.1f} % (n={r['n']})" for r in e["robust"]))
             print(f"{name:45s} {state}")
         return 0
@@ -237,6 +258,11 @@ def main(argv=None) -> int:
         return 0
     if args.cmd == "measure":
         for name in args.only:
+            if args.flip_tta:
+                c = measure_flip(name, root, args.device)
+                print(f"[{name}] clean with flip test-time augmentation {100 * c['value']:.2f} % "
+                      f"[{100 * c['ci95'][0]:.2f}, {100 * c['ci95'][1]:.2f}] on {c['n']:,}", flush=True)
+                continue
             rob = measure(name, args.n, root, args.device, norm=args.norm)
             print(f"[{name}] AutoAttack {100 * rob['value']:.1f} % [{100 * rob['ci95'][0]:.1f}, "
                   f"{100 * rob['ci95'][1]:.1f}] (n = {rob['n']:,}, {rob['minutes']:.0f} min)", flush=True)
