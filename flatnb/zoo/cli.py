@@ -29,6 +29,7 @@ import torch
 from flatnb import data as fdata
 from flatnb.training import train as ftrain
 from flatnb.runtime import describe_device
+from flatnb.stats import wilson
 from flatnb.zoo import catalogue, robust
 from flatnb.zoo import manifest as mf
 
@@ -41,7 +42,7 @@ def _clean(model, config_or_dataset, device, n: int | None = None) -> dict:
         test = fdata.subset(test, n=n, seed=0)
     ev = ftrain.evaluate(model, test, device)
     k = round(ev["accuracy"] * ev["n"])
-    lo, hi = robust._wilson(k, ev["n"])
+    lo, hi = wilson(k, ev["n"])
     return {"value": ev["accuracy"], "n": ev["n"], "ci95": [lo, hi], "mean_confidence": ev["mean_confidence"],
             "images": f"a seeded subset of {ev['n']} (seed 0)" if n is not None and n < len_full else
             "all test images"}

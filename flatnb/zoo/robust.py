@@ -11,12 +11,10 @@ import json
 import math
 import time
 
-from scipy.stats import binomtest
-
 from flatnb import attacks
 from flatnb import data as fdata
 from flatnb.runtime import atomic_write_text, cache_dir
-from flatnb.stats import Fraction
+from flatnb.stats import Fraction, wilson
 from flatnb.zoo import manifest as mf
 
 ATTACK = "AutoAttack (reference, pyautoattack 0.2.0, standard version)"
@@ -29,11 +27,6 @@ def _norm(norm: str) -> str:
     if norm not in EPS:
         raise ValueError(f"norm must be one of {sorted(EPS)} (the zoo's AutoAttack budgets), got {norm!r}")
     return norm
-
-
-def _wilson(k: int, n: int) -> tuple[float, float]:
-    ci = binomtest(k, n).proportion_ci(0.95, method="wilson")
-    return ci.low, ci.high
 
 
 #: AutoAttack runs in chunks of this many test images; each chunk's outcome is cached, so an interrupted
@@ -70,7 +63,7 @@ def autoattack(model, dataset: str, n: int, device, batch: int = 250, norm: str 
         print(f"  AutoAttack {_NAME[norm]} {stop}/{n}: {100 * sum(robust) / len(robust):.1f} % robust so far"
               + (f", about {left:.0f} min left" if math.isfinite(left) else " (cached)"), flush=True)
     ok = sum(robust)
-    lo, hi = _wilson(ok, n)
+    lo, hi = wilson(ok, n)
     return {"attack": ATTACK, "norm": norm,
             "eps": eps, "value": ok / n, "n": n, "ci95": [lo, hi],
             "images": f"seeded subset of {n} (seed 0), in chunks of {AA_CHUNK}", "minutes": minutes}
