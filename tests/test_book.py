@@ -67,6 +67,7 @@ def _fake_execute(calls):
     """Stands in for papermill: 'executes' by copying, and fails chapters whose name contains 'b'."""
     def execute(chapter, output, parameters=None, cell_timeout=0, env=None, tolerate_asserts=False):
         calls.append((chapter.name, dict(parameters or {})))
+        timeouts.append(cell_timeout)
         envs.append(env)
         tolerant.append(tolerate_asserts)
         nb = json.loads(Path(chapter).read_text())
@@ -79,6 +80,7 @@ def _fake_execute(calls):
 
 
 calls_fail_b = [False]
+timeouts = []
 envs = []
 tolerant = []
 
@@ -169,6 +171,18 @@ def test_full_profile_runs_on_a_cpu_into_runs_cpu(repo, monkeypatch, capsys):
     assert all((repo / "runs" / "cpu" / f"{s}.full.ipynb").is_file() for s in ("01_a", "02_b"))
     assert {p.name: p.read_text() for p in (repo / "book").iterdir()} == before
     assert envs[-1] == {"FLATNB_RUN_DIR": str(repo / "runs" / "cpu")}
+
+
+def test_a_full_run_gives_a_cell_hours_a_quick_run_half_an_hour(repo, monkeypatch, capsys):
+    """A full chapter's cell may hold most of its CPU budget: 1800 s stopped chapter 5 on a busy 2-core machine."""
+    monkeypatch.setattr(book, "execute", _fake_execute([]))
+    monkeypatch.setattr(book, "cuda_available", lambda: False)
+    for argv, want in ((["--profile", "full"], book.FULL_CELL_TIMEOUT), (["--profile", "quick"], 1800),
+                       (["--profile", "full", "--cell-timeout", "60"], 60)):
+        timeouts.clear()
+        assert book.main([*argv, "--no-build", "--force"]) == 0
+        assert timeouts == [want, want], argv
+    assert book.FULL_CELL_TIMEOUT >= 3 * 3600
 
 
 def test_a_full_run_resumes_skipping_current_records(repo, monkeypatch, capsys):

@@ -50,6 +50,11 @@ from flatnb.book.site import build_html, chapters, strip_file
 
 ROOT = Path(__file__).resolve().parents[2]  # flatnb/book/runner.py -> the repository
 DEFAULT_CELL_TIMEOUT = 1800  # seconds; no single cell of a quick chapter comes near it
+#: seconds per cell in the full profile: one cell may hold most of a chapter's CPU budget (chapter 5's valley runs
+#: over four models; chapter 13's atlas, an hour on one thread), longer on a busy machine; the timeout only stops a
+#: hung kernel. 1800 s stopped chapter 5's full run on a shared 2-core machine (2026-12-06), and chapter 13's dry
+#: run (the atlas cell trains and measures 24 toy models: 19 of them in 30 min on a busy machine).
+FULL_CELL_TIMEOUT = 3 * 3600
 
 
 @dataclass
@@ -351,9 +356,11 @@ def main(argv: list[str] | None = None) -> int:
                              "temp folder (or --output) and check that the full-profile record paths are writable; "
                              "the CPU test of --profile full, no HTML")
     parser.add_argument("--fail-fast", action="store_true", help="stop at the first failing chapter")
-    parser.add_argument("--cell-timeout", type=int, default=DEFAULT_CELL_TIMEOUT,
-                        help=f"seconds per cell (default {DEFAULT_CELL_TIMEOUT})")
+    parser.add_argument("--cell-timeout", type=int, default=None,
+                        help=f"seconds per cell (default {DEFAULT_CELL_TIMEOUT}; {FULL_CELL_TIMEOUT} in the full profile and its dry run)")
     args = parser.parse_args(argv)
+    if args.cell_timeout is None:
+        args.cell_timeout = FULL_CELL_TIMEOUT if args.profile == "full" or args.dry_run else DEFAULT_CELL_TIMEOUT
     args.runs = args.runs if args.runs is not None else ROOT / "runs"
     if args.no_execute and args.dry_run:
         parser.error("--dry-run executes the chapters; it cannot be combined with --no-execute")

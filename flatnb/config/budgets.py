@@ -118,7 +118,8 @@ SIZES = {
     "11_off_manifold": {
         # n_cal: held-out images for the temperature; n_aa / n_aa_std: AutoAttack images of the AT / standard model
         # (zoo.robust_accuracy: the manifest's measurement of a shipped model when it covers that many, else
-        # measured here); min_at_correct: the AT model's correctly classified images the claim needs.
+        # measured here); min_at_correct: the AT model's correctly classified images the claim needs;
+        # temperature_at_bound: a model worse than a uniform guess is an error (the smoke profile clips, as in 13).
         # full, estimated for one CPU thread (process time, 2026-12-06, contended): fwd+bwd per image 8.7 ms for
         # fastnet64-standard-s0 and 2.85 ms for fastnet32-pgd_at-s0; per correctly classified image walls.measure
         # costs about 12.7 fwd+bwd units per direction (20 forward passes along the line, two Hessian-vector
@@ -127,9 +128,9 @@ SIZES = {
         # 93 % / 72 % clean) take about 16 min, plus about 1.5 min for the 50k-image pool, the nearest-neighbour
         # search and the temperatures; AutoAttack comes from the manifest (AT: n=1,000, standard: n=200).
         "quick": dict(n_test=64, n_cal=1000, n_pool=5000, n_random=4, n_aa=32, n_aa_std=32, min_at_correct=10,
-                      batch=64),
+                      batch=64, temperature_at_bound="raise"),
         "full": dict(n_test=350, n_cal=5000, n_pool=50_000, n_random=12, n_aa=1000, n_aa_std=200,
-                     min_at_correct=200, batch=250)},
+                     min_at_correct=200, batch=250, temperature_at_bound="raise")},
     "12_verdict": {"quick": {}, "full": {}},
     "13_atlas": {  # n_kappa: training images for H(w, S); n_aa: AutoAttack images per model and norm
         # quick: AutoAttack ℓ∞ only (on the adversarially trained models its FAB-T and Square parts take minutes
