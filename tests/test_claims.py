@@ -459,9 +459,17 @@ def test_the_rules_of_chapters_9_to_13():
     ok, why = claims.adequate_zoo({"a": 0.93, "b": 0.80})
     assert ok
     ok, why = claims.adequate_zoo({"a": 0.93, "b": 0.61})
-    assert not ok and "1 of the zoo's 2 models" in why and "61.0%" in why
+    assert not ok and "1 of the zoo's 2 models" in why and "b, 61.0%" in why
     with pytest.raises(ValueError):
         claims.adequate_zoo({})
+    # an AT model below the clean bar passes on the AT bar (60 % clean, AutoAttack interval above 15 %) ...
+    assert claims.adequate_zoo({"a": 0.93, "at": 0.72}, at={"at": (0.36, 0.33, 0.39)})[0]
+    # ... but not without robustness, and a standard model never on the AT bar
+    ok, why = claims.adequate_zoo({"a": 0.93, "at": 0.72}, at={"at": (0.10, 0.05, 0.15)})
+    assert not ok and "at, 72.0%" in why and "adversarially trained" in why
+    assert not claims.adequate_zoo({"a": 0.70, "at": 0.72}, at={"at": (0.36, 0.33, 0.39)})[0]
+    with pytest.raises(ValueError, match="no clean accuracy"):
+        claims.adequate_zoo({"a": 0.93}, at={"x": (0.36, 0.33, 0.39)})
 
     same, wide, more = (0.01, -0.03, 0.04), (0.0, -0.3, 0.3), (0.3, 0.2, 0.4)
     assert claims.grade_sufficiency({"x": False}, {"x": same})[0] == "not testable here"
@@ -470,6 +478,11 @@ def test_the_rules_of_chapters_9_to_13():
     assert claims.grade_sufficiency({"y": True}, {"y": more})[0] == "not reproduced"
     v, why = claims.grade_sufficiency({"x": True}, {"x": wide})  # no difference detected is not "no difference"
     assert v == "not testable here" and why.startswith("inconclusive")
+    # AutoAttack at a floor: equivalent, but the flip radius shows the model more robust -> not "no more robust"
+    v, why = claims.grade_sufficiency({"x": True}, {"x": same}, more_robust={"x": True})
+    assert v == "not reproduced" and "more robust by another measure" in why
+    v, _ = claims.grade_sufficiency({"x": True, "z": True}, {"x": same, "z": same}, more_robust={"x": True})
+    assert v == "reproduced"
 
     assert claims.grade_rank(None)[0] == "not testable here"
     assert claims.grade_rank((0.1, -0.2, 0.4), (0.5, 0.1, 0.8))[0] == "reproduced"

@@ -150,6 +150,13 @@ class Chapter:
             return self.shipped(spec, describe=describe)
         return self.model(spec[0], spec[1], spec[2], seed=spec[3], describe=describe)
 
+    def at_pair(self) -> dict:
+        """``{"standard": model, "AT": model}``: the adversarially trained model and its standard twin of
+        :data:`flatnb.config.budgets.AT_PAIR` (one architecture and schedule, only the attack differs;
+        chapters 9 and 11)."""
+        return {role: self.zoo_model(spec, describe=f"{role}: {spec[0]} ({spec[2]}, {spec[1]})")
+                for role, spec in budgets.AT_PAIR[self.profile].items()}
+
     def main_models(self) -> dict:
         """The models a claim about "a trained model" is checked on in this profile (label → model):
         :data:`flatnb.config.budgets.MAIN_MODELS` (quick: the main model; full: three seeds of the main model

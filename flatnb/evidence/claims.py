@@ -359,37 +359,52 @@ def enough_paths(parts: dict, min_n: int = 5) -> tuple[bool, str]:
 ZOO_BAR = {"clean": 0.75}
 
 
-def adequate_zoo(clean: dict) -> tuple[bool, str]:
+def adequate_zoo(clean: dict, at: dict | None = None) -> tuple[bool, str]:
     """``(strong_enough, why_weak)`` for claims across a zoo of trained models (chapter 13): every model's
     clean accuracy (``{name: accuracy}``) at or above :data:`ZOO_BAR` (a network far from it, e.g. 2 epochs
-    at 60 %, is not at a minimum). Pass the result to :func:`weak_model`."""
+    at 60 %, is not at a minimum). An adversarially trained model gives up clean accuracy by design: those in
+    ``at`` (``{name: its AutoAttack ℓ∞ 8/255 interval}``) may instead clear the AT bar (:func:`adequate_at`,
+    the evidence bar of chapter 9). Pass the result to :func:`weak_model`."""
     if not clean:
         raise ValueError("adequate_zoo needs the clean accuracy of at least one model")
-    weak = {n: a for n, a in clean.items() if a < ZOO_BAR["clean"]}
-    return not weak, (f"{len(weak)} of the zoo's {len(clean)} models are below the bar of "
-                      f"{100 * ZOO_BAR['clean']:.0f} % clean accuracy (lowest: {min(clean.values()):.1%}): "
-                      "networks so far from convergence are not at a minimum")
+    at = at or {}
+    unknown = sorted(set(at) - set(clean))
+    if unknown:
+        raise ValueError(f"adequate_zoo: AT models {unknown} have no clean accuracy in the zoo")
+    weak = {n: a for n, a in clean.items() if a < ZOO_BAR["clean"] and not (n in at and adequate_at(a, at[n])[0])}
+    lowest = min(weak.items(), key=lambda kv: kv[1]) if weak else min(clean.items(), key=lambda kv: kv[1])
+    also = (f", nor, for the adversarially trained ones, {100 * AT_BAR['clean']:.0f} % clean with an AutoAttack "
+            f"interval above {100 * AT_BAR['autoattack_lo']:.0f} %" if at else "")
+    return not weak, (f"{len(weak)} of the zoo's {len(clean)} models reach neither the bar of "
+                      f"{100 * ZOO_BAR['clean']:.0f} % clean accuracy{also} (lowest: {lowest[0]}, "
+                      f"{lowest[1]:.1%}): networks so far from convergence are not at a minimum")
 
 
-def grade_sufficiency(flatter: dict, diffs: dict, margin: float = 0.05) -> tuple[str, str]:
+def grade_sufficiency(flatter: dict, diffs: dict, margin: float = 0.05,
+                      more_robust: dict | None = None) -> tuple[str, str]:
     """``(verdict, reason)`` for "a flatter minimum is not sufficient for robustness" (chapter 13).
 
-    ``flatter``: ``{model: whether its κ interval lies below every standard seed's}``; ``diffs``: ``{model:
-    interval of its AutoAttack accuracy minus the standard models'}`` (:func:`flatnb.stats.diff_ci`). Reproduced
-    when some flatter model is *shown* no more robust (:func:`equivalent` within ``±margin``); not reproduced
-    when every flatter model is more robust (the difference's lower end above 0); not testable here when no
-    model is flatter, or when the intervals are too wide to tell (failing to detect a difference is not
-    evidence of none)."""
+    ``flatter``: ``{model: whether its κ interval lies below every standard seed's}`` (models comparable with
+    the standard seeds only: same architecture); ``diffs``: ``{model: interval of its AutoAttack accuracy minus
+    the standard models'}`` (:func:`flatnb.stats.diff_ci`); ``more_robust``: ``{model: whether any other measure
+    of robustness (the other norm, the flip radius) shows it more robust than every standard seed}``.
+    Reproduced when some flatter model is *shown* no more robust: its AutoAttack difference within ``±margin``
+    (:func:`equivalent`) and no other measure showing it more robust (AutoAttack at a floor of 0 % cannot see a
+    gain that the flip radius sees). Not reproduced when every flatter model is more robust (the difference's
+    lower end above 0, or another measure). Not testable here when no model is flatter, or when the intervals
+    are too wide to tell (failing to detect a difference is not evidence of none)."""
+    more_robust = more_robust or {}
     flat = sorted(n for n, f in flatter.items() if f)
     if not flat:
         return "not testable here", "no training method gave a minimum flatter than every standard seed"
-    same = [n for n in flat if equivalent(diffs[n], margin)[0]]
-    more = [n for n in flat if as_interval(diffs[n])[1] > 0]
-    detail = "; ".join(f"{n}: {equivalent(diffs[n], margin)[1]}" for n in flat)
+    same = [n for n in flat if equivalent(diffs[n], margin)[0] and not more_robust.get(n, False)]
+    more = [n for n in flat if as_interval(diffs[n])[1] > 0 or more_robust.get(n, False)]
+    detail = "; ".join(f"{n}: {equivalent(diffs[n], margin)[1]}"
+                       + (", more robust by another measure" if more_robust.get(n, False) else "") for n in flat)
     if same:
         return "reproduced", f"flatter and shown no more robust (AutoAttack): {', '.join(same)} ({detail})"
     if len(more) == len(flat):
-        return "not reproduced", f"every flatter model is more robust (AutoAttack): {detail}"
+        return "not reproduced", f"every flatter model is more robust: {detail}"
     return "not testable here", (f"inconclusive: the flatter models are neither shown more robust nor within "
                                  f"±{margin:g} of the standard models' AutoAttack accuracy ({detail})")
 
