@@ -1,4 +1,4 @@
-"""The smoke profile: the full profile's code paths at toy scale, to test a paper-scale run on a CPU.
+"""The smoke profile: the full profile's code paths at toy scale, to test a full-profile run in minutes.
 
 ``python -m flatnb.book --profile full --dry-run`` executes every chapter with ``profile="smoke"``: the full
 profile's models, recipes, attacks, datasets and chapter branches, each recipe trained for one epoch of a few

@@ -67,6 +67,31 @@ def grade(frac: Fraction, reproduced_at: float = 0.8, partly_at: float = 0.5) ->
     return verdict, rule
 
 
+def across_models(graded: tuple[str, str], per_model: dict, reproduced_at: float = 0.8,
+                  partly_at: float = 0.5) -> tuple[str, str]:
+    """A verdict decided on fractions pooled over several models, checked against each model alone.
+
+    ``graded`` is the pooled ``(verdict, rule)`` (e.g. :func:`grade` of the pooled fraction); ``per_model``
+    ``{model: its own Fraction}``. Pooling hides a model that behaves differently, so the pooled verdict stands
+    only when no model *contradicts* it on its own interval: "reproduced" becomes "partly" when some model's
+    interval lies wholly below ``reproduced_at``; "not reproduced" becomes "partly" when some model's interval
+    lies wholly at or above ``partly_at``. A model whose interval merely straddles a threshold (a smaller sample)
+    contradicts nothing. With one model the pooled fraction is that model's, and nothing changes."""
+    verdict, rule = graded
+    per = {n: f for n, f in per_model.items() if f.n}
+    if verdict == "reproduced":
+        odd = {n: f for n, f in per.items() if f.interval[1] < reproduced_at}
+    elif verdict == "not reproduced":
+        odd = {n: f for n, f in per.items() if f.interval[0] >= partly_at}
+    else:
+        odd = {}
+    rule = (f"{rule}; pooled over {len(per)} model(s), and no model alone may contradict the pooled verdict "
+            f"on its own interval")
+    if not odd:
+        return verdict, rule
+    return "partly", rule + ": " + ", ".join(f"{n} {f}" for n, f in odd.items()) + f" does not (pooled: {verdict})"
+
+
 def weak_model(verdict_if_strong: str, reason: str, strong_enough: bool, why_weak: str) -> tuple[str, str]:
     """``(verdict, reason)``: the verdict when the model is adequate for the claim, else
     ``"not testable here"`` with ``why_weak`` (e.g. "the quick AT model has 41 % clean accuracy")."""
