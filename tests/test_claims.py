@@ -540,3 +540,14 @@ def test_a_pooled_verdict_stands_only_where_no_model_contradicts_it():
                                                                      "its own interval")
     # empty per-model fractions are ignored; with one model the verdict is unchanged
     assert claims.across_models(claims.grade(pooled), {"a": pooled, "b": Fraction(0, 0)})[0] == "reproduced"
+
+
+def test_side_places_the_whole_interval_against_the_reference_and_refuses_nan():
+    assert claims.side(Fraction(95, 100), 0.8) == "above"      # Wilson [0.89, 0.98]
+    assert claims.side(Fraction(50, 100), 0.8) == "below"      # [0.40, 0.60]
+    assert claims.side(Fraction(8, 10), 0.8) == "overlaps"     # the estimate sits on it, the interval straddles
+    assert claims.side((0.92, 0.92, 0.95), 0.92) == "above"    # "at or above": the lower end may touch
+    assert claims.side((0.5, 0.4, 0.91999), 0.92) == "below"
+    assert claims.side(0.3, 0.3) == "above" and claims.side(0.29, 0.3) == "below"
+    with pytest.raises(ValueError, match="NaN"):
+        claims.side((float("nan"), 0.1, 0.2), 0.5)

@@ -19,6 +19,7 @@ Rows are saved with the run that measured them by :mod:`flatnb.evidence.run_reco
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 from flatnb.stats import Fraction, as_interval, fmt
@@ -115,6 +116,18 @@ def grade_interval(v, reproduced_above: float, not_below: float, higher_is_yes: 
         rule = (f"interval {fmt(v)}: reproduced if it lies at or below {reproduced_above:g}, not reproduced if "
                 f"above {not_below:g}, else partly")
     return verdict, rule
+
+
+def side(v, ref: float) -> str:
+    """Where an interval (a :class:`Fraction`, an ``(estimate, lo, hi)`` tuple or a number) lies against a
+    reference value: ``"above"`` if the whole interval lies at or above ``ref``, ``"below"`` if it lies wholly
+    below, ``"overlaps"`` otherwise. A chapter turns it into words, so that prose about a result is chosen by
+    the run (e.g. "at or above the paper's 0.92"), not typed while looking at one run's outputs."""
+    est, lo, hi = as_interval(v)
+    if not all(math.isfinite(t) for t in (est, lo, hi, ref)):
+        raise ValueError(f"side() needs finite numbers, got interval {(est, lo, hi)} and reference {ref}: "
+                         "fix the measurement that gave the NaN")
+    return "above" if lo >= ref else "below" if hi < ref else "overlaps"
 
 
 def grade_ratio(v, paper: float, band: float = 2.5) -> tuple[str, str]:
