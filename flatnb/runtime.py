@@ -17,8 +17,9 @@ import torch
 
 from flatnb import __version__
 
-#: quick = minutes on a CPU; full = the paper's scale on a GPU; smoke = the full profile's code paths (its
-#: models, recipes, chapter branches) at toy sizes, to test a paper-scale run on a CPU before a GPU session
+#: quick = minutes on a CPU; full = the shipped evidence models at referee sample sizes (about 3 h on 2 CPU cores,
+#: minutes on a GPU); smoke = the full profile's code paths (its models, recipes, chapter branches) at toy sizes,
+#: to test a full-profile run in minutes
 #: (``python -m flatnb.book --profile full --dry-run``); its numbers mean nothing and make no run record.
 PROFILES = ("quick", "full", "smoke")
 
@@ -27,7 +28,7 @@ def resolve_profile(profile: str, device: torch.device | str | None = None) -> s
     """Map ``"auto" | "quick" | "full" | "smoke"`` to a concrete profile (:data:`PROFILES`).
 
     ``auto`` means ``full`` on a CUDA device and ``quick`` elsewhere, so that a
-    Colab GPU runtime gets paper scale and a laptop or CI gets minutes.
+    Colab GPU runtime gets the full profile in minutes and a laptop or CI gets the quick one.
     """
     if profile == "auto":
         dev = torch.device(device) if device is not None else default_device()

@@ -155,6 +155,11 @@ def test_every_zoo_entry_has_a_recipe_and_a_method_group():
     # the full zoo (24 converged models) covers every method of the quick one (nine 2-epoch networks)
     assert {budgets.zoo_method(n) for n in budgets.ZOO["quick"]} < {budgets.zoo_method(n) for n in budgets.ZOO["full"]}
     assert len(budgets.ZOO["full"]) >= 24
+    # chapter 13's E2 model is in each zoo, adversarially trained, and in full the paper's ε = 8/255 evidence model
+    for profile, label in budgets.ZOO_AT.items():
+        assert budgets.zoo_method(label) == "adversarial training" and label in budgets.ZOO[profile]
+    assert budgets.ZOO["full"][budgets.ZOO_AT["full"]] == ("fastnet", "cifar10", "pgd_at", 0)
+    assert recipes.lookup("fastnet", "cifar10", "pgd_at", "full").eps == 8 / 255
     with pytest.raises(ValueError, match="first word"):
         budgets.zoo_method("unknown method")
 
@@ -252,3 +257,18 @@ def test_measure_takes_autoattack_from_outside_and_adds_robust_flatness(setup):
     raw, part, n = atlas.within(e) if len(e["per_radius"]["radius"]) >= 3 else (None, None, 0)
     assert raw is None or (-1 <= raw["rho"][0] <= 1 and 0 < raw["p"] <= 1)
     assert "robust flatness avg." in atlas.table({"a": e})
+
+
+def test_the_at_pair_is_one_network_trained_with_and_without_the_attack():
+    """Chapters 9 and 11 compare AT with standard training: in the full profile (budgets.AT_PAIR) the same
+    architecture, width, epochs, data, batch and optimizer, only the attack in the loss differs. The quick pair
+    shares the network and the optimizer but not the schedule (its FGSM-RS copy trains 5 epochs on 10,000
+    images: a few CPU minutes), which budgets.AT_PAIR's comment says."""
+    same = ("arch", "dataset", "width", "epochs", "batch_size", "lr", "weight_decay", "n_train", "model_kw")
+    for profile, pair in budgets.AT_PAIR.items():
+        assert set(pair) == {"standard", "AT"}
+        std, at = (recipes.lookup(*pair[r][:3], "full" if profile == "smoke" else profile, 0)
+                   for r in ("standard", "AT"))
+        shared = same if profile != "quick" else ("arch", "dataset", "width", "batch_size", "lr", "weight_decay")
+        assert {k: getattr(std, k) for k in shared} == {k: getattr(at, k) for k in shared}, profile
+        assert at.recipe == "pgd_at" and std.recipe != "pgd_at"

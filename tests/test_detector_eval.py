@@ -238,3 +238,22 @@ def test_kappa_aware_attack_takes_the_kappa_detectors_separation_away(tiny):
         de.kappa_aware_attack(model, ds, 64, "cpu", lam=-1.0, **budget)
     with pytest.raises(ValueError, match="drop loss"):
         de.kappa_aware_attack(model, ds, 64, "cpu", loss="ce", **budget)
+
+
+def test_accuracy_ci_resamples_images_so_paired_decisions_widen_the_interval():
+    rng = np.random.default_rng(0)
+    n = 400
+    per_image = (rng.random(n) < 0.8).astype(float)
+    correct = np.r_[per_image, per_image]  # the clean input and its adversarial example decided alike
+    est, lo, hi = de.accuracy_ci(correct, np.r_[np.arange(n), np.arange(n)], seed=1)
+    assert est == correct.mean() and lo < est < hi
+    # the same 2n decisions treated as independent: the interval shrinks by about sqrt(2)
+    _, lo1, hi1 = de.accuracy_ci(correct, np.arange(2 * n), seed=1)
+    assert 1.25 < (hi - lo) / (hi1 - lo1) < 1.6
+    # independent decisions: close to the normal approximation's 2 * 1.96 * sqrt(p (1 - p) / 2n)
+    p = correct.mean()
+    assert abs((hi1 - lo1) - 2 * 1.96 * np.sqrt(p * (1 - p) / (2 * n))) < 0.01
+    with pytest.raises(ValueError, match="0/1"):
+        de.accuracy_ci([0.5, 1.0], [0, 1])
+    with pytest.raises(ValueError, match="equal-length"):
+        de.accuracy_ci([1, 0, 1], [0, 1])

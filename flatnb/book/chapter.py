@@ -7,7 +7,7 @@
 :func:`setup` resolves the profile and the device, seeds torch, picks the CPU thread count, sets the
 figure style, reads the chapter's sample sizes for its profile (``ch.sizes``, from
 :data:`flatnb.config.budgets.SIZES`) and shows the banner: which profile, device, date and commit the page
-shows, which data, which model and its clean accuracy, and where the paper-scale run is. Nothing
+shows, which data, which model and its clean accuracy, and where the full-profile run is. Nothing
 here is global: a :class:`Chapter` holds it all, and helpers take it as an argument.
 """
 from __future__ import annotations
@@ -101,12 +101,12 @@ class Chapter:
         elif self.profile == "smoke":
             lines.append("<b>Smoke profile: the full profile's code at toy scale (one epoch of a few hundred "
                          "images, a handful of test images). Its numbers mean nothing; it exists to test a "
-                         "paper-scale run before a GPU is spent on it.</b>")
+                         "full-profile run before its hours are spent.</b>")
         if self.data:
             lines.append(f"Data: {html.escape(self.data)}.")
         if self.models:
             lines.append("Model: " + "; ".join(html.escape(m) for m in self.models) + ".")
-        lines.append("Paper-scale run: " + self._full_run() + ".")
+        lines.append("Full-profile run (shipped evidence models, referee sample sizes): " + self._full_run() + ".")
         return ('<div class="flatnb-banner" style="border-left:4px solid #4a7ab5;padding:0.4em 0.8em;'
                 'margin:0.5em 0;background:rgba(74,122,181,0.08)">' + "<br>".join(lines) + "</div>")
 
@@ -149,6 +149,13 @@ class Chapter:
         if isinstance(spec, str):
             return self.shipped(spec, describe=describe)
         return self.model(spec[0], spec[1], spec[2], seed=spec[3], describe=describe)
+
+    def at_pair(self) -> dict:
+        """``{"standard": model, "AT": model}``: the adversarially trained model and its standard twin of
+        :data:`flatnb.config.budgets.AT_PAIR` (one architecture and schedule, only the attack differs;
+        chapters 9 and 11)."""
+        return {role: self.zoo_model(spec, describe=f"{role}: {spec[0]} ({spec[2]}, {spec[1]})")
+                for role, spec in budgets.AT_PAIR[self.profile].items()}
 
     def main_models(self) -> dict:
         """The models a claim about "a trained model" is checked on in this profile (label → model):

@@ -3,7 +3,7 @@
 The HTML build assembles a staging tree ``_build/site/`` (``_config.yml``, ``_toc.yml``, ``intro.md``,
 ``references.bib``, ``_static/``, ``book/``) in which each chapter is the newest full-profile run record
 ``runs/*/<stem>.full.ipynb`` (with its ``<stem>.full.json``) if there is one, else ``book/<stem>.ipynb``;
-executing on a CPU therefore never replaces a paper-scale page. The HTML is written to
+a quick run therefore never replaces a full-profile page. The HTML is written to
 ``_build/html/index.html`` (``--path-output P`` puts the staging tree and the HTML under ``P/_build/``).
 """
 from __future__ import annotations

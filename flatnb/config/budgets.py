@@ -243,6 +243,20 @@ ZOO = {
     },
 }
 ZOO["smoke"] = ZOO["full"]  # the smoke profile: the full zoo's recipes at toy scale (flatnb.config.smoke)
+#: chapters 9 and 11 compare adversarial training with standard training on ONE network: the AT model and its
+#: standard twin, same architecture, width, epochs and optimizer, only the attack in the loss differs (κ, the
+#: margins and the basin depend on the width, so a wider standard model would mix architecture with training).
+#: (arch, dataset, recipe, seed); seed None: the chapter's seed. full: FastNet-32, 12 epochs, both shipped (the
+#: standard twin is the atlas's seed-0 standard model); quick: the quick main network and its FGSM-RS copy (the same
+#: network and optimizer, but 5 epochs of 10,000 images against 8 of 50,000: a toy, graded "not testable here").
+AT_PAIR = {"quick": {"standard": ("main", "cifar10", "standard", None), "AT": ("main", "cifar10", "pgd_at", None)},
+           "full": {"standard": ("fastnet", "cifar10", "atlas_standard", None),
+                    "AT": ("fastnet", "cifar10", "pgd_at", None)}}
+AT_PAIR["smoke"] = AT_PAIR["full"]
+#: the zoo's model for the paper's E2 and E6-AT rows (chapter 13): PGD adversarial training at ε = 8/255, the
+#: paper's setting (the zoo's other AT models train at smaller ε or with TRADES)
+ZOO_AT = {"quick": "PGD-2 AT", "full": "PGD-2 AT ε=8/255"}
+ZOO_AT["smoke"] = ZOO_AT["full"]
 #: the kind of each zoo label (the atlas's colours, markers and sets), by the label's first word. "standard" is
 #: the yardstick (the seeds of one recipe); other architectures trained the standard way form their own group.
 ZOO_METHOD = {"standard": "standard", "SAM": "flatness-seeking (SAM)", "label": "confidence regulariser",

@@ -265,7 +265,7 @@ TABLE: dict[tuple[str, str, str], dict[str, TrainConfig]] = {
         "quick": TrainConfig("fastnet", "cifar10", "standard", **_FAST_QUICK),
         "full": TrainConfig("fastnet", "cifar10", "standard", **_FAST_EVIDENCE),
     },
-    ("fastnet", "cifar10", "pgd_at"): {  # FGSM-RS in the quick profile, PGD-10 in the full one
+    ("fastnet", "cifar10", "pgd_at"): {  # FGSM-RS in the quick profile, PGD-2 in the full one
         # 10,000 images: FGSM-RS overfits catastrophically on FastNet anyway (50,000 images: 56 % clean,
         # 0 % AutoAttack; 20,000 with step ε: 29 % clean, 0 % PGD-10), so the quick profile pays the least
         # it can for a model every AT row reports as "not testable here"

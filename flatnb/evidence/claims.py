@@ -19,6 +19,7 @@ Rows are saved with the run that measured them by :mod:`flatnb.evidence.run_reco
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 from flatnb.stats import Fraction, as_interval, fmt
@@ -67,6 +68,31 @@ def grade(frac: Fraction, reproduced_at: float = 0.8, partly_at: float = 0.5) ->
     return verdict, rule
 
 
+def across_models(graded: tuple[str, str], per_model: dict, reproduced_at: float = 0.8,
+                  partly_at: float = 0.5) -> tuple[str, str]:
+    """A verdict decided on fractions pooled over several models, checked against each model alone.
+
+    ``graded`` is the pooled ``(verdict, rule)`` (e.g. :func:`grade` of the pooled fraction); ``per_model``
+    ``{model: its own Fraction}``. Pooling hides a model that behaves differently, so the pooled verdict stands
+    only when no model *contradicts* it on its own interval: "reproduced" becomes "partly" when some model's
+    interval lies wholly below ``reproduced_at``; "not reproduced" becomes "partly" when some model's interval
+    lies wholly at or above ``partly_at``. A model whose interval merely straddles a threshold (a smaller sample)
+    contradicts nothing. With one model the pooled fraction is that model's, and nothing changes."""
+    verdict, rule = graded
+    per = {n: f for n, f in per_model.items() if f.n}
+    if verdict == "reproduced":
+        odd = {n: f for n, f in per.items() if f.interval[1] < reproduced_at}
+    elif verdict == "not reproduced":
+        odd = {n: f for n, f in per.items() if f.interval[0] >= partly_at}
+    else:
+        odd = {}
+    rule = (f"{rule}; pooled over {len(per)} model(s), and no model alone may contradict the pooled verdict "
+            f"on its own interval")
+    if not odd:
+        return verdict, rule
+    return "partly", rule + ": " + ", ".join(f"{n} {f}" for n, f in odd.items()) + f" does not (pooled: {verdict})"
+
+
 def weak_model(verdict_if_strong: str, reason: str, strong_enough: bool, why_weak: str) -> tuple[str, str]:
     """``(verdict, reason)``: the verdict when the model is adequate for the claim, else
     ``"not testable here"`` with ``why_weak`` (e.g. "the quick AT model has 41 % clean accuracy")."""
@@ -90,6 +116,18 @@ def grade_interval(v, reproduced_above: float, not_below: float, higher_is_yes: 
         rule = (f"interval {fmt(v)}: reproduced if it lies at or below {reproduced_above:g}, not reproduced if "
                 f"above {not_below:g}, else partly")
     return verdict, rule
+
+
+def side(v, ref: float) -> str:
+    """Where an interval (a :class:`Fraction`, an ``(estimate, lo, hi)`` tuple or a number) lies against a
+    reference value: ``"above"`` if the whole interval lies at or above ``ref``, ``"below"`` if it lies wholly
+    below, ``"overlaps"`` otherwise. A chapter turns it into words, so that prose about a result is chosen by
+    the run (e.g. "at or above the paper's 0.92"), not typed while looking at one run's outputs."""
+    est, lo, hi = as_interval(v)
+    if not all(math.isfinite(t) for t in (est, lo, hi, ref)):
+        raise ValueError(f"side() needs finite numbers, got interval {(est, lo, hi)} and reference {ref}: "
+                         "fix the measurement that gave the NaN")
+    return "above" if lo >= ref else "below" if hi < ref else "overlaps"
 
 
 def grade_ratio(v, paper: float, band: float = 2.5) -> tuple[str, str]:
@@ -359,37 +397,52 @@ def enough_paths(parts: dict, min_n: int = 5) -> tuple[bool, str]:
 ZOO_BAR = {"clean": 0.75}
 
 
-def adequate_zoo(clean: dict) -> tuple[bool, str]:
+def adequate_zoo(clean: dict, at: dict | None = None) -> tuple[bool, str]:
     """``(strong_enough, why_weak)`` for claims across a zoo of trained models (chapter 13): every model's
     clean accuracy (``{name: accuracy}``) at or above :data:`ZOO_BAR` (a network far from it, e.g. 2 epochs
-    at 60 %, is not at a minimum). Pass the result to :func:`weak_model`."""
+    at 60 %, is not at a minimum). An adversarially trained model gives up clean accuracy by design: those in
+    ``at`` (``{name: its AutoAttack ℓ∞ 8/255 interval}``) may instead clear the AT bar (:func:`adequate_at`,
+    the evidence bar of chapter 9). Pass the result to :func:`weak_model`."""
     if not clean:
         raise ValueError("adequate_zoo needs the clean accuracy of at least one model")
-    weak = {n: a for n, a in clean.items() if a < ZOO_BAR["clean"]}
-    return not weak, (f"{len(weak)} of the zoo's {len(clean)} models are below the bar of "
-                      f"{100 * ZOO_BAR['clean']:.0f} % clean accuracy (lowest: {min(clean.values()):.1%}): "
-                      "networks so far from convergence are not at a minimum")
+    at = at or {}
+    unknown = sorted(set(at) - set(clean))
+    if unknown:
+        raise ValueError(f"adequate_zoo: AT models {unknown} have no clean accuracy in the zoo")
+    weak = {n: a for n, a in clean.items() if a < ZOO_BAR["clean"] and not (n in at and adequate_at(a, at[n])[0])}
+    lowest = min(weak.items(), key=lambda kv: kv[1]) if weak else min(clean.items(), key=lambda kv: kv[1])
+    also = (f", nor, for the adversarially trained ones, {100 * AT_BAR['clean']:.0f} % clean with an AutoAttack "
+            f"interval above {100 * AT_BAR['autoattack_lo']:.0f} %" if at else "")
+    return not weak, (f"{len(weak)} of the zoo's {len(clean)} models reach neither the bar of "
+                      f"{100 * ZOO_BAR['clean']:.0f} % clean accuracy{also} (lowest: {lowest[0]}, "
+                      f"{lowest[1]:.1%}): networks so far from convergence are not at a minimum")
 
 
-def grade_sufficiency(flatter: dict, diffs: dict, margin: float = 0.05) -> tuple[str, str]:
+def grade_sufficiency(flatter: dict, diffs: dict, margin: float = 0.05,
+                      more_robust: dict | None = None) -> tuple[str, str]:
     """``(verdict, reason)`` for "a flatter minimum is not sufficient for robustness" (chapter 13).
 
-    ``flatter``: ``{model: whether its κ interval lies below every standard seed's}``; ``diffs``: ``{model:
-    interval of its AutoAttack accuracy minus the standard models'}`` (:func:`flatnb.stats.diff_ci`). Reproduced
-    when some flatter model is *shown* no more robust (:func:`equivalent` within ``±margin``); not reproduced
-    when every flatter model is more robust (the difference's lower end above 0); not testable here when no
-    model is flatter, or when the intervals are too wide to tell (failing to detect a difference is not
-    evidence of none)."""
+    ``flatter``: ``{model: whether its κ interval lies below every standard seed's}`` (models comparable with
+    the standard seeds only: same architecture); ``diffs``: ``{model: interval of its AutoAttack accuracy minus
+    the standard models'}`` (:func:`flatnb.stats.diff_ci`); ``more_robust``: ``{model: whether any other measure
+    of robustness (the other norm, the flip radius) shows it more robust than every standard seed}``.
+    Reproduced when some flatter model is *shown* no more robust: its AutoAttack difference within ``±margin``
+    (:func:`equivalent`) and no other measure showing it more robust (AutoAttack at a floor of 0 % cannot see a
+    gain that the flip radius sees). Not reproduced when every flatter model is more robust (the difference's
+    lower end above 0, or another measure). Not testable here when no model is flatter, or when the intervals
+    are too wide to tell (failing to detect a difference is not evidence of none)."""
+    more_robust = more_robust or {}
     flat = sorted(n for n, f in flatter.items() if f)
     if not flat:
         return "not testable here", "no training method gave a minimum flatter than every standard seed"
-    same = [n for n in flat if equivalent(diffs[n], margin)[0]]
-    more = [n for n in flat if as_interval(diffs[n])[1] > 0]
-    detail = "; ".join(f"{n}: {equivalent(diffs[n], margin)[1]}" for n in flat)
+    same = [n for n in flat if equivalent(diffs[n], margin)[0] and not more_robust.get(n, False)]
+    more = [n for n in flat if as_interval(diffs[n])[1] > 0 or more_robust.get(n, False)]
+    detail = "; ".join(f"{n}: {equivalent(diffs[n], margin)[1]}"
+                       + (", more robust by another measure" if more_robust.get(n, False) else "") for n in flat)
     if same:
         return "reproduced", f"flatter and shown no more robust (AutoAttack): {', '.join(same)} ({detail})"
     if len(more) == len(flat):
-        return "not reproduced", f"every flatter model is more robust (AutoAttack): {detail}"
+        return "not reproduced", f"every flatter model is more robust: {detail}"
     return "not testable here", (f"inconclusive: the flatter models are neither shown more robust nor within "
                                  f"±{margin:g} of the standard models' AutoAttack accuracy ({detail})")
 

@@ -91,8 +91,6 @@ BEFORE = {
 # rows of the previous table that no longer exist, and why
 REMOVED = {
     "E6-arch-densenet121": "folded into Setup-models (flatnb builds no DenseNet-121)",
-    "R-walls-std": "dropped: the attack direction is the steepest by construction",
-    "R-walls-at": "dropped: the attack direction is the steepest by construction",
 }
 
 

@@ -153,6 +153,26 @@ def auroc_ci(scores, labels, groups, n_boot: int = 1000, seed: int = 0, level: f
     return est, float(np.quantile(boots, a)), float(np.quantile(boots, 1 - a))
 
 
+def accuracy_ci(correct, groups, n_boot: int = 1000, seed: int = 0, level: float = 0.95):
+    """``(accuracy, lo, hi)``: the share of correct decisions and its percentile-bootstrap interval, resampling
+    images (``groups``) with replacement and keeping each image's samples together. A detector decides on the
+    clean input *and* the adversarial example of each image, two decisions that are not independent, so a
+    Wilson interval over the 2n decisions would be too narrow."""
+    c = _arr(correct, "correct").astype(np.float64)
+    g = np.asarray(groups)
+    if c.shape != g.shape or c.ndim != 1 or c.size == 0:
+        raise ValueError(f"correct and groups must be equal-length 1-D arrays, got {c.shape} and {g.shape}")
+    if not np.isin(c, (0.0, 1.0)).all():
+        raise ValueError("correct must hold 0/1 (or bool) decisions")
+    uniq, inv = np.unique(g, return_inverse=True)
+    k, m = np.bincount(inv, weights=c), np.bincount(inv).astype(np.float64)  # correct and samples per image
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, uniq.size, (n_boot, uniq.size))
+    boots = k[pick].sum(1) / m[pick].sum(1)
+    a = (1 - level) / 2
+    return float(c.mean()), float(np.quantile(boots, a)), float(np.quantile(boots, 1 - a))
+
+
 def confidence_matched_steps(traj, target_confidence, generator: torch.Generator | None = None):
     """The adaptive attack's stopping step per path: ``(steps, matched)``.
 
@@ -210,7 +230,8 @@ def samples(traj, field: str, end_step=None):
 def evaluate(scores, labels, groups, folds: int = 5, seed: int = 0, fpr: float = 0.05,
              n_boot: int = 1000) -> dict:
     """A stump evaluated as a detector on grouped folds: ``accuracy`` (out-of-fold, a
-    :class:`flatnb.stats.Fraction`), ``fold_accuracies``, ``polarity`` (per fold), ``auroc``
+    :class:`flatnb.stats.Fraction` over all decisions), ``accuracy_ci`` (the same with an image-bootstrap interval,
+    :func:`accuracy_ci`: the one to decide on), ``fold_accuracies``, ``polarity`` (per fold), ``auroc``
     ``(estimate, lo, hi)`` with an image-bootstrap interval, and ``tpr`` (a Fraction of the
     adversarial inputs detected at a false-positive rate of at most ``fpr`` on clean inputs)."""
     oriented, pred, accs, pols = out_of_fold_scores(scores, labels, groups, folds, seed)
@@ -218,6 +239,7 @@ def evaluate(scores, labels, groups, folds: int = 5, seed: int = 0, fpr: float =
     tpr = tpr_at_fpr(oriented, t, fpr)
     n1 = int(t.sum())
     return dict(accuracy=Fraction(int((pred == t).sum()), t.size), fold_accuracies=accs,
+                accuracy_ci=accuracy_ci(pred == t, groups, n_boot, seed),
                 polarity=pols, auroc=auroc_ci(oriented, t, groups, n_boot, seed),
                 tpr=Fraction(int(round(tpr * n1)), n1))
 
