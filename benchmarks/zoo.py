@@ -56,9 +56,9 @@ def gemm_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5, threads: int = 1
     return 2 * n**3 * reps / best / 1e9
 
 
-def image_flops(cfg: T.TrainConfig, device, batch: int = 32) -> float:
-    """FLOPs per image of one training step of ``cfg`` (loss with its attack steps, and the backward pass),
-    counted on a step of ``batch`` images (the count is linear in the batch)."""
+def _one_step(cfg: T.TrainConfig, device, batch: int, counter):
+    """One real training step of ``cfg`` (loss with its attack steps, and the backward pass) on ``batch`` random
+    images inside ``counter`` (a FLOP-counting mode); returns the counter."""
     model = T.build_model(cfg).to(device).train()
     x = torch.rand(batch, 3, cfg.image_size, cfg.image_size, device=device)
     y = torch.randint(0, cfg.n_classes, (batch,), device=device)
@@ -68,10 +68,16 @@ def image_flops(cfg: T.TrainConfig, device, batch: int = 32) -> float:
     def autocast():
         return torch.autocast(device.type, dtype=amp, enabled=amp is not None)
 
-    with TotalFlops() as fc:
+    with counter:
         loss, _ = T._loss(model, x, y, cfg, g, autocast)
         loss.backward()
-    return float(fc.total) / batch
+    return counter
+
+
+def image_flops(cfg: T.TrainConfig, device, batch: int = 32) -> float:
+    """FLOPs per image of one training step of ``cfg`` (loss with its attack steps, and the backward pass),
+    counted on a step of ``batch`` images (the count is linear in the batch)."""
+    return float(_one_step(cfg, device, batch, TotalFlops()).total) / batch
 
 
 class TotalFlops(TorchDispatchMode):
@@ -102,17 +108,7 @@ class TotalFlops(TorchDispatchMode):
 
 def flop_counter_flops(cfg: T.TrainConfig, device, batch: int = 32) -> float:
     """The same count as :func:`image_flops` by ``FlopCounterMode`` (standard training only: see TotalFlops)."""
-    model = T.build_model(cfg).to(device).train()
-    x = torch.rand(batch, 3, cfg.image_size, cfg.image_size, device=device)
-    y = torch.randint(0, cfg.n_classes, (batch,), device=device)
-    g = torch.Generator().manual_seed(0)
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(T.select_precision(device, cfg)["autocast"])
-    with FlopCounterMode(display=False) as fc:
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            loss, _ = T._loss(model, x, y, cfg, g, lambda: torch.autocast(device.type, dtype=amp,
-                                                                          enabled=amp is not None))
-        loss.backward()
-    return float(fc.get_total_flops()) / batch
+    return float(_one_step(cfg, device, batch, FlopCounterMode(display=False)).get_total_flops()) / batch
 
 
 def pgd_rates(device, n: int, repeats: int) -> dict:
