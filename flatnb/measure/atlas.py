@@ -147,9 +147,12 @@ def measure(model, pr: Probe, sizes, device, seed: int = 0, robust: dict | None 
     # chapter 3's flip radius (plain ℓ2 ball, bisection; an upper bound on the distance to the boundary)
     xr, yr = x[: sizes.n_radius], y[: sizes.n_radius]
     gen = torch.Generator(device=device).manual_seed(seed)
+    # attack steps in bf16 where sizes.radius_bf16 (every flip confirmed in float32: radius.max_loss_change)
+    low = torch.bfloat16 if getattr(sizes, "radius_bf16", False) else None
     flip = radius.flip_radius(model, xr, yr, torch.zeros(len(yr), device=device, dtype=xr.dtype),
                               torch.full((len(yr),), 0.1, device=device, dtype=xr.dtype), n_iter=sizes.radius_iter,
-                              max_radius=20.0, steps=sizes.radius_steps, restarts=1, generator=gen)
+                              max_radius=20.0, steps=sizes.radius_steps,
+                              restarts=getattr(sizes, "radius_restarts", 1), generator=gen, autocast_dtype=low)
     hi = flip.hi.double().cpu()
     e["radius"] = bootstrap_ci(hi, seed=seed)
     e["per_radius"] = dict(radius=hi, censored=flip.censored.cpu(),
