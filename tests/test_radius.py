@@ -149,9 +149,10 @@ def test_a_reduced_precision_search_counts_only_flips_that_float32_confirms():
     x = torch.randn(16, 5)
     y = net(x).argmax(1)
     tiny = torch.full((16,), 1e-4)  # nothing flips this close to x in float32
-    found = rd.max_loss_change(net, x, y, tiny, steps=5, restarts=0, margin_attack=False,
-                               autocast_dtype=torch.bfloat16)
-    assert not bool(found.flipped.any())  # the autocast passes said "wrong" at every iterate
+    for margin in (False, True):  # the cross-entropy run alone, and with the margin (CW) run
+        found = rd.max_loss_change(net, x, y, tiny, steps=5, restarts=0, margin_attack=margin,
+                                   autocast_dtype=torch.bfloat16)
+        assert not bool(found.flipped.any())  # the autocast passes said "wrong" at every iterate
     # and a flip that exists is still found: a radius far beyond every sample's distance
     far = rd.max_loss_change(net, x, y, torch.full((16,), 50.0), steps=10, restarts=0, margin_attack=False,
                              autocast_dtype=torch.bfloat16)

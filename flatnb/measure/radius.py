@@ -142,9 +142,10 @@ def max_loss_change(model, x: Tensor, y: Tensor, delta, steps: int = 20, restart
 
     ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the attack steps under autocast, two to three times
     faster on a CPU with bf16 units. A label flip is then counted only where float32 confirms it at the
-    iterate (:func:`_verified_flips`; the margin run's iterates are scored outside autocast anyway), so ``flipped``
-    and the radii of :func:`flip_radius` rest on float32 decisions; ``change`` of the cross-entropy runs is
-    then measured in the reduced precision (use float32 for :func:`loss_change_radius`).
+    iterate (:func:`_verified_flips`, for the margin run too), so ``flipped`` and the radii of :func:`flip_radius`
+    rest on float32 decisions; ``change`` then comes from the cross-entropy runs alone, measured in the reduced
+    precision (the margin run's iterates are not scored by the cross-entropy: use float32 for
+    :func:`loss_change_radius`).
     """
     r = torch.as_tensor(delta, dtype=x.dtype, device=x.device).expand(x.shape[0]).clone()
     if bool((r < 0).any()) or not bool(torch.isfinite(r).all()):
@@ -167,12 +168,16 @@ def max_loss_change(model, x: Tensor, y: Tensor, delta, steps: int = 20, restart
             loss = traj.loss.to(l0)
             run_flipped = (_verified_flips(model, ball.point(traj.x), y, traj.pred != y) if low
                            else (traj.pred != y).any(0))
+        elif low:  # the margin run finds flips; under autocast only they are kept, confirmed in float32
+            loss = None
+            run_flipped = _verified_flips(model, ball.point(traj.x), y, traj.pred != y)
         else:  # score the margin attack's iterates by the cross-entropy, outside autocast
             with torch.no_grad():
                 logits = [ball(z) for z in traj.x]
             loss = torch.stack([F.cross_entropy(z, y, reduction="none") for z in logits])
             run_flipped = torch.stack([z.argmax(1) != y for z in logits]).any(0)
-        best = torch.maximum(best, (loss - l0).max(0).values)
+        if loss is not None:
+            best = torch.maximum(best, (loss - l0).max(0).values)
         flipped |= run_flipped
     return Search(best, flipped, xi)
 
