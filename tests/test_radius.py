@@ -178,3 +178,15 @@ def test_flip_radius_in_bf16_steps_stays_an_upper_bound_close_to_float32():
     assert bool((bf16.hi >= dist * (1 - 1e-4)).all())
     # ... and bf16 steps find about the same radius (the step direction changes a little, not the decision)
     assert float(((bf16.hi - fp32.hi).abs() / fp32.hi).median()) < 0.02
+    # the margin run alone (chapter 13's full profile): still an upper bound, about the same radius
+    margin = rd.flip_radius(net, x, y, lo, hi, generator=torch.Generator().manual_seed(1),
+                            autocast_dtype=torch.bfloat16, ce_attack=False, **kw)
+    assert bool((margin.hi >= dist * (1 - 1e-4)).all())
+    assert float(((margin.hi - fp32.hi).abs() / fp32.hi).median()) < 0.02
+
+
+def test_a_search_without_any_attack_is_refused():
+    net = _linear(4, seed=7).float()
+    x = torch.randn(3, 5)
+    with pytest.raises(ValueError, match="no attack would run"):
+        rd.max_loss_change(net, x, net(x).argmax(1), 0.1, ce_attack=False, margin_attack=False)

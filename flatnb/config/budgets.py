@@ -141,20 +141,24 @@ SIZES = {
         # loss, random weight draws, worst-case ascent steps): cost ≈ (2 + samples + worst steps) PGD runs.
         # Full sizes: measured (process CPU time, cProfile, one thread, on 50-input slices of shipped models;
         # session 9): at the first full sizes one robust FastNet-32 took ≈ 8.8 min, the ResNet-18 ≈ 8.5× that.
-        # Now: the flip radius without a random restart, 10 steps, 6 halvings, steps in bf16 with every flip
-        # confirmed in float32 (radius.max_loss_change), 19.8 s per 50 inputs on the PGD-AT FastNet-32 (86.7 s
-        # before); κ on the 2,000 training images; the basin on 100 of the correct inputs (chapter 9
-        # measures E2 at its own sizes); robust flatness on 100 images with PGD-5. Estimate per model on one
-        # thread: FastNet-32 ≈ 2 min, FastNet-64 ≈ 5, ResNet-18 ≈ 15, so the 24 models take ≈ 60 min.
+        # Now: the flip radius by the margin (CW) run alone (radius_ce=False: no cross-entropy run, no random
+        # restart; on 60 inputs each of the PGD-AT FastNet-32 and the FastNet-64 the median radius is the same as
+        # with both runs, 5-15 % of inputs get a bound > 2 % looser, at half the cost), 10 steps, 6 halvings,
+        # steps in bf16 with every flip confirmed in float32 (radius.max_loss_change); κ on the 2,000
+        # training images; the basin on 100 of the correct inputs (chapter 9 measures E2 at its own sizes);
+        # robust flatness on 100 images with PGD-5. Measured with both flip runs: PGD-AT FastNet-32 158 s,
+        # FastNet-64 307 s (flip radius 148 s of it), ResNet-18 ≈ 4× the FastNet-64; with the margin run alone
+        # about 0.75× that: 24 models ≈ 55-60 min on one thread.
         "quick": dict(n_kappa=2000, n_test=1000, n_cal=1000, n_aa=32, aa_norms=("linf",), aa_iter=100,
                       aa_queries=5000, n_basin=64, n_radius=12, radius_steps=10, radius_iter=5, radius_restarts=0,
-                      radius_bf16=True, n_curv=16, n_random=4,
+                      radius_bf16=True, radius_ce=False, n_curv=16, n_random=4,
                       batch=256, temperature_at_bound="raise", aa_zoo=False, n_rflat=32, rflat_samples=2,
                       rflat_pgd_steps=3, rflat_worst_steps=2),
         "full": dict(n_kappa=2000, n_test=2000, n_cal=2000, n_aa=500, aa_norms=("linf", "l2"), aa_iter=100,
                      aa_queries=5000, n_basin=100, n_radius=200, radius_steps=10, radius_iter=6, radius_restarts=0,
-                     radius_bf16=True, n_curv=50, n_random=8, batch=500, temperature_at_bound="raise", aa_zoo=True,
-                     n_rflat=100, rflat_samples=5, rflat_pgd_steps=5, rflat_worst_steps=10)},
+                     radius_bf16=True, radius_ce=False, n_curv=50, n_random=8, batch=500,
+                     temperature_at_bound="raise", aa_zoo=True, n_rflat=100, rflat_samples=5, rflat_pgd_steps=5,
+                     rflat_worst_steps=10)},
 }
 
 

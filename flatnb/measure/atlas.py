@@ -155,7 +155,8 @@ def measure(model, pr: Probe, sizes, device, seed: int = 0, robust: dict | None 
     flip = radius.flip_radius(model, xr, yr, torch.zeros(len(yr), device=device, dtype=xr.dtype),
                               torch.full((len(yr),), 0.1, device=device, dtype=xr.dtype), n_iter=sizes.radius_iter,
                               max_radius=20.0, steps=sizes.radius_steps,
-                              restarts=getattr(sizes, "radius_restarts", 1), generator=gen, autocast_dtype=low)
+                              restarts=getattr(sizes, "radius_restarts", 1), generator=gen, autocast_dtype=low,
+                              ce_attack=getattr(sizes, "radius_ce", True))
     hi = flip.hi.double().cpu()
     e["radius"] = bootstrap_ci(hi, seed=seed)
     e["per_radius"] = dict(radius=hi, censored=flip.censored.cpu(),

@@ -132,13 +132,16 @@ def _verified_flips(model, xs: Tensor, y: Tensor, wrong: Tensor) -> Tensor:
 
 def max_loss_change(model, x: Tensor, y: Tensor, delta, steps: int = 20, restarts: int = 2,
                     generator: torch.Generator | None = None, margin_attack: bool = True,
-                    autocast_dtype: torch.dtype | None = None) -> Search:
+                    autocast_dtype: torch.dtype | None = None, ce_attack: bool = True) -> Search:
     """The strongest cross-entropy change :func:`flatnb.attacks.pgd` (l2) finds in ``B_delta(x)``.
 
     ``delta`` is a scalar or one radius per sample. Runs: cross-entropy PGD from ``x`` and from
     ``restarts`` random starts, plus (``margin_attack``) CW-margin PGD from ``x``; every iterate of
     every run is scored by the cross-entropy in the model's dtype and the maximum is kept. Steps of
     ``2.5 delta / steps``. The model must be in eval mode.
+
+    ``ce_attack=False`` leaves the cross-entropy runs out (the margin run alone: a flip search at half the
+    cost; ``change`` is then the margin run's, scored by the cross-entropy in float32, or zero under autocast).
 
     ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the attack steps under autocast, two to three times
     faster on a CPU with bf16 units. A label flip is then counted only where float32 confirms it at the
@@ -157,7 +160,9 @@ def max_loss_change(model, x: Tensor, y: Tensor, delta, steps: int = 20, restart
     kw = dict(eps=1.0, steps=steps, step_size=2.5 / steps, norm="l2", clip=None, generator=generator,
               warn=False, record=Recorder, autocast_dtype=autocast_dtype)
     low = autocast_dtype is not None
-    runs = [dict(loss="ce", random_start=i > 0, record_inputs=low) for i in range(restarts + 1)]
+    runs = [dict(loss="ce", random_start=i > 0, record_inputs=low) for i in range(restarts + 1)] if ce_attack else []
+    if not runs and not margin_attack:
+        raise ValueError("ce_attack=False needs margin_attack=True: no attack would run")
     if margin_attack:
         runs.append(dict(loss="cw", random_start=False, record_inputs=True))
     for run in runs:
