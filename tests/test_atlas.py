@@ -272,3 +272,13 @@ def test_the_at_pair_is_one_network_trained_with_and_without_the_attack():
         shared = same if profile != "quick" else ("arch", "dataset", "width", "batch_size", "lr", "weight_decay")
         assert {k: getattr(std, k) for k in shared} == {k: getattr(at, k) for k in shared}, profile
         assert at.recipe == "pgd_at" and std.recipe != "pgd_at"
+
+
+def test_the_full_sizes_meet_the_referee_minimums():
+    """Issue 26's minimums for chapter 13's full profile: κ over >= 2,000 training images, flip radii on >= 200
+    inputs, AutoAttack on >= 500 images in both norms, and the n_test probe images hold enough correct inputs."""
+    s = budgets.sizes("13_atlas", "full")
+    assert s["n_kappa"] >= 2000 and s["n_radius"] >= 200 and s["n_aa"] >= 500
+    assert set(s["aa_norms"]) == {"linf", "l2"} and s["n_rflat"] > 0
+    # the attacked inputs are the first correct ones among n_test: a 70 %-accurate model must have n_radius
+    assert 0.7 * s["n_test"] >= max(s["n_radius"], s["n_basin"], s["n_curv"])

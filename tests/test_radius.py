@@ -132,3 +132,61 @@ def test_the_search_leaves_an_eval_mode_model_in_eval_mode():
     x, y = torch.rand(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])
     rd.max_loss_change(net, x, y, 0.1, steps=3, restarts=1)
     assert not any(m.training for m in net.modules())
+
+
+class _AutocastLiarHead(nn.Linear):
+    """A head that negates its logits under CPU autocast: every reduced-precision forward pass misclassifies,
+    every float32 one is the honest linear model."""
+
+    def forward(self, x):
+        z = super().forward(x)
+        return -z if torch.is_autocast_enabled("cpu") else z
+
+
+def test_a_reduced_precision_search_counts_only_flips_that_float32_confirms():
+    torch.manual_seed(3)
+    net = HeadModel(nn.Identity(), _AutocastLiarHead(5, 4)).eval()
+    x = torch.randn(16, 5)
+    y = net(x).argmax(1)
+    tiny = torch.full((16,), 1e-4)  # nothing flips this close to x in float32
+    for margin in (False, True):  # the cross-entropy run alone, and with the margin (CW) run
+        found = rd.max_loss_change(net, x, y, tiny, steps=5, restarts=0, margin_attack=margin,
+                                   autocast_dtype=torch.bfloat16)
+        assert not bool(found.flipped.any())  # the autocast passes said "wrong" at every iterate
+    # and a flip that exists is still found: a radius far beyond every sample's distance
+    far = rd.max_loss_change(net, x, y, torch.full((16,), 50.0), steps=10, restarts=0, margin_attack=False,
+                             autocast_dtype=torch.bfloat16)
+    honest = rd.max_loss_change(net, x, y, torch.full((16,), 50.0), steps=10, restarts=0, margin_attack=False)
+    assert bool(honest.flipped.all()) and bool(far.flipped.all())
+
+
+def test_flip_radius_in_bf16_steps_stays_an_upper_bound_close_to_float32():
+    net = _linear(4, seed=7).float()
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(25, 5, generator=g)
+    w, b = net.head.weight.detach(), net.head.bias.detach()
+    z = x @ w.T + b
+    y = z.argmax(1)
+    gaps = (z.gather(1, y[:, None]) - z) / (w[y][:, None, :] - w[None]).norm(dim=2).clamp_min(1e-30)
+    dist = gaps.masked_fill(F.one_hot(y, 4).bool(), float("inf")).min(1).values
+    kw = dict(n_iter=12, steps=20, restarts=1, max_radius=100.0)
+    lo, hi = torch.zeros(25), torch.full((25,), 0.05)
+    fp32 = rd.flip_radius(net, x, y, lo, hi, generator=torch.Generator().manual_seed(1), **kw)
+    bf16 = rd.flip_radius(net, x, y, lo, hi, generator=torch.Generator().manual_seed(1),
+                          autocast_dtype=torch.bfloat16, **kw)
+    # every flip counted was confirmed in float32, so the radius never undercuts the true distance ...
+    assert bool((bf16.hi >= dist * (1 - 1e-4)).all())
+    # ... and bf16 steps find about the same radius (the step direction changes a little, not the decision)
+    assert float(((bf16.hi - fp32.hi).abs() / fp32.hi).median()) < 0.02
+    # the margin run alone (chapter 13's full profile): still an upper bound, about the same radius
+    margin = rd.flip_radius(net, x, y, lo, hi, generator=torch.Generator().manual_seed(1),
+                            autocast_dtype=torch.bfloat16, ce_attack=False, **kw)
+    assert bool((margin.hi >= dist * (1 - 1e-4)).all())
+    assert float(((margin.hi - fp32.hi).abs() / fp32.hi).median()) < 0.02
+
+
+def test_a_search_without_any_attack_is_refused():
+    net = _linear(4, seed=7).float()
+    x = torch.randn(3, 5)
+    with pytest.raises(ValueError, match="no attack would run"):
+        rd.max_loss_change(net, x, net(x).argmax(1), 0.1, ce_attack=False, margin_attack=False)

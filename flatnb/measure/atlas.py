@@ -124,13 +124,16 @@ def measure(model, pr: Probe, sizes, device, seed: int = 0, robust: dict | None 
                                    seed=seed, n_iter=sizes.aa_iter, n_queries=sizes.aa_queries)
             e[f"aa_{norm}"] = Fraction.of((r.clean_correct & ~r.success).cpu())
 
-    # chapter 9's basin width (E2 attack, rise > 0.1 log k) and chapter 5's valley end, on correct inputs
-    x, y = _tensors(pr.test, sizes.n_basin, device)
-    ok = raw["correct"][: len(y)].to(device)
-    x, y = x[ok], y[ok]
-    if len(y) == 0:
-        raise EmptySelection("the model classifies none of the basin images correctly: nothing to measure; "
-                         "check the model (its clean accuracy is " f"{e['clean'].pct()})")
+    # the attacked inputs: the first correctly classified test images, n_basin of them for chapter 9's basin
+    # width (E2 attack, rise > 0.1 log k) and chapter 5's valley end, n_radius for the flip radius, n_curv for
+    # the curvature (each a prefix of the same list, so every model is measured on its first correct images)
+    keep = raw["correct"].nonzero().flatten()[: max(sizes.n_basin, sizes.n_radius, sizes.n_curv)]
+    if len(keep) == 0:
+        raise EmptySelection("the model classifies none of the probe's test images correctly: nothing to "
+                             f"measure; check the model (its clean accuracy is {e['clean'].pct()})")
+    xs = pr.test.images[keep].to(device).float().div(255)
+    ys = pr.test.labels[keep].to(device)
+    x, y = xs[: sizes.n_basin], ys[: sizes.n_basin]
     res = attacks.pgd(model, x, y, **dict(budgets.ATTACKS["pgd_l2_e2"], loss="ce", random_start=False,
                                           record=trajectory.Recorder))
     width = trajectory.basin_width(res.trajectory.loss, rise=0.1 * math.log(k)).clamp_max(res.steps_run + 1)
@@ -145,19 +148,23 @@ def measure(model, pr: Probe, sizes, device, seed: int = 0, robust: dict | None 
     e["valley_end_flatter"] = Fraction.of((terms.kappa_sq < k0)[flipped].cpu()) if bool(flipped.any()) else None
 
     # chapter 3's flip radius (plain ℓ2 ball, bisection; an upper bound on the distance to the boundary)
-    xr, yr = x[: sizes.n_radius], y[: sizes.n_radius]
+    xr, yr = xs[: sizes.n_radius], ys[: sizes.n_radius]
     gen = torch.Generator(device=device).manual_seed(seed)
+    # attack steps in bf16 where sizes.radius_bf16 (every flip confirmed in float32: radius.max_loss_change)
+    low = torch.bfloat16 if getattr(sizes, "radius_bf16", False) else None
     flip = radius.flip_radius(model, xr, yr, torch.zeros(len(yr), device=device, dtype=xr.dtype),
                               torch.full((len(yr),), 0.1, device=device, dtype=xr.dtype), n_iter=sizes.radius_iter,
-                              max_radius=20.0, steps=sizes.radius_steps, restarts=1, generator=gen)
+                              max_radius=20.0, steps=sizes.radius_steps,
+                              restarts=getattr(sizes, "radius_restarts", 1), generator=gen, autocast_dtype=low,
+                              ce_attack=getattr(sizes, "radius_ce", True))
     hi = flip.hi.double().cpu()
     e["radius"] = bootstrap_ci(hi, seed=seed)
     e["per_radius"] = dict(radius=hi, censored=flip.censored.cpu(),
-                           kappa_sq=k0[: sizes.n_radius].double().cpu(),
-                           p_top=raw["p_top"][: sizes.n_basin][ok.cpu()][: sizes.n_radius])
+                           kappa_sq=per_test["kappa_sq"][keep[: sizes.n_radius]],
+                           p_top=raw["p_top"][keep[: sizes.n_radius]])
 
     # chapter 11's calibrated input-space curvature vᵀ∇²ℓ_T v along random unit directions (median over them)
-    xc, yc = x[: sizes.n_curv], y[: sizes.n_curv]
+    xc, yc = xs[: sizes.n_curv], ys[: sizes.n_curv]
     g = torch.Generator(device=device).manual_seed(seed + 1)
     dirs = cv.unit_directions(torch.randn((sizes.n_random, *xc.shape), generator=g, device=device))
     curv = cv.directional_curvature(model, xc, yc, dirs, loss_fn=calibration.calibrated_ce(temp, "sum"))
