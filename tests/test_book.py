@@ -143,6 +143,7 @@ def test_executing_on_the_cpu_never_replaces_a_full_profile_page(repo, monkeypat
 def test_output_folder_leaves_book_alone_and_failures_do_not_stop_the_run(repo, monkeypatch, capsys):
     calls = []
     calls_fail_b[0] = True
+    envs.clear()
     monkeypatch.setattr(book, "execute", _fake_execute(calls))
     before = {p.name: p.read_text() for p in (repo / "book").iterdir()}
     out = repo / "elsewhere"
@@ -151,6 +152,7 @@ def test_output_folder_leaves_book_alone_and_failures_do_not_stop_the_run(repo, 
     finally:
         calls_fail_b[0] = False
     assert {p.name: p.read_text() for p in (repo / "book").iterdir()} == before
+    assert envs and all(e == {"FLATNB_RUN_DIR": str(out.resolve())} for e in envs)  # records beside them
     assert (out / "01_a.ipynb").is_file() and not (out / "02_b.ipynb").exists()
     assert (repo / "_build" / "failed" / "02_b.ipynb").is_file()
     log = capsys.readouterr().out

@@ -2,7 +2,8 @@
 
     python -m flatnb.book                       execute every chapter in place (book/), then build the HTML
     python -m flatnb.book --only 05 12 --no-build
-    python -m flatnb.book --output /tmp/run     executed chapters go to /tmp/run, book/ is left alone
+    python -m flatnb.book --output /tmp/run     executed chapters and their run records go to /tmp/run,
+                                                book/ and runs/ are left alone
     python -m flatnb.book --no-execute          build the HTML from the stored outputs only (about a minute)
     python -m flatnb.book --profile full --jobs 2
                                                 paper grade on the shipped evidence models, on any device
@@ -411,8 +412,9 @@ def main(argv: list[str] | None = None) -> int:
                 for c in current:
                     print(f"skip {c.stem}: its full record in {folder} is current (--force runs it again)")
                 paths = [c for c in paths if c not in current]
-        elif args.output is not None:
+        elif args.output is not None:  # the run records go there too: runs/ is left alone like book/
             destination = lambda c: args.output / c.name  # noqa: E731
+            env = {"FLATNB_RUN_DIR": str(Path(args.output).resolve())}
         else:
             destination = lambda c: c  # noqa: E731
         readers = [c for c in paths if c.stem in READS_RECORDS]

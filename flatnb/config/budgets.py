@@ -147,8 +147,10 @@ SIZES = {
         # steps in bf16 with every flip confirmed in float32 (radius.max_loss_change); κ on the 2,000
         # training images; the basin on 100 of the correct inputs (chapter 9 measures E2 at its own sizes);
         # robust flatness on 100 images with PGD-5. Measured with both flip runs: PGD-AT FastNet-32 158 s,
-        # FastNet-64 307 s (flip radius 148 s of it), ResNet-18 ≈ 4× the FastNet-64; with the margin run alone
-        # about 0.75× that: 24 models ≈ 55-60 min on one thread.
+        # FastNet-64 307 s (flip radius 148 s of it), ResNet-18 ≈ 4× the FastNet-64. Measured at these sizes
+        # (margin run alone): a standard FastNet-32 and the PGD-AT one 98 s each (flip radius 29 and 40 s,
+        # robust flatness 28 and 30 s), so 22 FastNet-32s ≈ 36 min, the FastNet-64 ≈ 4 and the ResNet-18
+        # ≈ 15 (estimated from the ratios above): ≈ 55 min on one thread.
         "quick": dict(n_kappa=2000, n_test=1000, n_cal=1000, n_aa=32, aa_norms=("linf",), aa_iter=100,
                       aa_queries=5000, n_basin=64, n_radius=12, radius_steps=10, radius_iter=5, radius_restarts=0,
                       radius_bf16=True, radius_ce=False, n_curv=16, n_random=4,
