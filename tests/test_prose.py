@@ -36,6 +36,9 @@ CONSTANTS = {
            "200": "the full profile's minimum of correctly classified AT images (budgets.SIZES, min_at_correct)",
            "60": "the AT bar's clean accuracy (claims.adequate_at)", "15": "the ECE's number of bins",
            "20": "the attack direction's number of PGD steps"},
+    "12": {"25": "the worked example of the interval rule: 25 successes ...", "30": "... of 30 trials",
+           "0.83": "arithmetic: 25 / 30", "0.66": "arithmetic: the Wilson 95 % interval of 25 of 30, lower end",
+           "0.93": "arithmetic: the same interval's upper end"},
     "13": {"20,000": "the quick zoo's training images (flatnb.config.recipes)"},
 }
 
