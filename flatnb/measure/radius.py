@@ -169,13 +169,11 @@ def max_loss_change(model, x: Tensor, y: Tensor, delta, steps: int = 20, restart
         res = fa.pgd(ball, x, y, **kw, **run)
         traj = res.trajectory
         xi = ball.point(res.x_adv).detach() if xi is None else xi
-        if run["loss"] == "ce":
-            loss = traj.loss.to(l0)
-            run_flipped = (_verified_flips(model, ball.point(traj.x), y, traj.pred != y) if low
-                           else (traj.pred != y).any(0))
-        elif low:  # the margin run finds flips; under autocast only they are kept, confirmed in float32
-            loss = None
+        loss = traj.loss.to(l0) if run["loss"] == "ce" else None
+        if low:  # under autocast a flip is kept only where float32 confirms it at the iterate
             run_flipped = _verified_flips(model, ball.point(traj.x), y, traj.pred != y)
+        elif loss is not None:
+            run_flipped = (traj.pred != y).any(0)
         else:  # score the margin attack's iterates by the cross-entropy, outside autocast
             with torch.no_grad():
                 logits = [ball(z) for z in traj.x]
