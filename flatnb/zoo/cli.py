@@ -63,6 +63,15 @@ def _clean_with_check(model, config_or_dataset, device) -> dict:
     return out
 
 
+def _aa(model, dataset: str, n: int, device, norm: str) -> dict:
+    """:func:`robust.autoattack` on ``model`` laid out channels-last: the same float32 weights and the same
+    reference attack, about 1.4 times faster on a CPU (``benchmarks/aa_layout.py`` measures the ratio and that
+    the per-image outcomes agree). The cache key (the weights' SHA-256) does not depend on the layout."""
+    rob = robust.autoattack(model.to(memory_format=torch.channels_last), dataset, n, device, norm=norm)
+    rob["layout"] = "channels_last, float32"
+    return rob
+
+
 def _shard(names: list[str], shard: str | None) -> list[str]:
     if shard is None:
         return names
@@ -111,7 +120,7 @@ def _train_one(name: str, args, device, root) -> None:
         entry["clean"] = _clean_with_check(model, "cifar10", device)
         print(f"[{name}] clean {100 * entry['clean']['value']:.2f} % on {entry['clean']['n']:,}", flush=True)
         if aa_n and args.aa:
-            entry["robust"] = [robust.autoattack(model, "cifar10", aa_n, device, norm=nm) for nm in aa_norms]
+            entry["robust"] = [_aa(model, "cifar10", aa_n, device, nm) for nm in aa_norms]
             for r in entry["robust"]:
                 print(f"[{name}] AutoAttack {r['norm']} {100 * r['value']:.1f} % on {aa_n}", flush=True)
         entry["commit"] = mf._git_commit()
@@ -146,7 +155,7 @@ def _train_one(name: str, args, device, root) -> None:
     shipped = shipped.to(device).eval()
     clean = _clean_with_check(shipped, config, device)
     clean["value_fp32"] = _clean(model, config, device)["value"]
-    measured = ([robust.autoattack(shipped, config.dataset, aa_n, device, norm=nm) for nm in aa_norms]
+    measured = ([_aa(shipped, config.dataset, aa_n, device, nm) for nm in aa_norms]
                 if aa_n and args.aa else [])
     training = {"device": describe_device(device), "threads": torch.get_num_threads(), "minutes": minutes,
                 "history": history}
@@ -162,7 +171,7 @@ def measure(name: str, n: int, root=None, device="cpu", norm: str = "linf") -> d
     (resumable in chunks), recorded in its manifest entry in place of an earlier measurement of the same attack,
     norm and radius."""
     model = mf.load(name, device, root)
-    rob = robust.autoattack(model, "cifar10", n, device, norm=norm)
+    rob = _aa(model, "cifar10", n, device, norm)
     rob["commit"] = mf._git_commit()
     entry = mf.read_manifest(root)["models"][name]
     entry["robust"] = [r for r in entry.get("robust", []) if (r["attack"], r["norm"], r["eps"]) !=
