@@ -303,6 +303,29 @@ def test_train_adds_only_the_missing_autoattack_norms(tmp_path, monkeypatch):
         robust.measured({"robust": [rec]}, 10, "l1")
 
 
+def test_the_zoo_attacks_a_channels_last_copy_under_the_same_cache_key(monkeypatch):
+    """The zoo command's AutoAttack runs on the model laid out channels-last (faster on a CPU, same float32
+    weights): the attack sees that layout, the manifest records it, the logits agree to float32 rounding, and the
+    cache key (the weights' SHA-256) is the one of the default layout, so cached chunks stay valid."""
+    model = _model(_config())
+    key = mf.state_sha256(model.state_dict())
+    x = torch.rand(8, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+    seen = {}
+
+    def fake(m, dataset, n, device, norm="linf"):
+        conv = next(p for p in m.parameters() if p.dim() == 4)
+        seen.update(layout=conv.is_contiguous(memory_format=torch.channels_last), key=mf.state_sha256(m.state_dict()))
+        return {"value": 0.0, "n": n}
+
+    monkeypatch.setattr(cli.robust, "autoattack", fake)
+    rob = cli._aa(model, "cifar10", 10, "cpu", "linf")
+    assert seen == {"layout": True, "key": key} and rob["layout"] == "channels_last, float32"
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+
+
 def test_the_catalogue_fits_the_60_mb_of_shipped_weights():
     """Issue 24: weights/ ships every catalogued model in half precision within 60 MB; a recipe too wide for that
     fails here, before hours of training (the shipped files are checked by the test above)."""
