@@ -109,3 +109,36 @@ def test_directions_and_measure_over_a_dataset():
         assert all(torch.isfinite(v).all() for v in out[kind].values())
     # the attack direction lowers the margin at least as much as the gradient direction's first step
     assert float(out["attack"]["margin"][0].median()) > 0
+
+
+def test_curvature_runs_outside_autograd_and_images_go_in_chunks(monkeypatch):
+    """Chapter 11's full run ran out of memory: each HVP of a model whose weights require gradients kept a graph
+    to the weights. measure_batch computes the curvatures with autograd off (same values), and measure sends at
+    most walls.CHUNK images at once whatever the batch size."""
+    model = _linear_model(dtype=torch.float32)
+    assert all(p.requires_grad for p in model.parameters())
+    real, grad_modes, sizes = walls.cv.directional_curvature, [], []
+
+    def spy(m, x, y, d, loss_fn=None):
+        grad_modes.append(torch.is_grad_enabled())
+        sizes.append(len(x))
+        return real(m, x, y, d, loss_fn=loss_fn)
+
+    monkeypatch.setattr(walls.cv, "directional_curvature", spy)
+    monkeypatch.setattr(walls, "CHUNK", 5)
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (16, 3, 4, 4), generator=g, dtype=torch.uint8)
+    with torch.no_grad():
+        labels = model(images.float() / 255).argmax(1)  # all correct
+    ds = fdata.Dataset(images, labels, ["a", "b", "c", "d"])
+    pool_x, pool_y = torch.rand(40, 3, 4, 4, generator=g), torch.arange(40) % 4
+    out = walls.measure(model, ds, 1.3, pool_x, pool_y, (0.1,), 2, 16, "cpu")
+    assert grad_modes and not any(grad_modes)
+    assert max(sizes) == 5 and out["random"]["curv"].shape == (16,)
+    with torch.enable_grad():  # the same values with autograd on
+        x, y = images[:5].float() / 255, labels[:5]
+        d = walls.cv.unit_directions(torch.randn((2, *x.shape), generator=g))
+        on = real(model, x, y, d)
+        with torch.no_grad():
+            off = real(model, x, y, d)
+    torch.testing.assert_close(on.detach(), off)

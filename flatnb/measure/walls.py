@@ -35,6 +35,9 @@ OFF = ("random", "gradient", "attack")
 QUANTITIES = ("curv", "curv_cal", "rise_cal", "margin")
 #: the attack whose step gives the "attack" direction: PGD-ℓ2, ε = 0.5, 20 steps of 0.05, no random start
 ATTACK = dict(eps=0.5, steps=20, step_size=0.05, norm="l2", random_start=False, warn=False)
+#: at most this many images go through the directions and Hessian-vector products at once, whatever the batch
+#: size, so that memory does not grow with it
+CHUNK = 64
 
 
 def directions(model, x: Tensor, y: Tensor, pool_x: Tensor, pool_y: Tensor, n_random: int,
@@ -73,8 +76,12 @@ def measure_batch(model, x: Tensor, y: Tensor, dirs: dict[str, Tensor], temperat
         def along(fn):
             return torch.stack([cv.loss_along(model, x, y, v, both, loss_fn=fn) for v in d])
         up, lost = along(ce_t), along(calibration.negative_margin)
-        curv = cv.directional_curvature(model, x, y, d)
-        curv_cal = cv.directional_curvature(model, x, y, d, loss_fn=ce_sum)
+        # outside autograd: the forward-over-reverse HVP of a model whose weights require gradients otherwise
+        # keeps a graph to the weights per direction (about 250 MB per direction for 64 images of a FastNet-32;
+        # chapter 11's full run ran out of 24 GB with 12 random directions), and the values are the same
+        with torch.no_grad():
+            curv = cv.directional_curvature(model, x, y, d)
+            curv_cal = cv.directional_curvature(model, x, y, d, loss_fn=ce_sum)
         vals = {"curv": curv, "curv_cal": curv_cal,
                 "rise_cal": torch.maximum(up[:, :k], up[:, k:]),
                 "margin": torch.maximum(lost[:, :k], lost[:, k:]) / m0}
@@ -93,9 +100,9 @@ def measure(model, dataset, temperature: float, pool_x: Tensor, pool_y: Tensor, 
             ok = model(x).argmax(1) == y
         if not bool(ok.any()):
             continue
-        x, y = x[ok], y[ok]
-        parts.append(measure_batch(model, x, y, directions(model, x, y, pool_x, pool_y, n_random, gen),
-                                   temperature, ts))
+        for xc, yc in zip(x[ok].split(CHUNK), y[ok].split(CHUNK)):
+            parts.append(measure_batch(model, xc, yc, directions(model, xc, yc, pool_x, pool_y, n_random, gen),
+                                       temperature, ts))
     if not parts:
         raise EmptySelection("no image of the dataset is classified correctly: nothing to measure")
     out = {kind: {q: torch.cat([p[kind][q] for p in parts], dim=-1) for q in QUANTITIES} for kind in parts[0]}
