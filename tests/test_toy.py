@@ -1,6 +1,7 @@
 """flatnb.measure.toy: the theory chapters' synthetic data, fits and 2-D landscapes."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -93,3 +94,37 @@ def test_head_hessian_through_network_is_the_kronecker_form():
     m = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
     kron = torch.stack([torch.kron(mi, f[:, None] * f[None]) for mi, f in zip(m, phi)])
     torch.testing.assert_close(h, kron, rtol=1e-12, atol=1e-14)
+
+
+def test_head_hessian_checks_reduce_the_dense_hessians_chunk_by_chunk():
+    """Chapter 1's reference at full size: the chunked reductions equal those of the stacked Hessians (computed
+    here with numpy from the Kronecker form, independently of the package's reference), for any chunk size."""
+    net = toy.blob_mlp(4, 6, 3, seed=1)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(7, 4, dtype=DT, generator=g)
+    y = torch.tensor([0, 2, 1, 1, 0, 2, 0])
+    with torch.no_grad():
+        phi = net.features(x).numpy()
+        p = torch.softmax(net(x), 1).numpy()
+    w = net.head.weight.detach().numpy()
+    h = np.stack([np.kron(np.diag(pi) - np.outer(pi, pi), np.outer(f, f)) for pi, f in zip(p, phi)])
+    k, m = w.shape
+    blocks = h.reshape(len(h), k, m, k, m)
+    neuron = np.einsum("st,nsiti->n", w @ w.T, blocks)
+    def kron(f, pr):  # the Kronecker form of the chunk's features and probabilities
+        return torch.stack([torch.kron(torch.diag(q) - torch.outer(q, q), torch.outer(a, a)) for q, a in zip(pr, f)])
+
+    def shifted(f, pr):  # a "closed form" off by 1e-3 everywhere
+        return kron(f, pr) + 1e-3
+    for chunk in (1, 3, 16):
+        ref = toy.head_hessian_checks(net, x, y, closed=shifted, chunk=chunk)
+        np.testing.assert_allclose(ref["trace"].numpy(), np.trace(h, axis1=1, axis2=2), rtol=1e-12)
+        np.testing.assert_allclose(ref["kappa_layer"].numpy(), (w ** 2).sum() * np.trace(h, axis1=1, axis2=2),
+                                   rtol=1e-12)
+        np.testing.assert_allclose(ref["kappa_neuron"].numpy(), neuron, rtol=1e-10, atol=1e-14)
+        assert ref["size"] == k * m
+        np.testing.assert_allclose(ref["max_diff"].numpy(), np.full(7, 1e-3), rtol=1e-9)
+    ok = toy.head_hessian_checks(net, x, y, closed=kron, chunk=3)
+    assert float(ok["max_diff"].max()) < 1e-14
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        toy.head_hessian_checks(net, x, y, closed=shifted, chunk=0)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from flatnb import data as fdata
+from flatnb.curvature.reference import kappa_from_hessian
 
 from flatnb.models.architectures import MLP, SmallReLUNet
 
@@ -82,6 +83,31 @@ def head_hessian_through_network(net, x: Tensor, y: Tensor) -> Tensor:
 
     return torch.stack([torch.autograd.functional.hessian(lambda w: loss(w, xi, yi), w0.reshape(-1))
                         for xi, yi in zip(x, y)])
+
+
+def head_hessian_checks(net, x: Tensor, y: Tensor, closed, chunk: int = 16) -> dict:
+    """The Hessians of :func:`head_hessian_through_network`, reduced chunk by chunk so that memory does not grow
+    with the number of examples (each is (km)^2 float64: 200 of a 256-wide head over 10 classes take 10 GB).
+
+    Per example: ``trace`` (Tr H), ``kappa_layer`` and ``kappa_neuron`` (Petzka et al.'s definitions on the
+    dense Hessian, :func:`flatnb.curvature.kappa_from_hessian`) and ``max_diff``, the largest entry-wise
+    difference to ``closed(phi, probs)``: the code under test's Hessians from the network's features and softmax
+    probabilities. ``size``: km."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    w = net.head.weight.detach()
+    out = {"trace": [], "kappa_layer": [], "kappa_neuron": [], "max_diff": []}
+    for xc, yc in zip(x.split(chunk), y.split(chunk)):
+        h = head_hessian_through_network(net, xc, yc)
+        with torch.no_grad():
+            phi = net.features(xc)
+            diff = (closed(phi, torch.softmax(net.head(phi), -1)) - h).abs().amax((-1, -2))
+        layer, neuron = kappa_from_hessian(h, w)
+        for key, v in (("trace", torch.diagonal(h, dim1=-2, dim2=-1).sum(-1)), ("kappa_layer", layer),
+                       ("kappa_neuron", neuron), ("max_diff", diff)):
+            out[key].append(v)
+        del h
+    return {**{k: torch.cat(v) for k, v in out.items()}, "size": w.numel()}
 
 
 def high_precision_terms(phi: Tensor, logits: Tensor, weight: Tensor, dps: int = 50) -> tuple[Tensor, Tensor]:
