@@ -322,6 +322,8 @@ def test_the_zoo_attacks_a_channels_last_copy_under_the_same_cache_key(monkeypat
     monkeypatch.setattr(cli.robust, "autoattack", fake)
     rob = cli._aa(model, "cifar10", 10, "cpu", "linf")
     assert seen == {"layout": True, "key": key} and rob["layout"] == "channels_last, float32"
+    conv = next(p for p in model.parameters() if p.dim() == 4)
+    assert not conv.is_contiguous(memory_format=torch.channels_last)  # the caller's model is left as it was
     with torch.no_grad():
         torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
 
