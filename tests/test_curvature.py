@@ -263,6 +263,32 @@ def test_input_gradient_and_hvp(input_case):
     torch.testing.assert_close(fl.input_hvp(net, x, y, v), torch.einsum("nij,nj->ni", dense, v), rtol=1e-10, atol=1e-12)
 
 
+def test_input_measurements_hold_no_graph(input_case, monkeypatch):
+    """Session 10's ch11 OOM: each HVP kept a graph through the parameters (grad_fn set) alive.
+
+    Fails if any input-space measurement returns a tensor that still needs grad, on both AD routes.
+    """
+    net, x, y, _ = input_case
+    assert all(p.requires_grad for p in net.parameters())
+    v = torch.randn(x.shape, dtype=DT, generator=torch.Generator().manual_seed(4))
+    outs = {
+        "input_gradient": fl.input_gradient(net, x, y),
+        "input_hvp": fl.input_hvp(net, x, y, v),
+        "directional_curvature": fl.directional_curvature(net, x, y, v),
+        "input_top_eigenvalue": fl.input_top_eigenvalue(net, x, y, n_iter=3).values,
+    }
+    for name, t in outs.items():
+        assert not t.requires_grad and t.grad_fn is None, name
+    # the double-backward route (taken where forward-mode AD is unsupported) too
+    def no_jvp(*a, **k):
+        raise NotImplementedError("forced fallback")
+
+    monkeypatch.setattr(torch.func, "jvp", no_jvp)
+    w = fl.input_hvp(net, x, y, v)
+    assert not w.requires_grad and w.grad_fn is None
+    torch.testing.assert_close(w, outs["input_hvp"], rtol=1e-10, atol=1e-12)
+
+
 def test_directional_curvature(input_case):
     net, x, y, dense = input_case
     d = torch.randn(3, *x.shape, dtype=DT, generator=torch.Generator().manual_seed(3))

@@ -41,10 +41,11 @@ def input_gradient(model, x: Tensor, y: Tensor, loss_fn=None) -> Tensor:
     """Per-sample loss gradient w.r.t. the input, same shape as ``x``.
 
     ``loss_fn(logits, y)`` must return the *sum* of per-sample losses (default: CE sum).
+    A measurement: the result is detached (it holds no graph through the model's parameters).
     """
     require_eval(model)
     _check_xy(x, y)
-    return torch.func.grad(_input_loss(model, y, loss_fn))(x.detach())
+    return torch.func.grad(_input_loss(model, y, loss_fn))(x.detach()).detach()
 
 
 def input_gradient_norm(model, x: Tensor, y: Tensor, loss_fn=None) -> Tensor:
@@ -55,7 +56,9 @@ def input_gradient_norm(model, x: Tensor, y: Tensor, loss_fn=None) -> Tensor:
 def input_hvp(model, x: Tensor, y: Tensor, v: Tensor, loss_fn=None) -> Tensor:
     """Per-sample input Hessian-vector product ``(grad_x^2 loss_i) v_i``, same shape as ``x``.
 
-    Forward-over-reverse; double backward where forward-mode AD is unsupported.
+    Forward-over-reverse; double backward where forward-mode AD is unsupported.  A measurement: the
+    result is detached, so a loop of HVPs (power iteration, many directions) does not keep one autograd
+    graph through the model's parameters per call alive.
     """
     require_eval(model)
     _check_xy(x, y)
@@ -68,12 +71,12 @@ def input_hvp(model, x: Tensor, y: Tensor, v: Tensor, loss_fn=None) -> Tensor:
             # torch loads its forward-mode AD decompositions through torch.jit.script on the first
             # jvp of a process and warns that jit.script is deprecated; nothing to act on
             warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
-            return torch.func.jvp(torch.func.grad(f), (x0,), (v,))[1]
+            return torch.func.jvp(torch.func.grad(f), (x0,), (v,))[1].detach()
     except (RuntimeError, NotImplementedError):
         xr = x0.clone().requires_grad_(True)
         with torch.enable_grad(), _math_attention():
             g = torch.autograd.grad(f(xr), xr, create_graph=True)[0]
-            return torch.autograd.grad(g, xr, v)[0]
+            return torch.autograd.grad(g, xr, v)[0].detach()
 
 
 def directional_curvature(model, x: Tensor, y: Tensor, directions: Tensor, loss_fn=None) -> Tensor:
