@@ -224,6 +224,54 @@ def test_a_record_is_current_only_when_complete_and_its_code_unchanged(tmp_path,
     assert not book.record_is_current(tmp_path, "cpu", "05_x")
 
 
+def test_a_chapter_without_rows_gets_a_record_from_the_runner(tmp_path):
+    """Chapter 1 and chapter 12 save no verdict rows: the runner writes their full record (rows: []), else
+    their full run would never count as complete and would run again on every resume."""
+    import os
+    import time
+
+    from flatnb.evidence import run_records
+
+    nb, js = book.record_paths(tmp_path, "cpu", "01_relative_flatness", "full")
+    started = time.time()
+    assert book.mark_complete(js, "01_relative_flatness", {"profile": "full", "device": "cpu"}, 12.5, started) == js
+    nb.write_text("{}")
+    rec = run_records.load(js)
+    assert rec["rows"] == [] and rec["meta"]["wall_s"] == 12.5 and rec["meta"]["profile"] == "full"
+    files = rec["meta"]["fingerprint"]["files"]
+    # every module of the package, not only those this process imported
+    assert len([f for f in files if f.startswith("flatnb/")]) == len(book.package_modules()) > 40
+    assert "book/01_relative_flatness.ipynb" in files and "flatnb/measure/walls.py" in files
+    assert book.record_is_current(tmp_path, "cpu", "01_relative_flatness")
+    # a chapter that wrote its own record during the run is left alone
+    before = js.read_text()
+    assert book.mark_complete(js, "01_relative_flatness", {"profile": "full"}, 1.0, started - 60) is None
+    assert js.read_text() == before
+    # a chapter with required rows that wrote none gets nothing: its run is not current
+    _, js5 = book.record_paths(tmp_path, "cpu", "05_uncanny_valley", "full")
+    assert book.mark_complete(js5, "05_uncanny_valley", {"profile": "full"}, 1.0, time.time()) is None
+    assert not js5.exists()
+    # a reader (chapter 12) is current only while no record it reads is newer
+    nb12, js12 = book.record_paths(tmp_path, "cpu", "12_verdict", "full")
+    book.mark_complete(js12, "12_verdict", {"profile": "full", "device": "cpu"}, 3.0, time.time())
+    nb12.write_text("{}")
+    os.utime(js, (1_000, 1_000))
+    os.utime(js12, (2_000, 2_000))
+    os.utime(nb12, (2_000, 2_000))
+    assert book.record_is_current(tmp_path, "cpu", "12_verdict")
+    os.utime(js, (3_000, 3_000))  # chapter 1's record is newer than the verdict that read the records
+    assert not book.record_is_current(tmp_path, "cpu", "12_verdict")
+
+
+def test_the_runner_marks_a_full_chapter_complete_before_it_moves_the_notebook(repo, monkeypatch):
+    monkeypatch.setattr(book, "execute", _fake_execute([]))
+    monkeypatch.setattr(book, "cuda_available", lambda: False)
+    assert book.main(["--profile", "full", "--no-build", "--only", "01_a"]) == 0
+    nb, js = book.record_paths(repo / "runs", "cpu", "01_a", "full")
+    assert js.is_file() and nb.stat().st_mtime >= js.stat().st_mtime
+    assert json.loads(js.read_text())["rows"] == []
+
+
 def test_lanes_balance_the_estimates_and_keep_book_order():
     stems = ["01", "02", "03", "04", "05"]
     est = {"01": 60, "02": 10, "03": 25, "04": 25, "05": 5}
@@ -242,8 +290,11 @@ def test_full_profile_writes_run_records_not_book(repo, monkeypatch, capsys):
     monkeypatch.setattr(book, "execute", _fake_execute(calls))
     monkeypatch.setattr(book, "cuda_available", lambda: True)
     monkeypatch.setattr(book, "device_slug", lambda device=None: "nvidia-h200")
+    marked = []  # no GPU here to describe in a record's metadata: only where the runner would write one
+    monkeypatch.setattr(book, "mark_complete", lambda js, stem, *a: marked.append(js))
     before = {p.name: p.read_text() for p in (repo / "book").iterdir()}
     assert book.main(["--profile", "full", "--device", "cuda", "--no-build"]) == 0
+    assert marked == [repo / "runs" / "nvidia-h200" / f"{s}.full.json" for s in ("01_a", "02_b")]
     assert {p.name: p.read_text() for p in (repo / "book").iterdir()} == before
     for stem in ("01_a", "02_b"):
         assert (repo / "runs" / "nvidia-h200" / f"{stem}.full.ipynb").is_file()
@@ -368,6 +419,7 @@ def test_auto_on_a_gpu_writes_run_records_and_on_the_cpu_the_book(repo, monkeypa
     monkeypatch.setattr(book, "execute", _fake_execute(calls))
     monkeypatch.setattr(book, "device_slug", lambda device=None: "nvidia-h200")
     monkeypatch.setattr(book, "cuda_available", lambda: True)
+    monkeypatch.setattr(book, "mark_complete", lambda *a: None)  # a faked GPU: no device to describe in a record
     assert book.main(["--only", "01", "--no-build"]) == 0
     assert (repo / "runs" / "nvidia-h200" / "01_a.full.ipynb").is_file()
     assert "executed with" not in _text(repo / "book" / "01_a.ipynb")

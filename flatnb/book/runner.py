@@ -37,6 +37,7 @@ before a chapter is written, so the committed ``profile = "auto"`` still reaches
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import signal
@@ -220,11 +221,48 @@ def run(paths: list[Path], destination, parameters: dict | None, cell_timeout: i
             print(" interrupted", flush=True)
             raise
         os.chmod(tmp_path, 0o644)
-        os.replace(tmp_path, target)
+        if parameters and parameters.get("profile") == "full" and env and "FLATNB_RUN_DIR" in env:
+            if mark_complete(target.with_suffix(".json"), chapter.stem, parameters, time.time() - start, start):
+                os.utime(tmp_path)  # the notebook must not be older than the record written just now
+        os.replace(tmp_path, target)  # after the JSON: a current record has a notebook no older than it
         seconds = time.time() - start
         print(f" pass {seconds:7.1f} s -> {target}", flush=True)
         results.append((chapter, seconds, True))
     return results
+
+
+def package_modules() -> list[str]:
+    """Every module file of the ``flatnb`` package (the fingerprint of a run whose imports are unknown)."""
+    return sorted(str(p) for p in Path(__file__).resolve().parents[1].rglob("*.py"))
+
+
+def mark_complete(js: Path, stem: str, parameters: dict, wall_s: float, started: float) -> Path | None:
+    """After a full-profile chapter ran: make sure its run record ``js`` exists.
+
+    A chapter with verdict rows writes its own record while it runs; nothing is done then (a chapter with
+    required rows that wrote none leaves no record, so the run does not count as current and runs again).
+    A chapter without rows (chapter 1; chapter 12, which reads the others') saves none, so the runner writes
+    one with ``rows: []``: the run's metadata and wall time, fingerprinted over **every** module of the
+    package (the runner cannot see which ones the chapter's kernel imported, so any change to the package
+    makes it stale). Returns the path written, or None.
+    """
+    from flatnb.evidence import run_records
+    from flatnb.evidence.verdict_table import REQUIRED
+    from flatnb.runtime import atomic_write_text
+
+    if js.is_file() and js.stat().st_mtime >= started:
+        return None  # the chapter wrote its own
+    if stem in REQUIRED:
+        print(f"\n  {stem} has verdict rows but wrote no run record {js.name}: its run is not counted as current",
+              flush=True)
+        return None
+    device = parameters.get("device", "cpu")
+    m = run_records.meta(stem, "full", device, int(parameters.get("seed", 0)), wall_s,
+                         written_by="flatnb.book runner: the chapter saves no verdict rows")
+    m["fingerprint"] = run_records.fingerprint(stem, modules=package_modules())
+    js.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(js, json.dumps({"meta": m, "rows": []}, indent=1, ensure_ascii=False) + "\n")
+    return js
 
 
 def summary(results: list[tuple[Path, float, bool]]) -> str:
@@ -271,7 +309,8 @@ READS_RECORDS = ("12_verdict",)
 def record_is_current(runs: Path, slug: str, stem: str) -> bool:
     """True when ``runs/<slug>/<stem>.full.{ipynb,json}`` are a complete run (the notebook was written after its
     JSON: an interrupted run leaves a newer JSON beside an older notebook, or none) and no code the run
-    depended on has changed since (:func:`flatnb.evidence.run_records.changed_files`)."""
+    depended on has changed since (:func:`flatnb.evidence.run_records.changed_files`); a chapter that reads the
+    other records (:data:`READS_RECORDS`) also needs to be newer than every other record in its folder."""
     from flatnb.evidence import run_records  # loads torch: only a full run needs it
 
     nb, js = record_paths(runs, slug, stem, "full")
@@ -282,7 +321,11 @@ def record_is_current(runs: Path, slug: str, stem: str) -> bool:
     except ValueError:
         return False
     changed = run_records.changed_files(rec)
-    return changed == [] or (changed is None and run_records.is_stale(rec) is False)
+    if not (changed == [] or (changed is None and run_records.is_stale(rec) is False)):
+        return False
+    if stem in READS_RECORDS:  # a reader is current only if no record it reads is newer than it
+        return all(p.stat().st_mtime <= js.stat().st_mtime for p in js.parent.glob("*.json") if p != js)
+    return True
 
 
 def lanes(stems: list[str], n: int, minutes: dict[str, float]) -> list[list[str]]:
