@@ -281,7 +281,7 @@ def test_input_measurements_hold_no_graph(input_case, monkeypatch):
         assert not t.requires_grad and t.grad_fn is None, name
     # the double-backward route (taken where forward-mode AD is unsupported) too
     def no_jvp(*a, **k):
-        raise NotImplementedError("forced fallback")
+        raise RuntimeError("forward-mode AD unsupported (forced here)")
 
     monkeypatch.setattr(torch.func, "jvp", no_jvp)
     w = fl.input_hvp(net, x, y, v)
