@@ -168,6 +168,34 @@ def _fake_records(root, profile="quick", slug="cpu", date="2026-11-30T01:00:00Z"
         records.save(_fake_rows(stem), m, root)
 
 
+def test_a_record_depends_on_its_own_sizes_not_on_other_chapters_or_time_estimates(tmp_path):
+    """Resizing one chapter, or correcting a CPU-time estimate, must not make every other chapter's record stale;
+    a change to a shared table (an attack budget) must."""
+    budgets = tmp_path / "flatnb" / "config" / "budgets.py"
+    budgets.parent.mkdir(parents=True)
+    base = ('"""doc"""\nATTACKS = {"pgd": dict(eps=8 / 255, steps=10)}\n'
+            'SIZES = {\n    "03_a": {"full": dict(n=500)},\n    "05_b": {"full": dict(n=1000)},\n}\n'
+            'CPU_MINUTES = {"full": {"03_a": 10, "05_b": 25}}\n\ndef sizes(stem):\n    return SIZES[stem]\n')
+    budgets.write_text(base)
+    recs = {c: {"meta": {"chapter": c, "fingerprint": records.fingerprint(c, repo=tmp_path, modules=[budgets])}}
+            for c in ("03_a", "05_b")}
+    assert recs["03_a"]["meta"]["fingerprint"] != recs["05_b"]["meta"]["fingerprint"]
+    stale = lambda: {c: records.changed_files(r, tmp_path) for c, r in recs.items()}  # noqa: E731
+    assert stale() == {"03_a": [], "05_b": []}
+    budgets.write_text(base.replace('"03_a": 10', '"03_a": 95'))  # a time estimate
+    assert stale() == {"03_a": [], "05_b": []}
+    budgets.write_text(base.replace("n=500", "n=200"))  # chapter 3's sizes
+    assert stale() == {"03_a": ["flatnb/config/budgets.py"], "05_b": []}
+    budgets.write_text(base.replace("steps=10", "steps=20"))  # a shared attack budget
+    assert stale() == {"03_a": ["flatnb/config/budgets.py"], "05_b": ["flatnb/config/budgets.py"]}
+    budgets.write_text(base.replace("return SIZES[stem]", "return dict(SIZES[stem])"))  # a function of the module
+    assert stale() == {"03_a": ["flatnb/config/budgets.py"], "05_b": ["flatnb/config/budgets.py"]}
+    # the package's own budgets module: each chapter hashes differently (its own entry), the same for each run
+    real = records.REPO / records.BUDGETS
+    h = {c: records.budgets_hash(real, c) for c in ("03_local_bound", "05_uncanny_valley", "12_verdict")}
+    assert len(set(h.values())) == 3 and records.budgets_hash(real, "03_local_bound") == h["03_local_bound"]
+
+
 def _make_stale(root, slug, stem, profile):
     path = records.record_path(stem, profile, slug, root)
     rec = json.loads(path.read_text())

@@ -9,8 +9,9 @@ a record older than the code it ran is labelled stale (:func:`is_stale`).
 
 Staleness is decided on content, not on git history: a record stores a :func:`fingerprint` of what
 its numbers depend on (the chapter's code cells and every ``flatnb`` module the run had loaded, each
-hashed without comments, docstrings and formatting). A record is stale when one of those changed
-since; committing the executed notebook (outputs only) or editing a docstring does not make it stale,
+hashed without comments, docstrings and formatting; of ``flatnb/config/budgets.py`` only what the
+chapter's run reads: its own ``SIZES`` entry and the shared tables, not the other chapters' sizes nor the
+runner's ``CPU_MINUTES``). A record is stale when one of those changed since; committing the executed notebook (outputs only) or editing a docstring does not make it stale,
 and the check works in a shallow clone (Colab) where the run's commit is not in the history.
 Records without a fingerprint fall back to comparing commits.
 
@@ -138,6 +139,45 @@ def source_hash(path) -> str | None:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+#: the module of every chapter's sample sizes: a run depends on its own chapter's entry only (:func:`budgets_hash`)
+BUDGETS = "flatnb/config/budgets.py"
+
+
+def budgets_hash(path, chapter: str) -> str | None:
+    """:func:`source_hash` of ``flatnb/config/budgets.py`` as one chapter's run depends on it: every statement
+    except ``CPU_MINUTES`` (the book runner's time estimates, which balance its lanes and change no number) and
+    the ``SIZES`` entries of the other chapters. Resizing chapter 3 leaves chapter 5's record current; changing
+    an attack budget, a model list or a function of the module makes every record stale."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    text = path.read_text(encoding="utf-8")
+    try:
+        tree = _strip_docstrings(ast.parse(text))
+    except SyntaxError:
+        return hashlib.sha256(f"{chapter}\n{text}".encode()).hexdigest()[:16]
+    body = []
+    for node in tree.body:
+        names = {t.id for t in getattr(node, "targets", [getattr(node, "target", None)]) if isinstance(t, ast.Name)}
+        if "CPU_MINUTES" in names:
+            continue
+        if "SIZES" in names and isinstance(node.value, ast.Dict):
+            pairs = [(k, v) for k, v in zip(node.value.keys, node.value.values)
+                     if k is None or (isinstance(k, ast.Constant) and k.value == chapter)]  # None: **other
+            node.value = ast.Dict(keys=[k for k, _ in pairs], values=[v for _, v in pairs])
+        body.append(node)
+    tree.body = body
+    return hashlib.sha256(_canon(tree).encode()).hexdigest()[:16]
+
+
+def file_hash(repo: Path, rel: str, chapter: str) -> str | None:
+    """The hash a fingerprint stores for ``rel`` in a run of ``chapter``: :func:`notebook_hash` of a notebook,
+    :func:`budgets_hash` of the budgets module, else :func:`source_hash`."""
+    if rel.endswith(".ipynb"):
+        return notebook_hash(repo / rel)
+    return budgets_hash(repo / rel, chapter) if rel == BUDGETS else source_hash(repo / rel)
+
+
 def notebook_hash(path) -> str | None:
     """SHA-256 (16 hex digits) of a notebook's code cells (papermill's injected cell excluded), so that
     outputs, markdown and execution counts do not count. None when the notebook does not exist."""
@@ -157,7 +197,8 @@ def code_hash(notebook_text: str) -> str:
 def fingerprint(chapter: str, repo=None, modules=None) -> dict:
     """What a run's numbers depend on: ``{"files": {relative path: hash}}`` for the chapter's notebook
     ``book/<chapter>.ipynb`` and every ``flatnb`` module in ``modules`` (default: those loaded now in
-    ``sys.modules``), paths relative to ``repo`` (default: the repository holding this package)."""
+    ``sys.modules``), paths relative to ``repo`` (default: the repository holding this package); the budgets
+    module counts with this chapter's sizes only (:func:`budgets_hash`)."""
     repo = Path(repo) if repo is not None else REPO
     files = {}
     nb = repo / "book" / f"{chapter}.ipynb"
@@ -174,7 +215,7 @@ def fingerprint(chapter: str, repo=None, modules=None) -> dict:
             rel = f.relative_to(repo.resolve()).as_posix()
         except ValueError:  # a module outside this repository (an installed copy): not tracked
             continue
-        files[rel] = source_hash(f)
+        files[rel] = file_hash(repo, rel, chapter)
     return {"files": dict(sorted(files.items()))}
 
 
@@ -186,11 +227,13 @@ def changed_files(rec: dict, repo=None, memo: dict | None = None) -> list[str] |
         return None
     repo = Path(repo) if repo is not None else REPO
     memo = {} if memo is None else memo
+    chapter = rec["meta"].get("chapter", "")
     out = []
     for rel, old in fp["files"].items():
-        if rel not in memo:
-            memo[rel] = notebook_hash(repo / rel) if rel.endswith(".ipynb") else source_hash(repo / rel)
-        new = memo[rel]
+        key = (rel, chapter) if rel == BUDGETS else rel
+        if key not in memo:
+            memo[key] = file_hash(repo, rel, chapter)
+        new = memo[key]
         if new != old:
             out.append(rel + (" (gone)" if new is None else ""))
     return out
