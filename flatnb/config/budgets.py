@@ -51,11 +51,15 @@ SIZES = {
                       n_resnet=12, resnet_deltas=(0.01, 0.05, 0.25, 1.0), resnet_steps=8, lip_iter=10,
                       n_radius=24, radius_scales=(1.0, 3.16, 10.0, 31.6, 100.0, 316.0), radius_steps=20,
                       radius_restarts=1, radius_iter=8),
-        "full": dict(n_mlp=2000, n_small=2000, small_train=20000, small_epochs=10, steps=100, restarts=10,
-                     n_resnet=500, resnet_deltas=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0),
-                     resnet_steps=50, lip_iter=50, n_radius=500,
+        # full, measured (process CPU time, one thread beside two other processes, 2026-12-06) on 50 + 50 points,
+        # 20 main-model images and 10 radius points: the bound cell 71 s (small net's training included), the main
+        # model 9.9 s per image (9 radii), the radius search 17 s per point at 4 restarts and 12 bisections. The
+        # first full sizes (2000 + 2000, 500, 500) would have taken hours; these take about 26 min.
+        "full": dict(n_mlp=1000, n_small=300, small_train=20000, small_epochs=10, steps=100, restarts=10,
+                     n_resnet=48, resnet_deltas=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0),
+                     resnet_steps=50, lip_iter=50, n_radius=100,
                      radius_scales=(1.0, 1.78, 3.16, 5.62, 10.0, 17.8, 31.6, 56.2, 100.0, 178.0, 316.0),
-                     radius_steps=50, radius_restarts=4, radius_iter=12)},
+                     radius_steps=50, radius_restarts=2, radius_iter=10)},
     "04_local_not_global": {  # toy_seeds: networks per condition in the two-moons comparison
         "quick": dict(n_test=1000, n_pairs=200_000, grid=161, toy_steps=800, toy_seeds=3),
         "full": dict(n_test=10_000, n_pairs=2_000_000, grid=321, toy_steps=3000, toy_seeds=20)},
@@ -177,8 +181,8 @@ CPU_MINUTES = {
               "04_local_not_global": 0.8, "05_uncanny_valley": 1.3, "06_scale_sweep": 1.5,
               "07_gradient_masking": 2.2, "08_flatness_detector": 0.7, "09_adversarial_training": 3.2,
               "10_architectures": 2.5, "11_off_manifold": 2.2, "12_verdict": 0.2, "13_atlas": 7.3},
-    "full": {"01_relative_flatness": 3, "02_inputs_are_weights": 25, "03_local_bound": 10,
-             "04_local_not_global": 10, "05_uncanny_valley": 25, "06_scale_sweep": 20, "07_gradient_masking": 25,
+    "full": {"01_relative_flatness": 3, "02_inputs_are_weights": 25, "03_local_bound": 28,
+             "04_local_not_global": 10, "05_uncanny_valley": 33, "06_scale_sweep": 22, "07_gradient_masking": 25,
              "08_flatness_detector": 33, "09_adversarial_training": 30, "10_architectures": 30,
              "11_off_manifold": 25, "12_verdict": 1, "13_atlas": 60},
 }
