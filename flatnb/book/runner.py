@@ -13,7 +13,8 @@
                                                 its JSON). Resumable: a chapter whose full record is current
                                                 (complete, and no code it ran has changed) is skipped
                                                 (--force runs it again); an interrupted chapter leaves nothing
-                                                and runs again. --jobs N runs N chapter processes side by side
+                                                and runs again; a chapter without verdict rows (1, 12) gets a
+                                                rows-less record from the runner. --jobs N runs N chapter processes side by side
                                                 (one torch thread each), balanced by budgets.CPU_MINUTES
     python -m flatnb.book --profile full --dry-run [--output DIR]
                                                 a quick test of the line above: executes the chapters in the
