@@ -128,6 +128,50 @@ def test_stage_builds_a_tree_of_config_and_chosen_chapters(repo):
     assert "papermill" not in staged_b["metadata"]
 
 
+def _banner(last_line: str) -> str:
+    """The chapter banner's HTML as flatnb.book.chapter writes it, ending in its full-run line."""
+    return ('<div class="flatnb-banner"><b>This page shows a full-profile run</b> on cpu.<br>'
+            f"Full-profile run (shipped evidence models, referee sample sizes): {last_line}.</div>")
+
+
+def test_a_full_record_page_names_itself_in_its_banner_and_says_whether_it_is_stale(repo):
+    """A chapter writes its banner before its record exists, so a full run's banner names the previous record
+    (here: "pending"); the staged page must name the run it shows, its wall time and whether it is current."""
+    runs = repo / "runs"
+    pages = {}
+    for stem, fingerprint in (("01_a", {"files": {}}), ("02_b", {"files": {"flatnb/book/site.py": "0" * 16}})):
+        nb_path = _record(runs, "cpu", stem, f"full {stem}", "2026-02-01T00:00:00Z")
+        nb = json.loads(nb_path.read_text())
+        nb["cells"][-1]["outputs"] = [{"output_type": "display_data", "metadata": {}, "data": {
+            "text/html": _banner("pending: no full-profile run record of this chapter yet")}}]
+        nb_path.write_text(json.dumps(nb))
+        rec = json.loads(nb_path.with_suffix(".json").read_text())
+        rec["meta"].update(wall_s=1234.4, fingerprint=fingerprint)
+        nb_path.with_suffix(".json").write_text(json.dumps(rec))
+    book_site.stage(repo, repo / "_build" / "site")
+    for stem in ("01_a", "02_b"):
+        staged = json.loads((repo / "_build" / "site" / "book" / f"{stem}.ipynb").read_text())
+        html = [o["data"]["text/html"] for c in staged["cells"] for o in c.get("outputs", [])]
+        assert len(html) == 1 and "pending" not in html[0], html
+        pages[stem] = html[0]
+        assert "this page is that run (full, cpu, 2026-02-01, commit abc" in html[0]
+        assert f"1,234 s of wall time), recorded in <code>runs/cpu/{stem}.full.json</code>.</div>" in html[0]
+    assert "STALE" not in pages["01_a"]  # its (empty) fingerprint holds
+    assert "STALE (the code changed after this run)" in pages["02_b"]  # a file it depended on changed
+
+
+def test_restamp_leaves_other_html_alone():
+    nb = {"cells": [{"cell_type": "code", "outputs": [
+        {"output_type": "display_data", "data": {"text/html": ["<p>Full-profile run (shipped evidence models, ",
+                                                                "referee sample sizes): x.</div>"]}},
+        {"output_type": "display_data", "data": {"text/html": [_banner("old")]}}]}]}
+    assert book_site.restamp_banner(nb, "new") == 1
+    outs = nb["cells"][0]["outputs"]
+    assert outs[0]["data"]["text/html"] == ["<p>Full-profile run (shipped evidence models, ",
+                                            "referee sample sizes): x.</div>"]  # not a banner: as it was
+    assert outs[1]["data"]["text/html"].endswith("referee sample sizes): new.</div>")
+
+
 def test_executing_on_the_cpu_never_replaces_a_full_profile_page(repo, monkeypatch):
     calls = []
     calls_fail_b[0] = False

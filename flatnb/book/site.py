@@ -3,7 +3,8 @@
 The HTML build assembles a staging tree ``_build/site/`` (``_config.yml``, ``_toc.yml``, ``intro.md``,
 ``references.bib``, ``_static/``, ``book/``) in which each chapter is the newest full-profile run record
 ``runs/*/<stem>.full.ipynb`` (with its ``<stem>.full.json``) if there is one, else ``book/<stem>.ipynb``;
-a quick run therefore never replaces a full-profile page. The HTML is written to
+a quick run therefore never replaces a full-profile page. A full-profile page's banner is restamped from its
+record: it names that record, its wall time and whether the code changed since. The HTML is written to
 ``_build/html/index.html`` (``--path-output P`` puts the staging tree and the HTML under ``P/_build/``).
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from flatnb.evidence import run_records as records
 from flatnb.runtime import atomic_write_text
 
 SITE_FILES = ("_config.yml", "_toc.yml", "intro.md", "references.bib")
@@ -122,6 +124,48 @@ def page_source(chapter: Path, runs: Path) -> Path:
     return max(records, key=lambda p: (_record_time(p), str(p)))
 
 
+#: the banner's last line as chapter.py writes it when the chapter runs (prefix kept, the rest restamped here)
+_BANNER_FULL_RUN = re.compile(r"(Full-profile run \(shipped evidence models, referee sample sizes\): ).*?(\.</div>)",
+                              flags=re.S)
+
+
+def full_run_note(record_json: Path, root: Path | None = None) -> str:
+    """The banner's full-run line for a page that IS the full-profile run of ``record_json``.
+
+    A chapter writes its banner before its record exists, so the line it wrote names an earlier record (or
+    none); and whether a record is current can only be told later, when the code may have changed since.
+    Both are known at build time, from the record itself. The record's path is shown relative to ``root`` (the
+    book's repository; default: this checkout)."""
+    rec = records.load(record_json)
+    changed = records.changed_files(rec)
+    rec["stale"] = bool(changed) if changed is not None else records.is_stale(rec)
+    wall = rec["meta"].get("wall_s")
+    took = f", {wall:,.0f} s of wall time" if isinstance(wall, (int, float)) else ""
+    where, root = Path(record_json).resolve(), Path(root or records.REPO).resolve()
+    shown = where.relative_to(root) if where.is_relative_to(root) else where
+    return f"this page is that run ({records.label(rec)}{took}), recorded in <code>{shown.as_posix()}</code>"
+
+
+def restamp_banner(nb: dict, note: str) -> int:
+    """Replace the full-run line of every chapter banner in ``nb``'s HTML outputs by ``note``, in place; return
+    how many banners were changed (the banner is the chapter's own display, class ``flatnb-banner``)."""
+    changed = 0
+    for cell in nb.get("cells", []):
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            html_out = data.get("text/html")
+            if html_out is None:
+                continue
+            text = "".join(html_out) if isinstance(html_out, list) else html_out
+            if "flatnb-banner" not in text:
+                continue
+            new, n = _BANNER_FULL_RUN.subn(lambda m: m.group(1) + note + m.group(2), text)
+            if n:
+                data["text/html"] = new
+                changed += n
+    return changed
+
+
 PAGE_TABLE = "<!-- flatnb:page-sources -->"
 
 
@@ -185,6 +229,8 @@ def stage(root: Path, site: Path, runs: Path | None = None) -> dict[str, Path]:
         target = site / chapter.relative_to(root)
         target.parent.mkdir(parents=True, exist_ok=True)
         nb = strip_papermill(json.loads(source.read_text()))
+        if source != chapter:  # a full-profile run record: its banner names the run it is (see full_run_note)
+            restamp_banner(nb, full_run_note(source.with_suffix(".json"), root))
         target.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
         sources[chapter.stem] = source
     intro = site / "intro.md"
