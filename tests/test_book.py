@@ -160,6 +160,13 @@ def test_a_full_record_page_names_itself_in_its_banner_and_says_whether_it_is_st
     assert "STALE (the code changed after this run)" in pages["02_b"]  # a file it depended on changed
 
 
+def test_a_corrupt_full_record_stops_the_build_naming_the_file_and_the_fix(repo):
+    nb_path = _record(repo / "runs", "cpu", "01_a", "full a", "2026-02-01T00:00:00Z")
+    nb_path.with_suffix(".json").write_text('{"meta": {"chapter": "01_a"}, "rows": [')  # cut off mid-write
+    with pytest.raises(ValueError, match=r"01_a\.full\.json is unreadable .*delete it and re-run"):
+        book_site.stage(repo, repo / "_build" / "site")
+
+
 def test_restamp_leaves_other_html_alone():
     nb = {"cells": [{"cell_type": "code", "outputs": [
         {"output_type": "display_data", "data": {"text/html": ["<p>Full-profile run (shipped evidence models, ",
