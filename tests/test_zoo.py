@@ -40,7 +40,7 @@ def _export(tmp_path, config, digest="d" * 32, name="toy"):
 def test_export_find_load_round_trip(tmp_path):
     config = _config()
     m, entry = _export(tmp_path, config)
-    assert entry["file"].endswith(f"-{config.key('d' * 32)}.pt") and (tmp_path / entry["file"]).is_file()
+    assert entry["file"].endswith(f"-{config.key('d' * 32)}.pt.xz") and (tmp_path / entry["file"]).is_file()
     assert entry["config_key"] == config.key("d" * 32) and entry["recipe"]["seed"] == 0
     on_disk = json.loads((tmp_path / "manifest.json").read_text())
     assert on_disk["models"]["toy"]["sha256"] == entry["sha256"]
@@ -76,6 +76,22 @@ def test_a_damaged_or_missing_file_is_a_named_error(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(mf.ManifestError, match="cannot be read"):
         mf.read_manifest(tmp_path)
+
+
+def test_shipped_files_are_xz_compressed_torch_files_that_open_outside_flatnb(tmp_path):
+    import lzma
+
+    m, entry = _export(tmp_path, _config())
+    path = tmp_path / entry["file"]
+    plain = torch.load(lzma.open(path), weights_only=True)  # what a reader without flatnb does
+    want = mf.half_state(m.state_dict())
+    assert set(plain) == set(want) and all(torch.equal(plain[k], want[k]) for k in want)
+    assert all(torch.equal(mf.load_state(path)[k], want[k]) for k in want)
+    torch.save(want, tmp_path / "old.pt")  # a plain .pt (an older weights folder) still loads
+    assert all(torch.equal(mf.load_state(tmp_path / "old.pt")[k], want[k]) for k in want)
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])  # truncated
+    with pytest.raises(mf.ManifestError, match="not a valid xz file.*git checkout"):
+        mf.load_state(path)
 
 
 def test_a_shipped_file_is_never_overwritten_by_other_weights(tmp_path):
@@ -148,13 +164,14 @@ def _shipped():
 def test_every_shipped_file_is_small_half_precision_and_listed():
     models = _shipped()
     files = {e["file"] for e in models.values() if "file" in e}
-    on_disk = {p.name for p in SHIPPED.glob("*.pt")}
+    on_disk = {p.name for p in SHIPPED.iterdir() if p.name.endswith((".pt", ".pt.xz"))}
     assert on_disk == files, f"unlisted {sorted(on_disk - files)}, missing {sorted(files - on_disk)}"
     assert sum((SHIPPED / f).stat().st_size for f in files) <= 60 * 2**20
     for name, e in models.items():
         if "file" not in e:
             continue
-        state = torch.load(SHIPPED / e["file"], map_location="cpu", weights_only=True)
+        assert e["file"].endswith(mf.SUFFIX), f"{name}: {e['file']} is not compressed ({mf.SUFFIX})"
+        state = mf.load_state(SHIPPED / e["file"])
         assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float16}, name
         for field in ("sha256", "fp32_sha256", "recipe", "config", "config_key", "data", "clean", "training",
                       "commit"):

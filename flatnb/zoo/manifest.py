@@ -12,13 +12,19 @@ history); ``commit``. An external model (the ResNet-18 that ships inside ``pyaut
 
 A recipe's file name carries its config key, so a changed recipe is a new file and never overwrites a
 shipped one. Every load checks the SHA-256; a mismatch is a :class:`ManifestError` naming the file and the fix.
+
+A shipped file is the ``torch.save`` of the half-precision state dict, xz-compressed (``<name>.pt.xz``: about a
+tenth smaller, so the catalogue fits the 60 MiB that ``weights/`` may hold). Outside flatnb it opens with
+``torch.load(lzma.open(path), weights_only=True)``; :func:`load_state` reads it, and plain ``.pt`` files too.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import importlib.util
+import io
 import json
+import lzma
 import os
 import subprocess
 from pathlib import Path
@@ -30,7 +36,7 @@ from filelock import FileLock
 from flatnb import models as fmodels
 from flatnb.config.train_config import TrainConfig
 from flatnb.data.download import file_digest
-from flatnb.runtime import atomic_save, atomic_write_text, resolve_device, resolve_profile
+from flatnb.runtime import atomic_write_bytes, atomic_write_text, resolve_device, resolve_profile
 from flatnb.training import train as ftrain
 
 MANIFEST = "manifest.json"
@@ -89,9 +95,33 @@ def half_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             for k, v in state.items()}
 
 
+#: the suffix of a shipped weights file: an xz-compressed torch state dict
+SUFFIX = ".pt.xz"
+
+
 def file_name(config: TrainConfig, key: str) -> str:
     c = config
-    return f"{c.arch}-{c.dataset}-{c.recipe}-{c.profile}-s{c.seed}-{key}.pt"
+    return f"{c.arch}-{c.dataset}-{c.recipe}-{c.profile}-s{c.seed}-{key}{SUFFIX}"
+
+
+def save_state(state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Write ``state`` as a shipped file: ``torch.save``, xz-compressed (preset 9e), atomically."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, lzma.compress(buf.getvalue(), preset=9 | lzma.PRESET_EXTREME))
+
+
+def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict of a shipped file on the CPU: ``<name>.pt.xz`` (:func:`save_state`) or a plain ``.pt``."""
+    path = Path(path)
+    if not path.name.endswith(".xz"):
+        return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        data = lzma.decompress(path.read_bytes())
+    except lzma.LZMAError as e:
+        raise ManifestError(f"{path} is not a valid xz file ({e}): a damaged download or checkout. To fix: "
+                            f"`git checkout -- {path}`") from e
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def config_from(entry: dict) -> TrainConfig:
@@ -138,7 +168,7 @@ def load(name: str, device=None, root=None) -> nn.Module:
     path = _checked_path(name, entry, folder)
     config = config_from(entry)
     model = ftrain.build_model(config)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_state(path)
     want = model.state_dict()
     if set(state) != set(want) or any(state[k].shape != want[k].shape for k in want):
         raise ManifestError(f"shipped weights {path} do not fit the recipe of {name!r}. To fix: retrain them "
@@ -233,12 +263,12 @@ def export(trained: nn.Module, config: TrainConfig, data_digest: str, name: str,
     half = half_state(state)
     path = folder / fname
     if path.exists():
-        old = torch.load(path, map_location="cpu", weights_only=True)
+        old = load_state(path)
         if state_sha256(old) != state_sha256(half):
             raise ManifestError(f"{path} exists with other weights for the same recipe and data: training is not "
                                 "reproducible here. To fix: find out why (threads, device), or delete the file on purpose")
     else:
-        atomic_save(half, path)
+        save_state(half, path)
     entry = {"file": fname, "sha256": file_digest(path, "sha256"), "fp32_sha256": state_sha256(state),
              "recipe": {"arch": config.arch, "dataset": config.dataset, "recipe": config.recipe,
                         "profile": config.profile, "seed": config.seed},
