@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from flatnb.book.chapter import FULL_RUN_PREFIX
 from flatnb.evidence import run_records as records
 from flatnb.runtime import atomic_write_text
 
@@ -125,8 +126,7 @@ def page_source(chapter: Path, runs: Path) -> Path:
 
 
 #: the banner's last line as chapter.py writes it when the chapter runs (prefix kept, the rest restamped here)
-_BANNER_FULL_RUN = re.compile(r"(Full-profile run \(shipped evidence models, referee sample sizes\): ).*?(\.</div>)",
-                              flags=re.S)
+_BANNER_FULL_RUN = re.compile(f"({re.escape(FULL_RUN_PREFIX)}).*?(\\.</div>)", flags=re.S)
 
 
 def full_run_note(record_json: Path, root: Path | None = None) -> str:
@@ -136,9 +136,7 @@ def full_run_note(record_json: Path, root: Path | None = None) -> str:
     none); and whether a record is current can only be told later, when the code may have changed since.
     Both are known at build time, from the record itself. The record's path is shown relative to ``root`` (the
     book's repository; default: this checkout)."""
-    rec = records.load(record_json)
-    changed = records.changed_files(rec)
-    rec["stale"] = bool(changed) if changed is not None else records.is_stale(rec)
+    rec = records.mark_stale(records.load(record_json))
     wall = rec["meta"].get("wall_s")
     took = f", {wall:,.0f} s of wall time" if isinstance(wall, (int, float)) else ""
     where, root = Path(record_json).resolve(), Path(root or records.REPO).resolve()

@@ -113,6 +113,11 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
     return tree
 
 
+def _digest(text: str) -> str:
+    """The 16 hex digits of SHA-256 that every fingerprint entry stores."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def _canon(node) -> str:
     """A syntax tree as text, without None or empty fields: the same on Python 3.11-3.13 (whose
     ``ast.dump`` differ in exactly those fields), so a record's fingerprint survives a Python upgrade."""
@@ -136,7 +141,7 @@ def source_hash(path) -> str | None:
         text = _canon(_strip_docstrings(ast.parse(text)))
     except SyntaxError:
         pass
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return _digest(text)
 
 
 #: the module of every chapter's sample sizes: a run depends on its own chapter's entry only (:func:`budgets_hash`)
@@ -155,7 +160,7 @@ def budgets_hash(path, chapter: str) -> str | None:
     try:
         tree = _strip_docstrings(ast.parse(text))
     except SyntaxError:
-        return hashlib.sha256(f"{chapter}\n{text}".encode()).hexdigest()[:16]
+        return _digest(f"{chapter}\n{text}")
     body = []
     for node in tree.body:
         names = {t.id for t in getattr(node, "targets", [getattr(node, "target", None)]) if isinstance(t, ast.Name)}
@@ -167,7 +172,7 @@ def budgets_hash(path, chapter: str) -> str | None:
             node.value = ast.Dict(keys=[k for k, _ in pairs], values=[v for _, v in pairs])
         body.append(node)
     tree.body = body
-    return hashlib.sha256(_canon(tree).encode()).hexdigest()[:16]
+    return _digest(_canon(tree))
 
 
 def file_hash(repo: Path, rel: str, chapter: str) -> str | None:
@@ -191,7 +196,7 @@ def code_hash(notebook_text: str) -> str:
     code = ["".join(c.get("source", "")).rstrip() for c in nb.get("cells", [])
             if c.get("cell_type") == "code"
             and "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
-    return hashlib.sha256("\n\x00\n".join(code).encode()).hexdigest()[:16]
+    return _digest("\n\x00\n".join(code))
 
 
 def fingerprint(chapter: str, repo=None, modules=None) -> dict:
@@ -288,13 +293,18 @@ def load_all(root=None) -> list[dict]:
     for path in sorted(runs_dir(root).glob("*/*.json")):
         if path.name.count(".") != 2 or path.name.split(".")[1] not in ("quick", "full"):
             continue  # <chapter>.<quick|full>.json only (a smoke run's record is no evidence)
-        rec = load(path)
-        changed = changed_files(rec, memo=memo)
-        rec["stale"] = bool(changed) if changed is not None else is_stale(rec)
-        rec["stale_why"] = (f"changed since: {', '.join(changed)}" if changed else
-                            "the code changed after this run" if rec["stale"] else "")
-        out.append(rec)
+        out.append(mark_stale(load(path), memo=memo))
     return out
+
+
+def mark_stale(rec: dict, repo=None, memo: dict | None = None) -> dict:
+    """``rec`` with ``stale`` (:func:`is_stale`, from the fingerprint when it has one) and ``stale_why`` (the
+    changed files, or why git says so) set, in place; returned for chaining."""
+    changed = changed_files(rec, repo, memo)
+    rec["stale"] = bool(changed) if changed is not None else is_stale(rec, repo)
+    rec["stale_why"] = (f"changed since: {', '.join(changed)}" if changed else
+                        "the code changed after this run" if rec["stale"] else "")
+    return rec
 
 
 def is_stale(rec: dict, repo=None) -> bool | None:
