@@ -330,6 +330,27 @@ def test_haar_orthogonal_is_orthogonal_and_uniform():
     assert abs(float((a[:, 0, 0] > 0).double().mean()) - 0.5) < 0.05
 
 
+def test_haar_quadratic_forms_match_a_loop_and_average_to_the_trace():
+    g = torch.Generator().manual_seed(3)
+    phi = torch.randn(3, 6, dtype=DT, generator=g)
+    b = torch.randn(3, 6, 6, dtype=DT, generator=g)
+    sigma = b @ b.transpose(1, 2)  # symmetric positive semi-definite, like W^T M W
+    q, first = bd.haar_quadratic_forms(phi, sigma, 2500, torch.Generator().manual_seed(0), chunk=1000)
+    assert q.shape == (3, 2500) and first.shape == (1000, 6, 6)
+    # the first chunk, one rotation and one input at a time: (A phi)^T Sigma (A phi)
+    direct = torch.tensor([[float((a @ phi[i]) @ sigma[i] @ (a @ phi[i])) for a in first[:50]] for i in range(3)],
+                          dtype=DT)
+    torch.testing.assert_close(q[:, :50], direct, rtol=1e-12, atol=1e-12)
+    # E_A[(A phi)^T Sigma (A phi)] = |phi|^2 Tr(Sigma) / m for A uniform on O(m)
+    want = phi.pow(2).sum(1) * torch.einsum("nii->n", sigma) / 6
+    se = q.std(1) / math.sqrt(q.shape[1])
+    assert bool(((q.mean(1) - want).abs() < 4.5 * se).all())
+    with pytest.raises(ValueError, match=r"need phi \(N, m\) and sigma \(N, m, m\)"):
+        bd.haar_quadratic_forms(phi, sigma[:, :5], 10)
+    with pytest.raises(ValueError, match="n >= 1"):
+        bd.haar_quadratic_forms(phi, sigma, 0)
+
+
 def test_log_kappa_matches_closed_form_and_survives_underflow():
     import mpmath
 

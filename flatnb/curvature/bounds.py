@@ -17,7 +17,8 @@ ball ``B_delta(x)``, ``r = ||phi(x)||``.
   **unconfirmed constants** (taken from a secondary summary of §4.3, not the paper's PDF);
   for comparison only.
 * :func:`a_posteriori` - the bound's chain of inequalities with the *realised* ``v`` and ``u``.
-* :func:`haar_orthogonal` - Haar-random orthogonal matrices (Petzka et al.'s average case);
+* :func:`haar_orthogonal` - Haar-random orthogonal matrices (Petzka et al.'s average case), and
+  :func:`haar_quadratic_forms` - the quadratic form of ``Sigma`` at ``A phi`` over many of them, chunked;
   :func:`symmetric_loss_change` - the loss change of one input under ``w -> w +- Delta w A``.
 * :func:`log_kappa` - ``log kappa`` by log-sum-exp, finite where ``kappa`` underflows to 0.
 
@@ -451,6 +452,26 @@ def haar_orthogonal(n: int, m: int, generator: torch.Generator | None = None, dt
     g = torch.randn(n, m, m, generator=generator, dtype=dtype)
     q, r = torch.linalg.qr(g)
     return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+
+
+def haar_quadratic_forms(phi: Tensor, sigma: Tensor, n: int, generator: torch.Generator | None = None,
+                         chunk: int = 1000) -> tuple[Tensor, Tensor]:
+    """``q[i, a] = (A_a phi_i)^T sigma_i (A_a phi_i)`` for ``n`` Haar-random rotations ``A_a`` (:func:`haar_orthogonal`,
+    the same ``n`` for every input ``i``): the Monte Carlo of Petzka et al.'s average case, whose mean over ``a`` is
+    ``phi_i^T phi_i Tr(sigma_i) / m``. ``phi`` (N, m), ``sigma`` (N, m, m); returns ``q`` (N, n) and the first
+    ``min(chunk, n)`` rotations (for reuse). The rotations are drawn and applied ``chunk`` at a time (20,000 of
+    256 x 256 take 10 GB in float64), so memory stays at one chunk."""
+    if phi.ndim != 2 or sigma.shape != (phi.shape[0], phi.shape[1], phi.shape[1]):
+        raise ValueError(f"need phi (N, m) and sigma (N, m, m); got {tuple(phi.shape)} and {tuple(sigma.shape)}")
+    if n < 1 or chunk < 1:
+        raise ValueError(f"need n >= 1 rotations and chunk >= 1; got n={n}, chunk={chunk}")
+    q, first = [], None
+    for start in range(0, n, chunk):
+        rot = haar_orthogonal(min(chunk, n - start), phi.shape[1], generator, dtype=phi.dtype)
+        first = rot if first is None else first
+        a_phi = torch.einsum("aij,nj->nai", rot, phi)
+        q.append(torch.einsum("nai,nij,naj->na", a_phi, sigma, a_phi))
+    return torch.cat(q, 1), first
 
 
 def symmetric_loss_change(phi: Tensor, label: int, weight: Tensor, bias: Tensor, A: Tensor, delta: float) -> Tensor:
