@@ -26,6 +26,10 @@ from flatnb.evidence import claims as fclaims
 from flatnb.evidence import run_records as records
 from flatnb.runtime import describe_device, resolve_device, resolve_profile, versions
 
+#: the banner line that names the chapter's full-profile record; the site build rewrites what follows it
+#: (:func:`flatnb.book.site.restamp_banner`), so both read it from here
+FULL_RUN_PREFIX = "Full-profile run (shipped evidence models, referee sample sizes): "
+
 # Threads on the CPU: see the README ("Threads") for the measurement behind the default.
 DEFAULT_CPU_THREADS = 1
 
@@ -106,7 +110,7 @@ class Chapter:
             lines.append(f"Data: {html.escape(self.data)}.")
         if self.models:
             lines.append("Model: " + "; ".join(html.escape(m) for m in self.models) + ".")
-        lines.append("Full-profile run (shipped evidence models, referee sample sizes): " + self._full_run() + ".")
+        lines.append(FULL_RUN_PREFIX + self._full_run() + ".")
         return ('<div class="flatnb-banner" style="border-left:4px solid #4a7ab5;padding:0.4em 0.8em;'
                 'margin:0.5em 0;background:rgba(74,122,181,0.08)">' + "<br>".join(lines) + "</div>")
 
