@@ -276,7 +276,7 @@ def test_full_profile_vit_uses_an_adamw_learning_rate():
 
 
 def test_other_architectures_have_cpu_recipes_and_keep_the_paper_recipe_for_a_gpu():
-    """Issue 24: the full entries of the other architectures are the zoo's CPU recipes (bf16, large batches,
+    """Issue 24: the full entries of the other architectures are the zoo's CPU recipes (bf16, large batches but one,
     a one-cycle schedule, no label smoothing, a few epochs); the paper's 100-epoch recipe stays in recipes.GPU."""
     from flatnb.config import recipes
 
@@ -286,7 +286,10 @@ def test_other_architectures_have_cpu_recipes_and_keep_the_paper_recipe_for_a_gp
     for key, gpu in recipes.GPU.items():
         cpu = T.config_for(*key, profile="full")
         assert (cpu.arch, cpu.dataset, cpu.recipe) == (gpu.arch, gpu.dataset, gpu.recipe) == key
-        assert cpu.cpu_bf16 and cpu.batch_size >= 512 and cpu.epochs <= gpu.epochs / 2 and cpu.crop_mode == "reflect"
+        # large batches, except the Tiny ImageNet ViT's 128: its accuracy follows the epochs, and at one thread batch 128
+        # runs no slower per image than 512 (recipes._VIT_TINY_CPU); changed in session 14, with that reason
+        big = 128 if key == ("vit_tiny", "tinyimagenet", "standard") else 512
+        assert cpu.cpu_bf16 and cpu.batch_size >= big and cpu.epochs <= gpu.epochs / 2 and cpu.crop_mode == "reflect"
         assert cpu.label_smoothing == cpu.mixup_alpha == cpu.sam_rho == 0
         assert cpu.schedule in ("triangle", "cosine") and 0 < cpu.warmup_epochs < cpu.epochs
         assert gpu.epochs == 100 and gpu.profile == "full" and not gpu.cpu_bf16
