@@ -282,3 +282,32 @@ def test_the_full_sizes_meet_the_referee_minimums():
     assert set(s["aa_norms"]) == {"linf", "l2"} and s["n_rflat"] > 0
     # the attacked inputs are the first correct ones among n_test: a 70 %-accurate model must have n_radius
     assert 0.7 * s["n_test"] >= max(s["n_radius"], s["n_basin"], s["n_curv"])
+
+
+def test_findings_state_what_each_interval_and_p_value_decide():
+    from flatnb.measure import atlas as at
+
+    def t(est, lo, hi, p):
+        return {"rho": (est, lo, hi), "p": p, "n": 24}
+
+    corr = {("kappa_sq_train", "conf"): (t(0.9, 0.8, 0.95, 0.0001), None),
+            ("kappa_sq_train", "aa_linf"): (t(-0.6, -0.8, -0.3, 0.002), t(-0.1, -0.5, 0.3, 0.6)),
+            ("rflat_avg", "aa_linf"): (t(-0.4, -0.7, 0.05, 0.04), None)}  # p < 0.05 but the interval holds 0
+    text = at.findings(corr, {"SAM", "TRADES"}, {"TRADES", "PGD"}, 24)
+    lines = text.splitlines()
+    assert "24 trained models" in lines[0]
+    assert "κ and the mean confidence: ρ = +0.90 [+0.80, +0.95], p < 0.001: a rank relation" in lines[1]
+    assert "partial correlations below are the ones that speak" in lines[1]
+    kappa = next(s for s in lines if s.startswith("- the paper's κ"))
+    assert "ρ = -0.60 [-0.80, -0.30], p = 0.002: a rank relation" in kappa
+    assert "partialled out, ρ = -0.10 [-0.50, +0.30], p = 0.6: no rank relation shown" in kappa
+    stutz = next(s for s in lines if s.startswith("- Stutz"))
+    assert "no rank relation shown" in stutz  # the interval decides too, not p alone
+    assert not any("ℓ2" in s for s in lines[1:])  # a correlation the run did not compute is not reported
+    assert lines[-1] == ("- Flatter minimum than every standard seed: 2 method(s) (SAM, TRADES); of these, more robust "
+                         "too: 1 (TRADES); flatter but not more robust: 1 (SAM); more robust without being flatter: "
+                         "1 (PGD).")
+    weak = at.findings({("kappa_sq_train", "conf"): (t(0.2, -0.3, 0.6, 0.4), None)}, set(), set(), 3)
+    assert "speak" not in weak and "none" in weak
+    with pytest.raises(ValueError, match="at least one model"):
+        at.findings({}, set(), set(), 0)

@@ -17,7 +17,8 @@ measure every model of a zoo (training methods, seeds, post-hoc temperature) sid
   decisions do not, so its robust accuracy and flip radius are the original model's *by construction*
   (they are copied, and the entry says so);
 * :func:`table` and :func:`columns` turn entries into the chapter's table and the columns its
-  correlations use.
+  correlations use; :func:`findings` states what the correlations and the flatter / more robust sets decide, in
+  words, with the run's numbers.
 
 Every number carries an interval: fractions a Wilson interval, medians and means a bootstrap one.
 """
@@ -288,3 +289,54 @@ def columns(entries: dict[str, dict]) -> dict[str, np.ndarray]:
             raise ValueError(f"atlas column {k} has non-finite values for "
                              f"{[n for n, x in zip(names, v) if not math.isfinite(x)]}")
     return out
+
+
+#: the correlations :func:`findings` reports: (flatness column, robustness column) -> words
+_FINDINGS = ((("kappa_sq_train", "aa_linf"), "the paper's κ (training images) and AutoAttack ℓ∞ accuracy"),
+             (("kappa_sq_train", "aa_l2"), "κ and AutoAttack ℓ2 accuracy"),
+             (("kappa_sq_train", "radius"), "κ and the median flip radius"),
+             (("rflat_avg", "aa_linf"), "Stutz et al.'s average-case robust flatness and AutoAttack ℓ∞ accuracy"),
+             (("rflat_worst", "aa_linf"), "their worst-case robust flatness and AutoAttack ℓ∞ accuracy"))
+
+
+def _says(t: dict) -> str:
+    """What a :func:`~flatnb.stats.rank_test` result decides, by its interval and permutation p-value (5 %)."""
+    est, lo, hi = t["rho"]
+    if t["p"] < 0.05 and (lo > 0 or hi < 0):
+        return "a rank relation (interval excludes 0, p < 0.05)"
+    return "no rank relation shown (interval includes 0 or p ≥ 0.05)"
+
+
+def findings(corr: dict, flatter: set, more_robust: set, n_models: int) -> str:
+    """What the atlas shows beyond the paper, as a Markdown list with the run's numbers only: each reported rank
+    correlation (``corr[(flatness, robustness)] = (raw, partial)`` of :func:`~flatnb.stats.rank_test`) with what
+    its interval and p-value decide; κ against mean confidence (the confound); and the methods that made the
+    minimum flatter than every standard seed (``flatter``) against those that made the model more robust."""
+    from flatnb.stats import fmt_test
+
+    if n_models < 1:
+        raise ValueError(f"findings need at least one model, got n_models={n_models}")
+    lines = [f"**What this run of the atlas shows** ({n_models} trained models; Spearman ρ across models with its "
+             "95 % bootstrap interval and permutation p-value; a negative ρ between a flatness measure and a "
+             "robustness measure means flatter, more robust):"]
+    conf = corr.get(("kappa_sq_train", "conf"))
+    if conf is not None:
+        related = _says(conf[0]).startswith("a rank")
+        lines.append(f"- κ and the mean confidence: ρ = {fmt_test(conf[0])}: {_says(conf[0])}"
+                     + (": κ ranks these models much as their confidence does, so the partial correlations below "
+                        "are the ones that speak about flatness." if related else "."))
+    for key, words in _FINDINGS:
+        if key not in corr:
+            continue
+        raw, part = corr[key]
+        line = f"- {words}: ρ = {fmt_test(raw)}: {_says(raw)}"
+        if part is not None:
+            line += f"; with the mean confidence partialled out, ρ = {fmt_test(part)}: {_says(part)}"
+        lines.append(line + ".")
+    both, only_flat, only_robust = flatter & more_robust, flatter - more_robust, more_robust - flatter
+    lines.append(f"- Flatter minimum than every standard seed: {len(flatter)} method(s) "
+                 f"({', '.join(sorted(flatter)) or 'none'}); of these, more robust too: {len(both)} "
+                 f"({', '.join(sorted(both)) or 'none'}); flatter but not more robust: {len(only_flat)} "
+                 f"({', '.join(sorted(only_flat)) or 'none'}); more robust without being flatter: {len(only_robust)} "
+                 f"({', '.join(sorted(only_robust)) or 'none'}).")
+    return "\n".join(lines)
