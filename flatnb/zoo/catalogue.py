@@ -74,15 +74,12 @@ EXTERNAL = {
 #: comes first in this list; on another shard before it finishes, an early-stopped model trains its k epochs of
 #: the same schedule itself: the same weights on the CPU, at the cost of k epochs).
 #:
-#: Expected training time on one CPU thread (FastNet-32: the quick main recipe's 8 epochs take ~5 min, so 12
-#: take ~7.5 min; SAM doubles each step; PGD-2 AT measured at ~36 min for 12 epochs, TRADES ~1.2× that):
-#:   3 standard seeds 3 × 7.5 = 22.5 | SAM ρ = 0.02, 0.05, 0.1: 3 × 15 = 45 | label smoothing 0.1, 0.2, 0.3: 22.5
-#:   mixup α = 0.2, 1: 15 | weight decay ×1/4, ×4: 15 | LogitNorm τ = 0.04, 0.2: 15 | early-stopped 6, 9: 0
-#:   PGD-2 AT ε = 2, 4/255: 2 × 36 = 72 | TRADES β = 1: ~45 | shipped already (ε = 8/255, β = 6, FastNet-64,
-#:   ResNet-18): 0                                                     total ≈ 250 min ≈ 4.2 h (≈ 2.1 h on 2 shards)
-#: AutoAttack, 500 images × 2 norms (an estimate, to check on the first model): a standard-type model falls at
-#: APGD-CE, ~1-2 min per norm; an adversarially trained one runs all four attacks on its robust points,
-#: ~20-30 min per norm: 20 × 2 × 1.5 + 5 × 2 × 25 + ResNet-18 ~10 ≈ 5.3 h more (≈ 2.7 h on 2 shards).
+#: Training time on one CPU thread, MEASURED (the manifest's "training" minutes; beside one or two other processes):
+#:   standard-type FastNet-32, 12 epochs: 13.6-18.5 min (3 seeds, label smoothing, mixup α = 0.2, weight decay ×1/4);
+#:   the 18-epoch variants (mixup α = 1, weight decay ×4, LogitNorm): about 21-23 min; SAM: 30-36 min; PGD-2 AT:
+#:   35-52 min; TRADES β = 1: 71 min; early-stopped checkpoints: 0 (snapshots of the seed-0 run).
+#: AutoAttack, 500 images per norm, MEASURED: a standard-type model falls at APGD-CE, 1.1-2.8 min per norm; an
+#: adversarially trained FastNet-32 runs all four attacks on its robust points: ℓ∞ 15-22 min, ℓ2 32-39 min.
 ATLAS = {}
 for _label, _spec in budgets.ZOO["full"].items():
     if isinstance(_spec, str):  # an external model
