@@ -231,8 +231,8 @@ ZOO = {
         "TRADES": ("fastnet", "cifar10", "zoo_trades", 0),
     },
     # full: 24 converged models (issue 26), shipped by `python -m flatnb.zoo train --group atlas`
-    # (flatnb.zoo.catalogue.ATLAS, with the training time each takes). FastNet-32 for 12 epochs (18 for mixup α=1,
-    # weight decay ×4 and LogitNorm, which converge more slowly), one change each (flatnb.config.recipes, "atlas_*"); the ε = 8/255 PGD-AT and β = 6 TRADES models and FastNet-64 are the
+    # (flatnb.zoo.catalogue.ATLAS, with the training time each takes). FastNet-32 for 12 epochs (18 for weight decay ×4
+    # and LogitNorm, which converge more slowly), one change each (flatnb.config.recipes, "atlas_*"); the ε = 8/255 PGD-AT and β = 6 TRADES models and FastNet-64 are the
     # evidence models; the ResNet-18 is the one inside pyautoattack (the paper's architecture, 94.2 %).
     "full": {
         "standard, seed 0": ("fastnet", "cifar10", "atlas_standard", 0),

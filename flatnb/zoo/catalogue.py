@@ -75,8 +75,8 @@ EXTERNAL = {
 #: the same schedule itself: the same weights on the CPU, at the cost of k epochs).
 #:
 #: Training time on one CPU thread, MEASURED (the manifest's "training" minutes; beside one or two other processes):
-#:   standard-type FastNet-32, 12 epochs: 13.6-18.5 min (3 seeds, label smoothing, mixup α = 0.2, weight decay ×1/4);
-#:   the 18-epoch variants (mixup α = 1, weight decay ×4, LogitNorm): about 21-23 min; SAM: 30-36 min; PGD-2 AT:
+#:   standard-type FastNet-32, 12 epochs: 13.6-18.5 min (3 seeds, label smoothing, mixup, weight decay ×1/4);
+#:   the 18-epoch variants (weight decay ×4, LogitNorm τ = 0.04 and 0.2): 22.6-29.4 min; SAM: 30-36 min; PGD-2 AT:
 #:   35-52 min; TRADES β = 1: 71 min; early-stopped checkpoints: 0 (snapshots of the seed-0 run).
 #: AutoAttack, 500 images per norm, MEASURED: a standard-type model falls at APGD-CE, 1.1-2.8 min per norm; an
 #: adversarially trained FastNet-32 runs all four attacks on its robust points: ℓ∞ 15-22 min, ℓ2 32-39 min.
