@@ -136,6 +136,13 @@ def test_columns_refuse_non_finite_values(setup):
     shown = atlas.table({"a": dict(e, aa_l2=None)})
     assert "AA ℓ2 0.5: not run" in shown and "AA ℓ2 0.5 %" not in shown
     assert "AA ℓ2 0.5 % (n=12)" in atlas.table({"a": e})
+    # models attacked on different numbers of images (the manifest may hold 1,000 where 500 were asked): the header
+    # gives the range and each cell its own n, never one model's n for all (chapter 13's full run, session 15)
+    more = dict(e, aa_linf=stats.Fraction(0, 1000))
+    mixed = atlas.table({"a": e, "b": more})
+    assert "AA ℓ∞ 8/255 % (n=12-1,000, per cell)" in mixed and "AA ℓ2 0.5 % (n=12)" in mixed
+    assert "0.0 [0.0, 0.4] (n=1,000)" in mixed and f"{100 * e['aa_linf'].value:.1f}" in mixed.split("| a |")[1]
+    assert f"(n={e['aa_linf'].n})" in mixed.split("| a |")[1].split("\n")[0]
     bad = dict(e, conf=float("nan"))
     with pytest.raises(ValueError, match="conf"):
         atlas.columns({"a": e, "b": bad})

@@ -226,6 +226,14 @@ def _pct(f: Fraction | None) -> str:
     return "—" if f is None else f"{100 * f.value:.1f} [{100 * f.lo:.1f}, {100 * f.hi:.1f}]"
 
 
+def _n_range(ns: list[int]) -> str:
+    return f"{ns[0]:,}" if len(ns) == 1 else f"{ns[0]:,}-{ns[-1]:,}, per cell"
+
+
+def _cell_n(f: Fraction | None, ns: list[int]) -> str:
+    return "" if f is None or len(ns) == 1 else f" (n={f.n:,})"
+
+
 def _basin(e) -> str:
     """The basin width's median and interval, "≥" where the median path never took off (censored at the attack's
     length), with the censored share."""
@@ -246,14 +254,17 @@ def table(entries: dict[str, dict]) -> str:
     first = entries[names[0]]
     norms = [(k, lab) for k, lab in (("aa_linf", "AA ℓ∞ 8/255"), ("aa_l2", "AA ℓ2 0.5"))
              if any(entries[n][k] is not None for n in names)]
-    n_aa = next((entries[n][k].n for n in names for k, _ in norms if entries[n][k] is not None), 0)
+    # the images each norm was attacked on: one n in the header when every model shares it, else the range there
+    # and each cell's own n (the zoo's AutoAttack comes from the manifest, which may hold more than was asked)
+    n_aa = {k: sorted({entries[n][k].n for n in names if entries[n][k] is not None}) for k, _ in norms}
     head = (f"| model | clean % (n={first['clean'].n}) | "
-            + "".join(f"{lab} % (n={n_aa}) | " for _, lab in norms)
+            + "".join(f"{lab} % (n={_n_range(n_aa[k])}) | " for k, lab in norms)
             + "flip radius ℓ2 | basin width |\n|" + "---|" * (4 + len(norms)))
     rob = []
     for name, e in entries.items():
         mark = " †" if e["inherited"] else ""
-        rob.append(f"| {name} | {_pct(e['clean'])}{mark} | " + "".join(f"{_pct(e[k])}{mark} | " for k, _ in norms)
+        rob.append(f"| {name} | {_pct(e['clean'])}{mark} | "
+                   + "".join(f"{_pct(e[k])}{_cell_n(e[k], n_aa[k])}{mark} | " for k, _ in norms)
                    + f"{_ci(e['radius'], '{:.2f}')}{mark} | {_basin(e)} |")
     rflat = any(e.get("rflat_avg") is not None for e in entries.values())
     flat = ["| model | κ train | κ test | mean conf. | ECE | T | input curv. (cal.) |"
