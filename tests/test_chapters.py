@@ -88,20 +88,35 @@ def test_a_failing_chapter_is_reported_with_its_cell_and_error(tmp_path):
     assert "cell In [4]" in message
 
 
-def test_figures_are_stored_even_when_the_caller_sets_agg(tmp_path, monkeypatch):
-    # CI sets MPLBACKEND=Agg; a kernel that inherited it would store no figure in the chapter
+def _run_cell(tmp_path, code: str) -> list[dict]:
+    """Execute a two-cell notebook (parameters, ``code``) through the book runner; its cells' outputs."""
     import nbformat
     from nbformat.v4 import new_code_cell, new_notebook
 
-    monkeypatch.setenv("MPLBACKEND", "Agg")
-    nb = new_notebook(cells=[
-        new_code_cell('profile = "auto"', metadata={"tags": ["parameters"]}),
-        new_code_cell("import matplotlib.pyplot as plt\nplt.plot([0, 1], [1, 0])\nplt.show()"),
-    ])
+    nb = new_notebook(cells=[new_code_cell('profile = "auto"', metadata={"tags": ["parameters"]}),
+                             new_code_cell(code)])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    src = tmp_path / "plot.ipynb"
+    src = tmp_path / "cell.ipynb"
     nbformat.write(nb, src)
     book.execute(src, tmp_path / "out.ipynb", {"profile": "quick"}, cell_timeout=120)
-    outputs = [o for c in json.loads((tmp_path / "out.ipynb").read_text())["cells"] for o in c.get("outputs", [])]
+    return [o for c in json.loads((tmp_path / "out.ipynb").read_text())["cells"] for o in c.get("outputs", [])]
+
+
+def test_figures_are_stored_even_when_the_caller_sets_agg(tmp_path, monkeypatch):
+    # CI sets MPLBACKEND=Agg; a kernel that inherited it would store no figure in the chapter
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    outputs = _run_cell(tmp_path, "import matplotlib.pyplot as plt\nplt.plot([0, 1], [1, 0])\nplt.show()")
     assert any("image/png" in o.get("data", {}) for o in outputs)
     assert os.environ["MPLBACKEND"] == "Agg"  # restored for the caller
+
+
+def test_a_chapter_kernel_imports_this_checkouts_package(tmp_path, monkeypatch):
+    """A chapter runs in book/, where Python would import an installed copy of flatnb (pip install .) before
+    the checkout's: the runner puts the checkout first on the kernel's path, and restores the caller's."""
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "elsewhere"))
+    outputs = _run_cell(tmp_path, "import flatnb, os\nprint(flatnb.__file__)\nprint(os.environ['PYTHONPATH'])")
+    where, path = "".join("".join(o.get("text", "")) for o in outputs).split()[:2]
+    root = Path(book.__file__).resolve().parents[2]
+    assert Path(where).resolve() == root / "flatnb" / "__init__.py"
+    assert path.split(os.pathsep) == [str(root), str(tmp_path / "elsewhere")]
+    assert os.environ["PYTHONPATH"] == str(tmp_path / "elsewhere")

@@ -78,6 +78,17 @@ _KERNEL_ENV = {"FLATNB_PROGRESS": "0", "MPLBACKEND": "module://matplotlib_inline
                "OMP_WAIT_POLICY": "PASSIVE"}  # OpenMP threads sleep at barriers (benchmarks/threads.py)
 
 
+def _import_path() -> dict:
+    """The kernel's ``PYTHONPATH`` with this checkout first: a chapter runs in ``book/``, where Python would
+    otherwise import an installed copy of flatnb (``pip install .``, possibly older than the checkout) instead
+    of the package this runner belongs to, and its record would fingerprint code it did not run. Nothing
+    outside a checkout (an installed runner)."""
+    if not (ROOT / "_toc.yml").is_file():
+        return {}
+    rest = os.environ.get("PYTHONPATH", "")
+    return {"PYTHONPATH": os.pathsep.join([str(ROOT), *([rest] if rest else [])])}
+
+
 def execute(chapter: Path, output: Path, parameters: dict | None = None,
             cell_timeout: int = DEFAULT_CELL_TIMEOUT, env: dict | None = None,
             tolerate_asserts: bool = False) -> float:
@@ -101,7 +112,7 @@ def execute(chapter: Path, output: Path, parameters: dict | None = None,
     # The kernel inherits our environment: no text-mode progress bars in executed chapters, and
     # matplotlib's inline backend even where the caller set MPLBACKEND=Agg (CI does; a kernel
     # with Agg stores no figures in the executed chapter).
-    kernel_env = {**_KERNEL_ENV, **(env or {})}
+    kernel_env = {**_KERNEL_ENV, **_import_path(), **(env or {})}
     saved = {k: os.environ.get(k) for k in kernel_env}
     os.environ.update(kernel_env)
     try:
