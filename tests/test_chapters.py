@@ -116,7 +116,6 @@ def test_a_chapter_kernel_imports_this_checkouts_package(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(tmp_path / "elsewhere"))
     outputs = _run_cell(tmp_path, "import flatnb, os\nprint(flatnb.__file__)\nprint(os.environ['PYTHONPATH'])")
     where, path = "".join("".join(o.get("text", "")) for o in outputs).split()[:2]
-    root = Path(book.__file__).resolve().parents[2]
-    assert Path(where).resolve() == root / "flatnb" / "__init__.py"
-    assert path.split(os.pathsep) == [str(root), str(tmp_path / "elsewhere")]
+    assert Path(where).resolve() == book.ROOT / "flatnb" / "__init__.py"
+    assert path.split(os.pathsep) == [str(book.ROOT), str(tmp_path / "elsewhere")]
     assert os.environ["PYTHONPATH"] == str(tmp_path / "elsewhere")
