@@ -356,3 +356,15 @@ def test_the_catalogue_fits_the_60_mb_of_shipped_weights():
         state = train.build_model(train.config_for(it.arch, it.dataset, it.recipe, it.profile, it.seed)).state_dict()
         total += sum(v.numel() * (2 if v.is_floating_point() else v.element_size()) for v in state.values())
     assert 30 * 2**20 < total <= 60 * 2**20, f"{total / 2**20:.1f} MiB"
+
+
+def test_no_weights_folder_is_a_named_error(tmp_path, monkeypatch):
+    """An installed package run outside a clone of the book finds no weights/: the error says where it looked
+    and how to point it at them, instead of naming a folder "None"."""
+    monkeypatch.delenv(mf.WEIGHTS_ENV, raising=False)
+    monkeypatch.setattr(mf, "__file__", str(tmp_path / "site-packages" / "flatnb" / "zoo" / "manifest.py"))
+    monkeypatch.chdir(tmp_path)
+    assert mf.weights_dir() is None
+    with pytest.raises(mf.ManifestError, match="no folder of shipped weights") as e:
+        mf.load("fastnet64-standard-s0", "cpu")
+    assert "FLATNB_WEIGHTS=" in str(e.value) and "None" not in str(e.value)

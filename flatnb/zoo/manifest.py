@@ -159,6 +159,10 @@ def load(name: str, device=None, root=None) -> nn.Module:
     holds its recipe and ``model.shipped`` its manifest entry."""
     folder = weights_dir(root)
     models = read_manifest(root)["models"]
+    if folder is None:
+        raise ManifestError(f"no folder of shipped weights found for {name!r}: none in ${WEIGHTS_ENV}, in the "
+                            f"checkout this package runs from, in ./weights or in ../weights. To fix: run from a "
+                            f"clone of the book (its weights/ folder), or set {WEIGHTS_ENV}=/path/to/weights")
     if name not in models:
         raise ManifestError(f"no shipped model {name!r} in {folder}/{MANIFEST} (it holds {sorted(models)}). "
                             "To fix: pick one of those, or train it: python -m flatnb.zoo train")
