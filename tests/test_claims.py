@@ -245,12 +245,13 @@ def test_verdict_table_counts_names_missing_chapters_and_shows_legacy_runs(tmp_p
     _fake_records(tmp_path, stems=["08_flatness_detector"])
     table = verdict.collect()
     ids = [r["id"] for r in table.rows]
-    assert {"E6-LLM", "Setup-models"} <= set(ids) and len(ids) == len(set(ids))
+    assert "E6-LLM" in ids and "E6-arch-densenet121" in ids and len(ids) == len(set(ids))
+    assert "Setup-models" not in ids  # removed: chapter 10 builds DenseNet-121 and tests it
     n_req = sum(len(v) for v in verdict.REQUIRED.values())
     assert len(ids) == n_req + len(verdict.UNTESTABLE)
     counted = claims.counts(table.rows)
     assert sum(counted.values()) == len(ids) - 1  # E4 (by construction) is shown, not counted
-    assert counted["reproduced"] == 1 and counted["not testable here"] == 2
+    assert counted["reproduced"] == 1 and counted["not testable here"] == 1  # E6-LLM, the one untestable row
     md = verdict.counts_markdown(table)
     assert "By construction** (shown, not counted): E4" in md
     from flatnb.evidence import provenance
@@ -258,13 +259,14 @@ def test_verdict_table_counts_names_missing_chapters_and_shows_legacy_runs(tmp_p
     assert (f"- **Claims of the paper, theory** ({len(paper_theory)} rows, {len(paper_theory)} of them known only "
             f"from a secondary source): 0 reproduced, {len(paper_theory)} partly") in md
     assert "- **The book's derived statements and hypotheses**" in md and "T-radius" in md
-    assert f"{n_req} rows quick on" in md and "2 rows without a run" in md
+    assert f"{n_req} rows quick on" in md and "1 row without a run" in md
     groups = dict(verdict.grouped(table.rows))
-    assert [r["id"] for r in groups["Claims no chapter of this book can test"]] == ["E6-LLM", "Setup-models"]
+    assert [r["id"] for r in groups["Claims no chapter of this book can test"]] == ["E6-LLM"]
     assert "Other rows" not in groups and verdict.group_of("E6-AT").startswith("Adversarial")
     ba = verdict.before_after_markdown(table)
     assert "| E4 | reproduced | **partly (by construction)** ← |" in ba
     assert "| R-walls-std | reproduced | **(row removed)** ← |" in ba and "| T-lemma | — (new row) |" in ba
+    assert "| Setup-models | not testable here | **(row removed)** ← | DenseNet-121 is built now" in ba
 
     # a legacy notebook (no .json beside it) is shown, never collected
     _notebook(tmp_path / "h100" / "05_uncanny_valley.full.ipynb", ["print(1)"],

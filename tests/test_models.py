@@ -15,6 +15,8 @@ SMALL = [
     ("wrn28_4", 32, dict(depth=10, widen=1)),
     ("vgg11_bn", 32, dict(width=8)),
     ("vgg11_bn", 64, dict(width=8)),
+    ("densenet121", 32, dict(growth=4, blocks=(1, 2, 1))),
+    ("densenet121", 64, dict(growth=4, blocks=(1, 1))),
     ("vit_tiny", 32, dict(dim=32, depth=2, heads=2)),
     ("vit_small", 64, dict(dim=32, depth=1, heads=4)),
     ("fastnet", 32, dict(width=8)),
@@ -41,14 +43,30 @@ def test_contract(name, size, kw):
         assert not torch.allclose(model(x), model((x + 0.3).clamp(0, 1)))
 
 
-@pytest.mark.parametrize("name,m", [("resnet18", 512), ("wrn28_4", 256), ("vgg11_bn", 256),
+@pytest.mark.parametrize("name,m", [("resnet18", 512), ("wrn28_4", 256), ("vgg11_bn", 256), ("densenet121", 1024),
                                     ("vit_tiny", 192), ("vit_small", 384), ("fastnet", 128)])
 def test_default_feature_dimension(name, m):
-    """Feature dimensions of the paper's models (PAPER §5: ResNet-18 512, WRN-28-4 256, VGG-BN 256)."""
+    """Feature dimensions of the paper's models (PAPER §5: ResNet-18 512, WRN-28-4 256, DenseNet-121 1024,
+    VGG-BN 256)."""
     with torch.device("meta"):  # structure only: no time spent initialising weights
         model = models.build(name, 10)
     assert models.num_features(model) == m
     assert model.head.out_features == 10
+
+
+def test_densenet121_has_121_layers_with_weights_at_any_growth_rate():
+    """The name counts the convolutions and the linear layer (Huang et al. 2017: 1 stem + 2 per bottleneck layer
+    of blocks 6, 12, 24, 16 + 3 transitions + 1 classifier); the growth rate k only sets the widths: 2k stem
+    channels, k new channels per layer, halved at each transition (k = 12: 384 features)."""
+    for k, m in ((32, 1024), (12, 384)):
+        with torch.device("meta"):
+            model = models.build("densenet121", 10, growth=k)
+        layers = [mod for mod in model.modules() if isinstance(mod, (nn.Conv2d, nn.Linear))]
+        assert len(layers) == 121 and models.num_features(model) == m
+        assert model.stem.out_channels == 2 * k and all(
+            mod.conv2.out_channels == k for mod in model.modules() if isinstance(mod, architectures.DenseLayer))
+    with pytest.raises(ValueError, match="growth >= 1"):
+        models.build("densenet121", 10, growth=0)
 
 
 def test_resnet_width_multiplier():
@@ -119,7 +137,8 @@ def test_vit_math_attention_flag_gives_same_output():
 
 
 @pytest.mark.parametrize("name,kw", [("resnet18", dict(width=8)), ("vgg11_bn", dict(width=8)),
-                                     ("wrn28_4", dict(depth=10, widen=1)), ("fastnet", dict(width=8))])
+                                     ("wrn28_4", dict(depth=10, widen=1)), ("fastnet", dict(width=8)),
+                                     ("densenet121", dict(growth=4, blocks=(1, 2)))])
 def test_fold_batchnorm_is_the_same_function_in_float64(name, kw):
     torch.manual_seed(0)
     model = models.build(name, 10, **kw).double()
@@ -270,6 +289,9 @@ def test_describe_names_the_architecture_a_configuration_trains():
     vit = models.describe(ftrain.config_for("vit_tiny", "cifar10", "standard", "full"))
     assert vit.startswith("ViT (dim ") and "depth" in vit
     assert models.describe(ftrain.config_for("vgg11_bn", "cifar10", "standard", "full")).startswith("vgg11_bn (width ")
+    assert models.describe(recipes.GPU[("densenet121", "cifar10", "standard")]) == "DenseNet-121 (k=32)"  # the paper's
+    assert models.describe(ftrain.config_for("densenet121", "cifar10", "standard", "full")) == "DenseNet-121 (k=12)"
+    assert models.describe(ftrain.config_for("densenet121", "cifar10", "standard", "quick")) == "DenseNet-21 (k=8)"
 
 
 def test_resnet18_stride_2_stem_runs_the_stages_at_half_the_resolution():

@@ -281,7 +281,7 @@ def test_other_architectures_have_cpu_recipes_and_keep_the_paper_recipe_for_a_gp
     from flatnb.config import recipes
 
     assert set(recipes.GPU) == {("wrn28_4", "cifar10", "standard"), ("vgg11_bn", "cifar10", "standard"),
-                                ("vit_tiny", "cifar10", "standard"), ("resnet18", "tinyimagenet", "standard"),
+                                ("densenet121", "cifar10", "standard"), ("vit_tiny", "cifar10", "standard"), ("resnet18", "tinyimagenet", "standard"),
                                 ("vit_tiny", "tinyimagenet", "standard")}
     for key, gpu in recipes.GPU.items():
         cpu = T.config_for(*key, profile="full")
@@ -296,6 +296,9 @@ def test_other_architectures_have_cpu_recipes_and_keep_the_paper_recipe_for_a_gp
         assert gpu.batch_size == 128 and gpu.lr == (1e-3 if key[0].startswith("vit") else 0.1)
         assert cpu.key("x") != gpu.key("x")
     assert dict(T.config_for("wrn28_4", "cifar10", profile="full").model_kw) == {"depth": 16, "widen": 4}
+    # DenseNet-121 keeps its 121 layers on the CPU at growth rate 12; the GPU recipe builds the paper's k = 32
+    assert dict(T.config_for("densenet121", "cifar10", profile="full").model_kw) == {"growth": 12}
+    assert recipes.GPU[("densenet121", "cifar10", "standard")].model_kw == ()
     # Tiny ImageNet's translation covers the same share of its 64 pixels as 2 pixels of CIFAR's 32
     assert T.config_for("resnet18", "tinyimagenet", profile="full").crop_pad == 4
 
@@ -336,8 +339,8 @@ def test_recipe_table_covers_the_chapters_and_keeps_old_checkpoint_keys():
     from flatnb.config import recipes
 
     for arch, ds in [("resnet18", "cifar10"), ("resnet18", "cifar100"), ("resnet18", "tinyimagenet"),
-                     ("wrn28_4", "cifar10"), ("vgg11_bn", "cifar10"), ("vit_tiny", "cifar10"),
-                     ("vit_tiny", "tinyimagenet"), ("main", "cifar10")]:
+                     ("wrn28_4", "cifar10"), ("vgg11_bn", "cifar10"), ("densenet121", "cifar10"),
+                     ("vit_tiny", "cifar10"), ("vit_tiny", "tinyimagenet"), ("main", "cifar10")]:
         for prof in ("quick", "full"):
             cfg = T.config_for(arch, ds, "standard", prof, seed=2)
             assert cfg.profile == prof and cfg.seed == 2 and cfg.label_smoothing == 0

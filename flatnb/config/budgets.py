@@ -300,6 +300,7 @@ CHAPTER_MODELS = [
     ("main", "cifar10", "pgd_at"),     # chapters 9, 11
     ("wrn28_4", "cifar10", "standard"),  # chapter 10 (quick: WRN-16-1)
     ("vgg11_bn", "cifar10", "standard"),
+    ("densenet121", "cifar10", "standard"),  # chapter 10 (quick: DenseNet-21, k = 8)
     ("vit_tiny", "cifar10", "standard"),
     ("resnet18", "tinyimagenet", "standard"),
     ("vit_tiny", "tinyimagenet", "standard"),

@@ -115,6 +115,15 @@ _VGG_CPU = dict(_CPU_CNN, epochs=50, warmup_epochs=0.23 * 50, width=32)
 # 77.6 images/s (batch 256; 2.355 GFLOP, 0.90 of the peak) = 10.7 min per epoch -> 8 epochs, 86 min.
 # Expected about 90 %; not yet trained.
 _WRN_CPU = dict(_CPU_CNN, epochs=8, warmup_epochs=0.23 * 8, model_kw=(("depth", 16), ("widen", 4)))
+# DenseNet-121 (issue 25: the fourth CNN of the paper's setup): kuangliu's CIFAR layout of DenseNet-BC, blocks of
+# 6, 12, 24 and 16 bottleneck layers (121 layers with weights), at growth rate k = 12 instead of the paper's 32:
+# 1.0 M parameters, 384-d features (k = 32: 7.0 M, 1024). As for WRN-16-4, the family and the depth are kept and
+# the width is what the budget pays for. Measured (session 17, a planning script, bf16 + channels_last, batch 256,
+# one thread beside another process): k = 12 trains at 94 images/s = 8.9 min per epoch, k = 16 at 68 -> 15 epochs
+# of k = 12, about 135 min of one thread (over the 90-minute budget of the others: the depth costs what it
+# costs). Expected about 90 % (DenseNet-BC k = 12 reaches 95.5 % in 300 epochs; a one-cycle schedule gets
+# within a few points of that in 15); ESTIMATED, not yet trained.
+_DENSE_CPU = dict(_CPU_CNN, epochs=15, warmup_epochs=0.23 * 15, model_kw=(("growth", 12),))
 # ViT on CIFAR-10: 6 blocks of width 128 with 4 heads, patch 4 (65 tokens), AdamW lr 1e-3, weight decay 0.05,
 # batch 512, 1 epoch of warmup then cosine. Measured at the paper's ViT-Tiny width (192, 3 heads): 99.4 images/s
 # (batch 256; 1.096 GFLOP, 0.54 of the peak: LayerNorm, GELU and softmax do not run at GEMM speed) = 8.4 min per
@@ -160,6 +169,8 @@ _VIT_TINY_CPU = dict(_VIT_CPU, batch_size=128, epochs=30, warmup_epochs=2.0, cro
 GPU: dict[tuple[str, str, str], TrainConfig] = {
     ("wrn28_4", "cifar10", "standard"): TrainConfig("wrn28_4", "cifar10", "standard", epochs=100, profile="full"),
     ("vgg11_bn", "cifar10", "standard"): TrainConfig("vgg11_bn", "cifar10", "standard", epochs=100, profile="full"),
+    ("densenet121", "cifar10", "standard"): TrainConfig("densenet121", "cifar10", "standard", epochs=100,
+                                                        profile="full"),
     ("vit_tiny", "cifar10", "standard"): TrainConfig("vit_tiny", "cifar10", "standard", epochs=100, warmup_epochs=5,
                                                      profile="full", **_VIT),
     ("resnet18", "tinyimagenet", "standard"): TrainConfig("resnet18", "tinyimagenet", "standard", epochs=100,
@@ -269,6 +280,11 @@ TABLE: dict[tuple[str, str, str], dict[str, TrainConfig]] = {
         "quick": TrainConfig("vgg11_bn", "cifar10", "standard", epochs=2, n_train=20_000, width=16, lr=0.1,
                              weight_decay=5e-4, warmup_epochs=0.3),
         "full": TrainConfig("vgg11_bn", "cifar10", "standard", **_VGG_CPU),
+    },
+    ("densenet121", "cifar10", "standard"): {  # quick: DenseNet-21 (blocks of 2 layers) at k = 8
+        "quick": TrainConfig("densenet121", "cifar10", "standard", epochs=2, n_train=20_000,
+                             model_kw=(("blocks", (2, 2, 2, 2)), ("growth", 8)), **_Q),
+        "full": TrainConfig("densenet121", "cifar10", "standard", **_DENSE_CPU),  # k = 12; the paper's k = 32: GPU
     },
     ("vit_tiny", "cifar10", "standard"): {  # quick: 4 blocks of width 96
         "quick": TrainConfig("vit_tiny", "cifar10", "standard", epochs=1, n_train=20_000, warmup_epochs=0.3,

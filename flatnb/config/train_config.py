@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 
 #: the architectures :func:`flatnb.models.build` knows
-MODELS = ("resnet18", "wrn28_4", "vgg11_bn", "vit_tiny", "vit_small", "fastnet")
+MODELS = ("resnet18", "wrn28_4", "vgg11_bn", "densenet121", "vit_tiny", "vit_small", "fastnet")
 #: the datasets :func:`flatnb.data.load` reads, and their number of classes
 DATASETS = ("cifar10", "cifar100", "tinyimagenet")
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "tinyimagenet": 200}

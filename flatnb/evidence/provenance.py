@@ -72,7 +72,6 @@ PROVENANCE: dict[str, tuple[str, str]] = {
     "A-temperature": ("derived", "the book's consequence of E1's head scaling [D]"),
     # untestable here
     "E6-LLM": ("secondary", "LLM trajectories in a " + _S + "; 'rarely flat' from [UV]"),
-    "Setup-models": ("secondary", "the four CNNs of the setup from a " + _S),
 }
 
 

@@ -161,6 +161,67 @@ class VGG11BN(ContractModel):
         return self.mlp(F.adaptive_avg_pool2d(self.body(x), 1).flatten(1))
 
 
+# ----------------------------------------------------------------------------- DenseNet-121
+
+class DenseLayer(nn.Module):
+    """DenseNet-BC's bottleneck layer: BN-ReLU-1×1 conv to 4k channels, BN-ReLU-3×3 conv to k; its k new
+    channels are concatenated to its input (Huang et al. 2017)."""
+
+    def __init__(self, cin, growth):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, 4 * growth, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4 * growth)
+        self.conv2 = nn.Conv2d(4 * growth, growth, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        out = self.conv2(F.relu(self.bn2(self.conv1(F.relu(self.bn1(x))))))
+        return torch.cat([out, x], 1)
+
+
+class Transition(nn.Module):
+    """BN-ReLU-1×1 conv (compression: ``cout`` = half the channels), then 2×2 average pooling."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(cin)
+        self.conv = nn.Conv2d(cin, cout, 1, bias=False)
+
+    def forward(self, x):
+        return F.avg_pool2d(self.conv(F.relu(self.bn(x))), 2)
+
+
+class DenseNet(ContractModel):
+    """CIFAR DenseNet-BC (kuangliu's layout of Huang et al.'s DenseNet-121): a 3×3 stem of 2k channels, dense
+    blocks of ``blocks`` bottleneck layers of growth k, transitions that halve channels and resolution, a final
+    BN-ReLU and global average pooling; φ = the pooled channels. ``blocks=(6, 12, 24, 16)`` is DenseNet-121
+    (1 + 2·58 + 3 + 1 = 121 layers with weights); the paper's k = 32 gives m = 1024 features, k = 12 gives 384.
+    """
+
+    def __init__(self, num_classes, growth=32, blocks=(6, 12, 24, 16), mean=_CIFAR10[0], std=_CIFAR10[1]):
+        super().__init__()
+        if growth < 1 or not blocks or any(b < 1 for b in blocks):
+            raise ValueError(f"DenseNet needs growth >= 1 and blocks of >= 1 layer each, got growth={growth}, "
+                             f"blocks={blocks}")
+        self.norm = Normalize(mean, std)
+        c = 2 * growth
+        self.stem = nn.Conv2d(3, c, 3, padding=1, bias=False)
+        layers = []
+        for i, n in enumerate(blocks):
+            for _ in range(n):
+                layers.append(DenseLayer(c, growth))
+                c += growth
+            if i < len(blocks) - 1:
+                layers.append(Transition(c, c // 2))
+                c //= 2
+        self.body = nn.Sequential(*layers)
+        self.bn = nn.BatchNorm2d(c)
+        self.head = nn.Linear(c, num_classes)
+
+    def _features(self, x):
+        return F.adaptive_avg_pool2d(F.relu(self.bn(self.body(self.stem(x)))), 1).flatten(1)
+
+
 # ----------------------------------------------------------------------------- ViT
 
 class Attention(nn.Module):
@@ -360,6 +421,9 @@ def describe(cfg) -> str:
     kw = dict(cfg.model_kw)
     if cfg.arch == "wrn28_4":
         return f"WRN-{kw.get('depth', 28)}-{kw.get('widen', 4)}"
+    if cfg.arch == "densenet121":
+        blocks = tuple(kw.get("blocks", (6, 12, 24, 16)))
+        return f"DenseNet-{2 * sum(blocks) + len(blocks) + 1} (k={kw.get('growth', 32)})"
     if cfg.arch.startswith("vit"):
         return f"ViT (dim {kw.get('dim', 192)}, depth {kw.get('depth', 12)})"
     stem = ", stride-2 stem" if kw.get("stem_stride", 1) != 1 else ""

@@ -75,8 +75,9 @@ def build(name: str, num_classes: int, image_size: int = 32, **kw) -> nn.Module:
     """Build one of the book's networks by name (``MODELS``); inputs are [0,1] images of ``image_size``.
 
     kw: ``width`` (resnet18, default 64; vgg11_bn, default 64; fastnet, default 32), ``depth``/``widen``
-    (wrn28_4), ``dim``/``depth``/``heads``/``patch`` (ViTs), ``mean``/``std`` for the
-    internal normalisation (default: CIFAR-10 statistics).
+    (wrn28_4), ``growth``/``blocks`` (densenet121: default k = 32 and DenseNet-121's blocks (6, 12, 24, 16)),
+    ``dim``/``depth``/``heads``/``patch`` (ViTs), ``mean``/``std`` for the internal normalisation (default:
+    CIFAR-10 statistics).
     """
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
@@ -86,6 +87,8 @@ def build(name: str, num_classes: int, image_size: int = 32, **kw) -> nn.Module:
         return arch.WideResNet(num_classes, **{"depth": 28, "widen": 4, **kw})
     if name == "vgg11_bn":
         return arch.VGG11BN(num_classes, **kw)
+    if name == "densenet121":
+        return arch.DenseNet(num_classes, **kw)
     if name == "vit_tiny":
         return arch.ViT(num_classes, image_size, **{"dim": 192, "depth": 12, "heads": 3, **kw})
     if name == "vit_small":
