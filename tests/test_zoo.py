@@ -346,16 +346,27 @@ def test_the_zoo_attacks_a_channels_last_copy_under_the_same_cache_key(monkeypat
 
 
 def test_the_catalogue_fits_the_60_mb_of_shipped_weights():
-    """Issue 24: weights/ ships every catalogued model in half precision within 60 MB; a recipe too wide for that
-    fails here, before hours of training (the shipped files are checked by the test above)."""
-    total = 0
+    """Issue 24: weights/ ships every catalogued model in half precision, in all at most 60 MB. A shipped model
+    counts with its file's size on disk (xz-compressed half precision, what the folder holds); a model not yet
+    shipped with its half-precision weights uncompressed (an upper bound), so that a recipe too wide for the
+    folder fails here, before hours of training (the shipped files are checked by the test above).
+
+    Changed in session 18 (issue 25): this test summed the uncompressed half-precision size of every model,
+    shipped or not; with DenseNet-121 that sum is 61.4 MiB while the files under weights/ take about 58 MB, so
+    it stopped measuring what issue 24 bounds. The bound is now on the bytes shipped, and 60 MB means 60·10⁶
+    bytes, below the 60 MiB the old test allowed."""
+    shipped = mf.read_manifest(SHIPPED)["models"] if SHIPPED is not None else {}
+    total = on_disk = 0
     for name in catalogue.names():
         it = catalogue.item(name)
         if isinstance(it, dict):  # external: loaded from its package, not shipped under weights/
             continue
+        if name in shipped:
+            on_disk += (SHIPPED / shipped[name]["file"]).stat().st_size
+            continue
         state = train.build_model(train.config_for(it.arch, it.dataset, it.recipe, it.profile, it.seed)).state_dict()
         total += sum(v.numel() * (2 if v.is_floating_point() else v.element_size()) for v in state.values())
-    assert 30 * 2**20 < total <= 60 * 2**20, f"{total / 2**20:.1f} MiB"
+    assert 30 * 2**20 < on_disk + total <= 60 * 10**6, f"{on_disk / 1e6:.1f} MB shipped + {total / 1e6:.1f} MB to ship"
 
 
 def test_no_weights_folder_is_a_named_error(tmp_path, monkeypatch):
